@@ -1,0 +1,154 @@
+"""The self-consuming loop as Prefect flows.
+
+``self_consuming_loop`` is one study: the real data, the domain classifier, then every lineage in params.
+``lineage_loop`` is one lineage, generation by generation::
+
+    dataset[k] --fit--> model[k] --sample--> synthetic[k+1] --mix(mode)--> dataset[k+1]
+                           '--score(vs held-out real)--> metrics[k]
+
+Both take params as a plain dict (what a deployment or the CLI passes) and a project root.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from tasks import as_task
+from tasks.params import Params, digest, flatten, lineage_recipe, lineage_seed, score_recipe, validate
+from tasks.scoring import build_image_scorer, ensure_classifier
+from tasks.storage import file_digest
+from tasks.study import (StaleOutputsError, StudyPaths, inspect_lineage, load_generation_dataset,
+                         load_generation_model, preflight, prepare_real_data_task, quarantine_from,
+                         real_train_sha, rescore_manifest, save_generation_task, write_reports_task)
+from tasks.tracking import close_lineage, log_generation, open_lineage, tracking_uri
+from tasks.training import (FIT, SAMPLE, SCORE, build_family, derive_seed, fit_model_task, load_model,
+                            make_next_dataset_task, resolve_device, sample_synthetic_task)
+from tasks.versioning import dvc_add
+
+ensure_classifier_task = as_task(ensure_classifier)
+log_generation_task = as_task(log_generation, retries=2)
+dvc_add_task = as_task(dvc_add, retries=2)
+
+
+def score_model(scorer, model, seed: int) -> tuple[Any, dict[str, float]]:
+    samples = model.sample(scorer.samples, seed)
+    return samples, scorer.score(samples, seed)
+
+
+score_model_task = as_task(score_model)
+
+
+def progress_line(lineage: str, k: int, total: int, metrics: dict[str, float], seconds: float) -> str:
+    return (f"[{lineage}] generation {k + 1}/{total}: fid {metrics['fid']:.3g}  precision "
+            f"{metrics['precision']:.3f}  recall {metrics['recall']:.3f}  minority share "
+            f"{metrics['minority_share']:.3f} (trained on {metrics['minority_share_train']:.3f})  "
+            f"r_fair {metrics['r_fair']:.3g}  fit {seconds:.1f}s")
+
+
+@flow(name="lineage", flow_run_name="{lineage}", log_prints=False)
+def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".") -> list[dict[str, Any]]:
+    """Run (or resume) one lineage for ``loop.generations`` generations; return its per-generation metrics."""
+    logger = get_run_logger()
+    p = validate(params)
+    paths = StudyPaths(Path(root).resolve(), p.study.name)
+    spec = p.lineage(lineage)
+    device = resolve_device(p.device)
+    generations = p.loop.generations
+
+    real = prepare_real_data_task(p, paths)
+    classifier_file, accuracy = ensure_classifier_task(real, p, paths.cache, device)
+    scorer = build_image_scorer(p, real, classifier_file, device)
+    family = build_family(p, real.train.shape)
+    recipe, score_hash = lineage_recipe(p, spec), digest(score_recipe(p))
+    folder = paths.lineage(spec.name)
+
+    state = inspect_lineage(folder, recipe, real_train_sha(paths))
+    if state.stale:
+        raise StaleOutputsError(f"{folder} holds generations made under other params: " + "; ".join(state.stale))
+    if state.corrupt:
+        moved = quarantine_from(paths, folder, state.next_generation)
+        logger.warning(f"{state.corrupt}: not used; generation {state.next_generation} and later are redone "
+                       f"(old files moved to {moved})")
+    start = min(state.next_generation, generations)
+    if start:
+        logger.info(f"[{spec.name}] resuming: generations 0-{start - 1} are finished and verified")
+
+    uri = tracking_uri(p.tracking.uri, paths.root)
+    seed = lineage_seed(p, spec)
+    tags = {"lineage": spec.name, "estimator": spec.estimator, "loop_mode": p.loop.mode,
+            "data_source": p.data.source, "seed": str(seed), "study": p.study.name,
+            "classifier_accuracy": f"{accuracy:.4f}", "madloop.project_root": str(paths.root)}
+    exp_id, parent_id = open_lineage(uri, p.study.name, spec.name, digest(recipe), tags, paths.root)
+    run_params = {k: v for k, v in flatten(recipe).items()}
+
+    manifests = []
+    for manifest in state.finished[:generations]:
+        if manifest.get("score_hash") != score_hash:  # scoring params changed: rescore the stored model
+            k = manifest["generation"]
+            model = load_model(family, load_generation_model(folder, k), device)
+            _, metrics = score_model_task(scorer, model, derive_seed(seed, k, SCORE))
+            metrics["minority_share_train"] = manifest["metrics"].get("minority_share_train")
+            manifest = rescore_manifest(folder, manifest, metrics, score_hash)
+        log_generation_task(uri, exp_id, parent_id, spec.name, manifest, folder, paths.root, run_params)
+        manifests.append(manifest)
+
+    dataset = real.train if start == 0 else load_generation_dataset(folder, start)
+    trained_on_path = paths.real / "train.parquet" if start == 0 else folder / f"dataset-{start:03d}.parquet"
+    synthetic_size = p.loop.synthetic_size or len(real.train)
+    try:
+        for k in range(start, generations):
+            model = fit_model_task(family, spec.estimator, dataset, p, derive_seed(seed, k, FIT), device)
+            synthetic = sample_synthetic_task(model, synthetic_size, derive_seed(seed, k, SAMPLE), spec.name, k + 1,
+                                              p.data.source, p.loop.temperature)
+            next_dataset = make_next_dataset_task(p.loop.mode, real.train, dataset, synthetic)
+            samples, metrics = score_model_task(scorer, model, derive_seed(seed, k, SCORE))
+            metrics["minority_share_train"] = scorer.minority_share(dataset)
+            trained_on = {"path": str(trained_on_path.relative_to(paths.root)),
+                          "sha256": file_digest(trained_on_path), "md5": file_digest(trained_on_path, "md5")}
+            manifest = save_generation_task(folder, k, model.tensors(), next_dataset, samples, metrics, recipe,
+                                            score_hash, trained_on, {**model.info, "rows_trained_on": len(dataset)})
+            log_generation_task(uri, exp_id, parent_id, spec.name, manifest, folder, paths.root, run_params)
+            if p.dvc.track:
+                dvc_add_task(paths.root, [folder])
+            logger.info(progress_line(spec.name, k, generations, metrics, model.info.get("fit_seconds", 0.0)))
+            manifests.append(manifest)
+            dataset, trained_on_path = next_dataset, folder / f"dataset-{k + 1:03d}.parquet"
+    except BaseException as err:
+        close_lineage(uri, parent_id, "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        raise
+    if p.dvc.track and start == generations and manifests:
+        dvc_add_task(paths.root, [folder])  # nothing new, but make sure a resumed lineage is tracked
+    close_lineage(uri, parent_id)
+    return [{"lineage": spec.name, "generation": m["generation"], **m["metrics"]} for m in manifests]
+
+
+@flow(name="self_consuming_loop", log_prints=False)
+def self_consuming_loop(params: dict[str, Any] | None = None, root: str = ".", lineages: list[str] | None = None,
+                        overwrite: bool = False) -> list[dict[str, Any]]:
+    """A study: every lineage in params (or the named ones) over the same real data and test split."""
+    logger = get_run_logger()
+    p = validate(params)
+    plan = preflight(p, Path(root), lineages, overwrite)
+    paths = plan.paths
+    device = resolve_device(p.device)
+    real = prepare_real_data_task(p, paths)
+    _, accuracy = ensure_classifier_task(real, p, paths.cache, device)
+    logger.info(f"study {p.study.name!r}: {len(real.train)} real training images of classes "
+                f"{p.data.majority}/{p.data.minority} (R_I = {p.data.imbalance_ratio:g}), domain classifier "
+                f"accuracy {accuracy:.3f} on the {len(real.test)}-image test split, device {device}")
+    if p.dvc.track:
+        dvc_add_task(paths.root, [paths.real])
+    for spec in plan.lineages:
+        lineage_loop(params=p.model_dump(mode="json"), lineage=spec.name, root=str(paths.root))
+    return write_reports_task(p, paths, p.lineages)
+
+
+def run_study(p: Params, root: Path, lineages: list[str] | None = None, overwrite: bool = False):
+    """Validate against the world first (no Prefect run is started for bad input), then run the flow."""
+    preflight(p, root, lineages, overwrite)
+    return self_consuming_loop(params=p.model_dump(mode="json"), root=str(root), lineages=lineages,
+                               overwrite=False)

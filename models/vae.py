@@ -1,0 +1,44 @@
+"""The paper's VAE (§5.1): fully connected encoder and decoder, each layer Linear -> BatchNorm -> LeakyReLU.
+
+Pixels are intensities in [0, 1] and the decoder is Bernoulli (binary cross-entropy on logits), as in the
+usual MNIST VAE; a sample is the decoder's mean image, which is what the next generation trains on.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mlp_stack(sizes: list[int], negative_slope: float) -> nn.Sequential:
+    """Linear -> BatchNorm1d -> LeakyReLU for each consecutive pair of sizes."""
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out), nn.BatchNorm1d(n_out), nn.LeakyReLU(negative_slope)]
+    return nn.Sequential(*layers)
+
+
+class VAE(nn.Module):
+    def __init__(self, data_dim: int, hidden: list[int], latent_dim: int, negative_slope: float = 0.2):
+        super().__init__()
+        self.data_dim, self.latent_dim = data_dim, latent_dim
+        self.encoder = nn.Sequential(
+            mlp_stack([data_dim, *hidden], negative_slope), nn.Linear(hidden[-1], 2 * latent_dim)
+        )
+        self.decoder = nn.Sequential(
+            mlp_stack([latent_dim, *reversed(hidden)], negative_slope), nn.Linear(hidden[0], data_dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample negative ELBO (nats) of flattened images x in [0, 1], shape [B, data_dim]."""
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        logits = self.decoder(z)
+        reconstruction = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(dim=1)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+        return reconstruction + kl
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Mean image in [0, 1] for latent codes z, shape [B, data_dim]."""
+        return torch.sigmoid(self.decoder(z))

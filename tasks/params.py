@@ -1,0 +1,304 @@
+"""params.yaml: every knob of a study, validated before any work starts.
+
+The schema is strict (unknown keys are errors, so a typo never silently falls back to a default) and every
+error names its dotted key, e.g. ``data.imbalance_ratio: must be >= 1 (got 0.5)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
+                      ValidationError, field_validator, model_validator)
+
+from models.estimators import ESTIMATORS
+from models.families import FAMILIES
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # safe as a folder name, an MLflow name and a DVC stage key
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+SOURCE_CLASSES = {"digits": list(range(10)), "mnist": list(range(10)), "cifar10": list(range(10))}
+
+
+class ParamsError(ValueError):
+    """Invalid params: the message names the key (or file) and what is wrong with it."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StudyParams(Section):
+    name: str = Field("default", pattern=NAME_PATTERN)
+
+
+class DataParams(Section):
+    source: Literal["digits", "mnist", "cifar10"] = "digits"
+    root: str | None = None  # local torchvision root for mnist/cifar10
+    download: bool = False  # let torchvision download into root (default data/raw) when online
+    majority: int | str = 3
+    minority: int | str = 6
+    imbalance_ratio: float = Field(5.0, ge=1.0)  # R_I = majority count / minority count
+    test_fraction: float = Field(0.25, gt=0.0, lt=1.0)  # digits only: mnist and cifar10 ship a test split
+    max_per_class: PositiveInt | None = None  # cap on real rows per class (quick runs on big sources)
+
+    @model_validator(mode="after")
+    def classes_exist(self) -> "DataParams":
+        for key in ("majority", "minority"):
+            value = getattr(self, key)
+            if isinstance(value, str) and self.source == "cifar10" and value in CIFAR10_CLASSES:
+                value = CIFAR10_CLASSES.index(value)
+            elif isinstance(value, str) and value.isdigit():
+                value = int(value)
+            if value not in SOURCE_CLASSES[self.source]:
+                raise ValueError(f"{key}: unknown class {getattr(self, key)!r} for source {self.source!r} "
+                                 f"(known: 0-9{', or a CIFAR-10 class name' if self.source == 'cifar10' else ''})")
+            object.__setattr__(self, key, value)
+        if self.majority == self.minority:
+            raise ValueError(f"minority: must differ from majority (both {self.majority})")
+        return self
+
+
+class VAEParams(Section):
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [128, 128], min_length=1)
+    latent_dim: PositiveInt = 8
+    negative_slope: float = Field(0.2, ge=0.0)
+
+
+class ModelParams(Section):
+    family: str = "vae"
+    vae: VAEParams = Field(default_factory=VAEParams)
+
+    @field_validator("family")
+    @classmethod
+    def known_family(cls, value: str) -> str:
+        if value not in FAMILIES:
+            raise ValueError(f"unknown model family {value!r} (known: {', '.join(FAMILIES.names())})")
+        return value
+
+    def family_options(self) -> dict[str, Any]:
+        section = getattr(self, self.family, None)
+        return section.model_dump() if section is not None else {}
+
+
+class TrainParams(Section):
+    epochs: PositiveInt = 100
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 1e-3
+
+
+class LoopParams(Section):
+    generations: PositiveInt = 5
+    mode: Literal["replace"] = "replace"
+    synthetic_size: PositiveInt | None = None  # rows per synthetic dataset; null = size of the real training set
+    temperature: PositiveFloat = 1.0  # latent prior scale when sampling; < 1 models cherry-picking
+
+
+class LineageParams(Section):
+    """One recipe: an estimator, run as a chain of generations. ``mle`` in a list is short for {name: mle}."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    estimator: str | None = None  # default: the name itself
+    seed: NonNegativeInt | None = None  # default: the study seed
+
+    @model_validator(mode="after")
+    def known_estimator(self) -> "LineageParams":
+        if self.estimator is None:
+            object.__setattr__(self, "estimator", self.name)
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator: unknown estimator {self.estimator!r} for lineage {self.name!r} "
+                             f"(known: {', '.join(ESTIMATORS.names())})")
+        return self
+
+
+class ClassifierParams(Section):
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 128
+    lr: PositiveFloat = 1e-3
+    channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64], min_length=2, max_length=2)
+    feature_dim: PositiveInt = 64
+
+
+class ScoreParams(Section):
+    samples: PositiveInt = 1000  # fresh samples drawn from each model for scoring
+    feature_extractor: Literal["classifier", "inception"] = "classifier"
+    inception_weights: str | None = None  # local torch-fidelity Inception weights (never downloaded)
+    kid_subset_size: PositiveInt = 1000
+    prc_neighborhood: PositiveInt = 3
+    min_class_samples: PositiveInt = 10  # fewer generated images of a class than this: its FID is NaN
+
+
+class TrackingParams(Section):
+    uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI, when set, wins
+
+
+class DvcParams(Section):
+    track: bool = True  # dvc add every generation's outputs (needs a DVC repo at the project root)
+
+
+class Params(Section):
+    study: StudyParams = Field(default_factory=StudyParams)
+    seed: NonNegativeInt = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    data: DataParams = Field(default_factory=DataParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    loop: LoopParams = Field(default_factory=LoopParams)
+    lineages: list[LineageParams] = Field(default_factory=lambda: [LineageParams(name="mle")], min_length=1)
+    classifier: ClassifierParams = Field(default_factory=ClassifierParams)
+    score: ScoreParams = Field(default_factory=ScoreParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+    dvc: DvcParams = Field(default_factory=DvcParams)
+
+    @field_validator("lineages", mode="before")
+    @classmethod
+    def expand_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if isinstance(value, list):
+            return [{"name": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def cross_checks(self) -> "Params":
+        names = [lineage.name for lineage in self.lineages]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"lineages: duplicate lineage name(s) {', '.join(duplicates)}")
+        if self.score.feature_extractor == "inception" and not self.score.inception_weights:
+            raise ValueError("score.inception_weights: required when score.feature_extractor is 'inception' "
+                             "(a local torch-fidelity Inception weights file; madloop never downloads it)")
+        return self
+
+    def lineage(self, name: str) -> LineageParams:
+        for lineage in self.lineages:
+            if lineage.name == name:
+                return lineage
+        raise ParamsError(f"lineage {name!r} is not in params lineages ({', '.join(l.name for l in self.lineages)})")
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ParamsError(f"--set {dotted}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.epochs=2`` -> ("train.epochs", 2); the value is read as YAML, so ``[mle,ple]`` is a list."""
+    key, sep, raw = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key.strip()):
+        raise ParamsError(f"--set {text!r}: expected dotted.key=value, e.g. train.epochs=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"--set {key}: value {raw!r} is not valid YAML ({err.problem})") from None
+    return key.strip(), value
+
+
+def format_validation_error(err: ValidationError) -> str:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (see params.yaml for every key)"
+        # A model-level validator reports "key: problem"; anchor it under its section.
+        if msg.split(":", 1)[0].replace("_", "").isalnum() and ":" in msg and e["type"] == "value_error":
+            key, rest = msg.split(":", 1)
+            loc = f"{loc}.{key}" if loc and not loc.endswith(key) else (loc or key)
+            msg = rest.strip()
+        shown = "" if e["type"] in ("extra_forbidden", "missing") or e["type"] == "value_error" else \
+            f" (got {e.get('input')!r})"
+        problems.append(f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}")
+    return "invalid params: " + "; ".join(problems)
+
+
+def validate(raw: dict[str, Any] | None) -> Params:
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"invalid params: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ParamsError(format_validation_error(err)) from None
+
+
+def load_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ParamsError(f"params file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ParamsError(f"params file {path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ParamsError(f"params file {path}: expected a mapping of sections at the top level")
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
+    return raw
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Params:
+    """Read params.yaml (or defaults), apply ``--set`` overrides, validate."""
+    return validate(load_raw(path, overrides))
+
+
+# --- hashing: which params decide which outputs -------------------------------------------------------------
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def lineage_seed(params: Params, lineage: LineageParams) -> int:
+    return params.seed if lineage.seed is None else lineage.seed
+
+
+def real_data_recipe(params: Params) -> dict[str, Any]:
+    """What decides the real train/test data (and so the classifier's training set)."""
+    return {"seed": params.seed, "data": params.data.model_dump(exclude={"download"})}
+
+
+def lineage_recipe(params: Params, lineage: LineageParams) -> dict[str, Any]:
+    """What decides a lineage's datasets and models. Not the number of generations (more generations extend a
+    lineage), not scoring, not the device or tracking."""
+    return {
+        "real": real_data_recipe(params),
+        "model": params.model.model_dump(),
+        "train": params.train.model_dump(),
+        "loop": params.loop.model_dump(exclude={"generations"}),
+        "lineage": {**lineage.model_dump(), "seed": lineage_seed(params, lineage)},
+    }
+
+
+def score_recipe(params: Params) -> dict[str, Any]:
+    """What decides the metrics of a fixed model: the scorer and the real test set."""
+    return {"real": real_data_recipe(params), "classifier": params.classifier.model_dump(),
+            "score": params.score.model_dump()}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,151 @@
+"""MLflow: one experiment per study, a parent run per lineage, a nested run per generation.
+
+Parent runs carry every metric at step = generation, so the MLflow UI overlays lineages. Nested runs carry
+the generation's params, the DVC path and md5 of the dataset it trained on and of the one it produced (the
+link back to DVC), a PNG grid of samples and the model weights (safetensors).
+
+Recording is idempotent: a generation whose nested run already finished is not logged again, so resuming a
+killed study never duplicates runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+LINEAGE_TAG, RECIPE_TAG, GENERATION_TAG = "madloop.lineage", "madloop.recipe", "madloop.generation"
+MAX_PARAMS_PER_BATCH = 100
+
+
+def tracking_uri(configured: str, project_root: Path) -> str:
+    """MLFLOW_TRACKING_URI wins over params; a relative sqlite path is anchored at the project root."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + str((project_root / uri[len(prefix):]).resolve())
+    return uri
+
+
+def client_for(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client: MlflowClient, name: str, project_root: Path) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    local = client.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in client.tracking_uri
+    location = (project_root / "mlruns").resolve().as_uri() if local else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created meanwhile by a parallel run
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def find_runs(client: MlflowClient, exp_id: str, filter_string: str) -> list:
+    return client.search_runs([exp_id], filter_string=filter_string, max_results=1000)
+
+
+def lineage_run(client: MlflowClient, exp_id: str, lineage: str, recipe: str, tags: dict[str, str]) -> str:
+    """The parent run of this lineage and recipe: reused when it exists (resume), created otherwise."""
+    runs = [r for r in find_runs(client, exp_id, f"tags.`{LINEAGE_TAG}` = '{lineage}' and "
+                                                  f"tags.`{RECIPE_TAG}` = '{recipe}'")
+            if not r.data.tags.get("mlflow.parentRunId")]
+    if runs:
+        run_id = runs[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(exp_id, run_name=lineage,
+                            tags={LINEAGE_TAG: lineage, RECIPE_TAG: recipe, **tags})
+    return run.info.run_id
+
+
+def retire_lineage_runs(client: MlflowClient, exp_id: str, lineage: str) -> int:
+    """Soft-delete a lineage's runs (restorable with ``mlflow runs restore``) when its outputs are replaced."""
+    runs = find_runs(client, exp_id, f"tags.`{LINEAGE_TAG}` = '{lineage}'")
+    for run in runs:
+        client.delete_run(run.info.run_id)
+    return len(runs)
+
+
+def as_floats(metrics: dict[str, float]) -> dict[str, float]:
+    """Every metric as a float; undefined ones (None) become NaN, which MLflow stores and charts as a gap."""
+    return {k: math.nan if v is None else float(v) for k, v in metrics.items()}
+
+
+def record_generation(client: MlflowClient, exp_id: str, parent_id: str, lineage: str, generation: int,
+                      metrics: dict[str, float], params: dict[str, Any], tags: dict[str, str],
+                      artifacts: list[Path]) -> str:
+    """Log generation k once: a nested run with params, tags and artifacts, and metrics at step k on both."""
+    values = as_floats(metrics)  # FID of a class with no samples is NaN: logged, so every step has every metric
+    run_id = None
+    for run in find_runs(client, exp_id, f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                                         f"tags.`{GENERATION_TAG}` = '{generation}'"):
+        if run.info.status == "FINISHED" and run_id is None:
+            run_id = run.info.run_id
+        else:
+            client.delete_run(run.info.run_id)  # a half-logged attempt of a killed run
+    if run_id is None:
+        run_id = client.create_run(exp_id, run_name=f"{lineage}-gen{generation:03d}",
+                                   tags={"mlflow.parentRunId": parent_id, LINEAGE_TAG: lineage,
+                                         GENERATION_TAG: str(generation), **tags}).info.run_id
+        now = int(time.time() * 1000)
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+        client.log_batch(run_id, metrics=[Metric(k, v, now, generation) for k, v in values.items()])
+        for path in artifacts:
+            client.log_artifact(run_id, str(path))
+        client.set_terminated(run_id, "FINISHED")
+    # The parent's curve gets step k once, even when a killed run got this far before.
+    logged = {m.step for key in list(values)[:1] for m in client.get_metric_history(parent_id, key)}
+    if generation not in logged:
+        now = int(time.time() * 1000)
+        client.log_batch(parent_id, metrics=[Metric(k, v, now, generation) for k, v in values.items()])
+    client.set_tag(parent_id, "madloop.generations_done", str(max(generation + 1, 1)))
+    return run_id
+
+
+def finish_lineage(client: MlflowClient, parent_id: str, status: str = "FINISHED") -> None:
+    client.set_terminated(parent_id, status)
+
+
+# --- the calls the flow makes ---------------------------------------------------------------------------------
+
+
+def open_lineage(uri: str, study: str, lineage: str, recipe_hash: str, tags: dict[str, str],
+                 project_root: Path) -> tuple[str, str]:
+    """(experiment id, parent run id) for a lineage: the study's experiment, the lineage's parent run."""
+    client = client_for(uri)
+    exp_id = experiment_id(client, study, project_root)
+    return exp_id, lineage_run(client, exp_id, lineage, recipe_hash, tags)
+
+
+def log_generation(uri: str, exp_id: str, parent_id: str, lineage: str, manifest: dict[str, Any],
+                   folder: Path, project_root: Path, params: dict[str, Any]) -> str:
+    """Record one finished generation from its manifest (so a resumed run can record it again, exactly)."""
+    k = manifest["generation"]
+    produced = folder / next(name for name in manifest["outputs"] if name.endswith(".parquet"))
+    model = folder / next(name for name in manifest["outputs"] if name.endswith(".safetensors"))
+    grid = [folder / name for name in manifest["outputs"] if name.endswith(".png")]
+    trained_on = manifest["trained_on"]
+    tags = {
+        "dvc.trained_on.path": trained_on["path"], "dvc.trained_on.md5": trained_on["md5"],
+        "dvc.produced.path": str(produced.relative_to(project_root)),
+        "dvc.produced.md5": manifest["md5"][produced.name],
+        "madloop.manifest": str((folder / f"gen-{k:03d}.json").relative_to(project_root)),
+    }
+    return record_generation(client_for(uri), exp_id, parent_id, lineage, k, manifest["metrics"],
+                             {**params, "generation": k}, tags, [*grid, model])
+
+
+def close_lineage(uri: str, parent_id: str, status: str = "FINISHED") -> None:
+    finish_lineage(client_for(uri), parent_id, status)

@@ -1,0 +1,72 @@
+"""DVC: every lineage folder (and the real data folder) is tracked with ``dvc add``.
+
+A folder output is content-addressed file by file (DVC's ``.dir`` object lists each file's md5), so any single
+generation's dataset can be fetched again with ``dvc get`` or ``dvc pull <path>``, while one ``.dvc`` file per
+lineage keeps the repository readable. Re-adding after each generation only hashes new files.
+
+Works inside ``dvc repro`` too: DVC unlocks the repository while a stage's command runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from filelock import FileLock
+
+
+class NotADvcRepoError(RuntimeError):
+    pass
+
+
+def find_dvc_root(root: Path) -> Path:
+    from dvc.repo import Repo
+    from dvc.exceptions import NotDvcRepoError
+
+    try:
+        return Path(Repo.find_root(str(root)))
+    except NotDvcRepoError:
+        raise NotADvcRepoError(f"{root} is not inside a DVC repository: run `git init && dvc init` there, "
+                               "or set dvc.track: false") from None
+
+
+def dvc_add(root: Path, targets: list[Path], attempts: int = 20) -> None:
+    """``dvc add`` the targets, serialized across processes on this machine and retried while DVC is busy."""
+    from dvc.lock import LockError
+    from dvc.repo import Repo
+
+    dvc_root = find_dvc_root(root)
+    (dvc_root / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(dvc_root / ".dvc" / "tmp" / "madloop-add.lock"))
+    dvc_logger = logging.getLogger("dvc")
+    level = dvc_logger.level
+    dvc_logger.setLevel(logging.WARNING)  # not "To track the changes with git, run: ..." after every generation
+    try:
+        for attempt in range(attempts):
+            try:
+                with lock, Repo(str(dvc_root)) as repo:
+                    repo.add([str(t) for t in targets])
+                return
+            except LockError:  # a DVC process outside madloop holds the repo: wait and retry
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(min(0.2 * 2 ** attempt, 5.0))
+    finally:
+        dvc_logger.setLevel(level)
+
+
+def tracked_md5s(root: Path, target: Path) -> dict[str, str]:
+    """relative path -> md5 of every file DVC recorded for a tracked folder (from its ``.dvc`` and cache)."""
+    import yaml
+
+    dvc_file = target.with_name(target.name + ".dvc")
+    out = yaml.safe_load(dvc_file.read_text())["outs"][0]
+    md5 = out["md5"]
+    if not md5.endswith(".dir"):
+        return {target.name: md5}
+    dvc_root = find_dvc_root(root)
+    obj = dvc_root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    import json
+
+    return {entry["relpath"]: entry["md5"] for entry in json.loads(obj.read_text())}

@@ -1,0 +1,76 @@
+"""Shared fixtures: a real Prefect server (prefect_test_harness), real DVC repos and MLflow sqlite stores in
+temp dirs. Nothing here reaches the network."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def tiny(**overrides) -> dict:
+    """A study small enough to run in seconds: digits, 2 generations, a few epochs."""
+    params = {
+        "study": {"name": "tiny"},
+        "data": {"imbalance_ratio": 4},
+        "train": {"epochs": 3, "batch_size": 64},
+        "loop": {"generations": 2},
+        "classifier": {"epochs": 2},
+        "score": {"samples": 120, "kid_subset_size": 50},
+        "lineages": ["mle"],
+    }
+    for dotted, value in overrides.items():
+        node = params
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return params
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One real, temporary Prefect server for the whole session (its start-up costs ~10 s)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+def git_dvc_repo(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=path, check=True)
+    return path
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A fresh git + DVC repository as the project root, with its own MLflow sqlite store."""
+    root = git_dvc_repo(tmp_path / "project")
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return root
+
+
+@pytest.fixture
+def subprocess_env(prefect_server, monkeypatch) -> dict:
+    """Environment for a `madloop` or `dvc repro` child process: the session's Prefect server, venv on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PREFECT_API_URL"] = prefect_server
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env

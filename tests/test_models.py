@@ -1,0 +1,99 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.classifier import load_classifier, predict
+from models.estimators import ESTIMATORS
+from models.families import FAMILIES
+from models.fidelity import CLASSIFIER_EXTRACTOR, fairness_ratio, fid, image_metrics
+from tasks.datasets import load_real
+from tasks.params import validate
+from tasks.scoring import build_image_scorer, ensure_classifier
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    p = validate({"classifier": {"epochs": 15}})
+    real = load_real(p.data, 0, root)
+    path, accuracy = ensure_classifier(real, p, root / "cache", CPU)
+    return p, real, path, accuracy
+
+
+def test_vae_shapes_and_likelihood():
+    family = FAMILIES.get("vae")((1, 8, 8), hidden=[32, 16], latent_dim=4)
+    vae = family.build()
+    x = torch.rand(10, 1, 8, 8)
+    nll = family.nll(vae, x)
+    assert nll.shape == (10,) and torch.isfinite(nll).all() and (nll > 0).all()
+    vae.eval()
+    samples = family.sample(vae, 7, torch.Generator().manual_seed(0))
+    assert samples.shape == (7, 1, 8, 8) and 0 <= samples.min() and samples.max() <= 1
+    # functional weights: the same weights through functional_call give the same samples
+    weights = {k: v.clone() for k, v in vae.named_parameters()}
+    again = family.sample(vae, 7, torch.Generator().manual_seed(0), weights=weights)
+    assert torch.allclose(samples, again)
+
+
+def test_mle_training_lowers_the_negative_elbo(digits):
+    _, real, _, _ = digits
+    family = FAMILIES.get("vae")(real.train.shape, hidden=[64], latent_dim=4)
+    untrained = ESTIMATORS.get("mle")(family, real.train.pixels, epochs=1, batch_size=64, lr=1e-3, seed=0)
+    trained = ESTIMATORS.get("mle")(family, real.train.pixels, epochs=60, batch_size=64, lr=1e-3, seed=0)
+    x = torch.as_tensor(real.train.pixels)
+    with torch.no_grad():
+        assert family.nll(trained.module, x).mean() < 0.8 * family.nll(untrained.module, x).mean()
+    a, b = trained.sample(50, seed=1), trained.sample(50, seed=1)
+    assert np.array_equal(a, b) and a.shape == (50, 1, 8, 8)
+
+
+def test_classifier_is_far_above_chance_and_cached(digits, tmp_path):
+    p, real, path, accuracy = digits
+    assert accuracy > 0.9  # chance is 0.1 on ten balanced classes
+    again, accuracy_again = ensure_classifier(real, p, path.parent, CPU)
+    assert again == path and accuracy_again == accuracy  # cache hit: same file, same model
+    assert (predict(load_classifier(path), real.test.pixels) == real.test.label).mean() == accuracy
+
+
+def test_fid_of_a_set_against_itself_is_near_zero_and_noise_is_far(digits):
+    _, real, path, _ = digits
+    images = real.test.pixels
+    kwargs = dict(extractor=CLASSIFIER_EXTRACTOR, weights_path=str(path), device=CPU)
+    same = fid(images, images, **kwargs)
+    noise = fid(np.random.default_rng(0).random(images.shape, dtype=np.float32), images, **kwargs)
+    assert abs(same) < 1e-3
+    assert noise > 100 * max(same, 1e-3) and noise > 1.0
+    assert math.isnan(fid(images[:3], images, min_samples=10, **kwargs))
+
+
+def test_image_metrics_are_in_range(digits):
+    _, real, path, _ = digits
+    rng = np.random.default_rng(0)
+    half = rng.permutation(len(real.test))
+    metrics = image_metrics(real.test.pixels[half[:200]], real.test.pixels[half[200:]],
+                            extractor=CLASSIFIER_EXTRACTOR, weights_path=str(path), device=CPU, kid_subset_size=100)
+    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+    assert metrics["precision"] > 0.5 and metrics["recall"] > 0.5  # two halves of one distribution
+    noise = image_metrics(rng.random((200, 1, 8, 8), dtype=np.float32), real.test.pixels,
+                          extractor=CLASSIFIER_EXTRACTOR, weights_path=str(path), device=CPU, kid_subset_size=100)
+    assert noise["precision"] < metrics["precision"] and noise["fid"] > metrics["fid"]
+    assert noise["kid"] > metrics["kid"]
+
+
+def test_scorer_fairness_view(digits):
+    p, real, path, _ = digits
+    scorer = build_image_scorer(p, real, path, CPU)
+    train = real.train_full  # disjoint from the test split the scorer compares against
+    only_majority = train.pixels[train.label == 3]
+    metrics = scorer.score(only_majority, seed=0)
+    assert metrics["minority_share"] < 0.05 and metrics["majority_share"] > 0.9
+    assert math.isnan(metrics["fid_minority"]) and math.isnan(metrics["r_fair"])
+    both = train.pixels[np.isin(train.label, [3, 6])]
+    metrics = scorer.score(both, seed=0)
+    assert 0.4 < metrics["minority_share"] < 0.6
+    assert metrics["r_fair"] == pytest.approx(metrics["fid_minority"] / metrics["fid_majority"])
+    assert fairness_ratio(2.0, 6.0) == 3.0
