@@ -62,13 +62,17 @@ def resolve_params_file(args) -> Path | None:
     return default if default.is_file() else None
 
 
+TITLES = {"generation": "gen", "fid": "FID", "minority_share": "minority share", "r_fair": "R_Fair"}
+
+
 def print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from tasks.study import summary_columns
+
     table = Table(title="madloop: metrics per generation (model k's samples vs held-out real data)")
-    columns = [("lineage", "lineage"), ("generation", "gen"), ("fid", "FID"), ("precision", "precision"),
-               ("recall", "recall"), ("minority_share", "minority share"), ("r_fair", "R_Fair")]
+    columns = [(key, TITLES.get(key, key)) for key in ["lineage", "generation", *summary_columns(rows)]]
     for _, title in columns:
         table.add_column(title, justify="left" if title == "lineage" else "right")
     for row in rows:

@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger
 
 from tasks import as_task
 from tasks.params import Params, digest, flatten, lineage_recipe, lineage_seed, score_recipe, validate
-from tasks.scoring import build_image_scorer, ensure_classifier
+from tasks.scoring import build_scorer_task
 from tasks.storage import file_digest
 from tasks.study import (StaleOutputsError, StudyPaths, inspect_lineage, load_generation_dataset,
                          load_generation_model, preflight, prepare_real_data_task, quarantine_from,
@@ -29,24 +29,16 @@ from tasks.training import (FIT, SAMPLE, SCORE, build_family, derive_seed, fit_m
                             make_next_dataset_task, resolve_device, sample_synthetic_task)
 from tasks.versioning import dvc_add
 
-ensure_classifier_task = as_task(ensure_classifier)
 log_generation_task = as_task(log_generation, retries=2)
 dvc_add_task = as_task(dvc_add, retries=2)
 
 
 def score_model(scorer, model, seed: int) -> tuple[Any, dict[str, float]]:
-    samples = model.sample(scorer.samples, seed)
-    return samples, scorer.score(samples, seed)
+    """Model k's samples (for its picture) and metrics, from the scorer of the family's kind."""
+    return scorer.evaluate(model, seed)
 
 
 score_model_task = as_task(score_model)
-
-
-def progress_line(lineage: str, k: int, total: int, metrics: dict[str, float], seconds: float) -> str:
-    return (f"[{lineage}] generation {k + 1}/{total}: fid {metrics['fid']:.3g}  precision "
-            f"{metrics['precision']:.3f}  recall {metrics['recall']:.3f}  minority share "
-            f"{metrics['minority_share']:.3f} (trained on {metrics['minority_share_train']:.3f})  "
-            f"r_fair {metrics['r_fair']:.3g}  fit {seconds:.1f}s")
 
 
 @flow(name="lineage", flow_run_name="{lineage}", log_prints=False)
@@ -60,8 +52,7 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".") -> list[
     generations = p.loop.generations
 
     real = prepare_real_data_task(p, paths)
-    classifier_file, accuracy = ensure_classifier_task(real, p, paths.cache, device)
-    scorer = build_image_scorer(p, real, classifier_file, device)
+    scorer, scorer_note = build_scorer_task(p, real, paths.cache, device)
     family = build_family(p, real.train.shape)
     recipe, score_hash = lineage_recipe(p, spec), digest(score_recipe(p))
     folder = paths.lineage(spec.name)
@@ -80,8 +71,8 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".") -> list[
     uri = tracking_uri(p.tracking.uri, paths.root)
     seed = lineage_seed(p, spec)
     tags = {"lineage": spec.name, "estimator": spec.estimator, "loop_mode": p.loop.mode,
-            "data_source": p.data.source, "seed": str(seed), "study": p.study.name,
-            "classifier_accuracy": f"{accuracy:.4f}", "madloop.project_root": str(paths.root)}
+            "data_source": p.data.source, "seed": str(seed), "study": p.study.name, "model_family": family.name,
+            "scorer": scorer_note}
     exp_id, parent_id = open_lineage(uri, p.study.name, spec.name, digest(recipe), tags, paths.root)
     run_params = {k: v for k, v in flatten(recipe).items()}
 
@@ -91,8 +82,8 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".") -> list[
             k = manifest["generation"]
             model = load_model(family, load_generation_model(folder, k), device)
             _, metrics = score_model_task(scorer, model, derive_seed(seed, k, SCORE))
-            metrics["minority_share_train"] = manifest["metrics"].get("minority_share_train")
-            manifest = rescore_manifest(folder, manifest, metrics, score_hash)
+            kept = {key: manifest["metrics"][key] for key in ("minority_share_train",) if key in manifest["metrics"]}
+            manifest = rescore_manifest(folder, manifest, {**metrics, **kept}, score_hash)
         log_generation_task(uri, exp_id, parent_id, spec.name, manifest, folder, paths.root, run_params)
         manifests.append(manifest)
 
@@ -106,15 +97,17 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".") -> list[
                                               p.data.source, p.loop.temperature)
             next_dataset = make_next_dataset_task(p.loop.mode, real.train, dataset, synthetic)
             samples, metrics = score_model_task(scorer, model, derive_seed(seed, k, SCORE))
-            metrics["minority_share_train"] = scorer.minority_share(dataset)
+            metrics.update(scorer.dataset_metrics(dataset))
             trained_on = {"path": str(trained_on_path.relative_to(paths.root)),
                           "sha256": file_digest(trained_on_path), "md5": file_digest(trained_on_path, "md5")}
-            manifest = save_generation_task(folder, k, model.tensors(), next_dataset, samples, metrics, recipe,
+            manifest = save_generation_task(folder, k, model.tensors(), next_dataset,
+                                            lambda path, s=samples: scorer.picture(s, path), metrics, recipe,
                                             score_hash, trained_on, {**model.info, "rows_trained_on": len(dataset)})
             log_generation_task(uri, exp_id, parent_id, spec.name, manifest, folder, paths.root, run_params)
             if p.dvc.track:
                 dvc_add_task(paths.root, [folder])
-            logger.info(progress_line(spec.name, k, generations, metrics, model.info.get("fit_seconds", 0.0)))
+            logger.info(f"[{spec.name}] generation {k + 1}/{generations}: {scorer.describe(metrics)}  "
+                        f"fit {model.info.get('fit_seconds', 0.0):.1f}s")
             manifests.append(manifest)
             dataset, trained_on_path = next_dataset, folder / f"dataset-{k + 1:03d}.parquet"
     except BaseException as err:
@@ -136,10 +129,11 @@ def self_consuming_loop(params: dict[str, Any] | None = None, root: str = ".", l
     paths = plan.paths
     device = resolve_device(p.device)
     real = prepare_real_data_task(p, paths)
-    _, accuracy = ensure_classifier_task(real, p, paths.cache, device)
-    logger.info(f"study {p.study.name!r}: {len(real.train)} real training images of classes "
-                f"{p.data.majority}/{p.data.minority} (R_I = {p.data.imbalance_ratio:g}), domain classifier "
-                f"accuracy {accuracy:.3f} on the {len(real.test)}-image test split, device {device}")
+    _, scorer_note = build_scorer_task(p, real, paths.cache, device)
+    what = (f"classes {p.data.majority}/{p.data.minority} (R_I = {p.data.imbalance_ratio:g})"
+            if p.data.source != "model" else f"draws of the {p.model.family} truth")
+    logger.info(f"study {p.study.name!r}: {len(real.train)} real training rows of {p.data.source}, {what}; "
+                f"{scorer_note}; device {device}")
     if p.dvc.track:
         dvc_add_task(paths.root, [paths.real])
     for spec in plan.lineages:

@@ -36,7 +36,7 @@ def run(module: nn.Module, weights: dict[str, torch.Tensor] | None, *args: torch
     """Call ``module`` with its own parameters, or functionally with ``weights`` (buffers stay the module's)."""
     if weights is None:
         return module(*args)
-    return functional_call(module, weights, args, strict=False)
+    return functional_call(module, weights, args, strict=False, tie_weights=False)  # no tied weights here
 
 
 class TorchFamily:
@@ -59,6 +59,10 @@ class TorchFamily:
                temperature: float = 1.0, weights=None) -> torch.Tensor:
         """n samples, shape [n, *data_shape]; differentiable in ``weights`` where the family allows."""
         raise NotImplementedError
+
+    def hyper_features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the hypernetwork's h1 sees of each data point (default: the point, flattened)."""
+        return x.flatten(1)
 
 
 @FAMILIES.register("vae")
@@ -94,6 +98,7 @@ class FittedTorchModel:
     module: nn.Module
     weights: dict[str, torch.Tensor] | None = None
     info: dict[str, float] = field(default_factory=dict)  # training summary (final loss, seconds, ...)
+    hyper: nn.Module | None = None  # the hypernetwork that emitted ``weights`` (PLE), kept for inspection
 
     @torch.no_grad()
     def sample(self, n: int, seed: int, temperature: float = 1.0, batch_size: int = 4096) -> np.ndarray:
@@ -118,3 +123,6 @@ class FittedTorchModel:
         self.module.load_state_dict(tensors)
         self.weights = None
         return self
+
+
+import models.scalar  # noqa: E402,F401  (registers the 1-D families: gmm, uniform, gaussian, ...)

@@ -163,7 +163,7 @@ def torchvision_root(p: DataParams, project_root: Path) -> Path:
 
 def check_source(p: DataParams, project_root: Path) -> None:
     """Fail early, naming data.root, when a local torchvision dataset is not where params say."""
-    if p.source == "digits":
+    if p.source in ("digits", "model"):
         return
     root = torchvision_root(p, project_root)
     if p.download:
@@ -235,8 +235,17 @@ class RealData:
     num_classes: int
 
 
-def load_real(p: DataParams, seed: int, project_root: Path) -> RealData:
-    """Load a source and cut the class-imbalanced training subset the study starts from (paper §1.2, §5.1)."""
+def load_real(p: DataParams, seed: int, project_root: Path, truth=None) -> RealData:
+    """Load a source and cut the class-imbalanced training subset the study starts from (paper §1.2, §5.1).
+
+    Source ``model`` (1-D families): ``data.size`` draws from ``truth`` (the family, which knows its true
+    parameters) for training, as many independent ones for the test split; no labels."""
+    if p.source == "model":
+        if truth is None:
+            raise ValueError("data.source model needs the family whose true distribution to draw from")
+        train = Dataset.real(truth.true_sample(p.size, seed), np.full(p.size, -1), "model")
+        test = Dataset.real(truth.true_sample(p.size, seed + 1_000_003), np.full(p.size, -1), "model")
+        return RealData(train=train, test=test, train_full=train, num_classes=0)
     split = SOURCES.get(p.source)(p, seed, project_root)
     rng = np.random.default_rng([seed, 1])
     train_x, train_y = cap_per_class(split.train_x, split.train_y, p.max_per_class, rng)

@@ -23,6 +23,7 @@ from models.families import FAMILIES
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # safe as a folder name, an MLflow name and a DVC stage key
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SOURCE_CLASSES = {"digits": list(range(10)), "mnist": list(range(10)), "cifar10": list(range(10))}
+IMAGE_SOURCES = tuple(SOURCE_CLASSES)
 
 
 class ParamsError(ValueError):
@@ -38,7 +39,7 @@ class StudyParams(Section):
 
 
 class DataParams(Section):
-    source: Literal["digits", "mnist", "cifar10"] = "digits"
+    source: Literal["digits", "mnist", "cifar10", "model"] = "digits"  # model: draw from the 1-D family's truth
     root: str | None = None  # local torchvision root for mnist/cifar10
     download: bool = False  # let torchvision download into root (default data/raw) when online
     majority: int | str = 3
@@ -46,9 +47,12 @@ class DataParams(Section):
     imbalance_ratio: float = Field(5.0, ge=1.0)  # R_I = majority count / minority count
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0)  # digits only: mnist and cifar10 ship a test split
     max_per_class: PositiveInt | None = None  # cap on real rows per class (quick runs on big sources)
+    size: PositiveInt = 20  # source model: real rows drawn from the family's true distribution (n)
 
     @model_validator(mode="after")
     def classes_exist(self) -> "DataParams":
+        if self.source == "model":
+            return self
         for key in ("majority", "minority"):
             value = getattr(self, key)
             if isinstance(value, str) and self.source == "cifar10" and value in CIFAR10_CLASSES:
@@ -70,9 +74,51 @@ class VAEParams(Section):
     negative_slope: float = Field(0.2, ge=0.0)
 
 
+class GMMParams(Section):
+    means: list[float] = Field(default_factory=lambda: [0.0, 2.0], min_length=2, max_length=2)
+    variances: list[PositiveFloat] = Field(default_factory=lambda: [1.0, 1.0], min_length=2, max_length=2)
+    minority_weight: float = Field(0.2, gt=0.0, lt=1.0)  # weight of the component at means[1]
+    em_tol: PositiveFloat = 1e-8
+    em_max_iter: PositiveInt = 10000
+
+
+class UniformParams(Section):
+    a: PositiveFloat = 1.0
+
+
+class GaussianParams(Section):
+    mean: float = 0.0
+    std: PositiveFloat = 1.0
+
+
+class LaplaceParams(Section):
+    loc: float = 0.0
+    scale: PositiveFloat = 1.0
+
+
+class GeometricParams(Section):
+    p: float = Field(0.5, gt=0.0, lt=1.0)
+
+
+class ExponentialParams(Section):
+    rate: PositiveFloat = 0.5
+
+
+class ParetoParams(Section):
+    b: PositiveFloat = 1.0
+
+
 class ModelParams(Section):
     family: str = "vae"
     vae: VAEParams = Field(default_factory=VAEParams)
+    # 1-D families: their true parameters (data.source: model draws the real data from them)
+    gmm: GMMParams = Field(default_factory=GMMParams)
+    uniform: UniformParams = Field(default_factory=UniformParams)
+    gaussian: GaussianParams = Field(default_factory=GaussianParams)
+    laplace: LaplaceParams = Field(default_factory=LaplaceParams)
+    geometric: GeometricParams = Field(default_factory=GeometricParams)
+    exponential: ExponentialParams = Field(default_factory=ExponentialParams)
+    pareto: ParetoParams = Field(default_factory=ParetoParams)
 
     @field_validator("family")
     @classmethod
@@ -97,6 +143,16 @@ class LoopParams(Section):
     mode: Literal["replace"] = "replace"
     synthetic_size: PositiveInt | None = None  # rows per synthetic dataset; null = size of the real training set
     temperature: PositiveFloat = 1.0  # latent prior scale when sampling; < 1 models cherry-picking
+
+
+class PLEParams(Section):
+    """The hypernetwork estimators (ple, hyper_nopenalty): paper Eq. 5 and 6."""
+
+    lam: float = Field(0.1, ge=0.0)  # penalty weight lambda (paper: 0.1, App. J)
+    m: PositiveInt = 1  # synthetic sets per step (paper: 100 for the 1-D families)
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [32, 64, 96], min_length=1)  # h1 (paper)
+    rank: PositiveInt | None = 8  # rank of the factorized h2 heads; null = the paper's full linear heads
+    penalty_entries: PositiveInt | None = 4096  # weight entries sampled per step for the penalty; null = all
 
 
 class LineageParams(Section):
@@ -131,6 +187,7 @@ class ScoreParams(Section):
     kid_subset_size: PositiveInt = 1000
     prc_neighborhood: PositiveInt = 3
     min_class_samples: PositiveInt = 10  # fewer generated images of a class than this: its FID is NaN
+    mc_samples: PositiveInt = 100_000  # 1-D families: Monte Carlo draws for KL and Wasserstein-1 (paper: 1e5)
 
 
 class TrackingParams(Section):
@@ -148,6 +205,7 @@ class Params(Section):
     data: DataParams = Field(default_factory=DataParams)
     model: ModelParams = Field(default_factory=ModelParams)
     train: TrainParams = Field(default_factory=TrainParams)
+    ple: PLEParams = Field(default_factory=PLEParams)
     loop: LoopParams = Field(default_factory=LoopParams)
     lineages: list[LineageParams] = Field(default_factory=lambda: [LineageParams(name="mle")], min_length=1)
     classifier: ClassifierParams = Field(default_factory=ClassifierParams)
@@ -170,6 +228,18 @@ class Params(Section):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"lineages: duplicate lineage name(s) {', '.join(duplicates)}")
+        family = FAMILIES.get(self.model.family)
+        if family.kind == "scalar" and self.data.source != "model":
+            raise ValueError(f"data.source: the {self.model.family} family draws its real data from its true "
+                             f"distribution: set data.source: model (got {self.data.source!r})")
+        if family.kind == "image" and self.data.source not in IMAGE_SOURCES:
+            raise ValueError(f"data.source: the {self.model.family} family needs images "
+                             f"({', '.join(IMAGE_SOURCES)}), got {self.data.source!r}")
+        for lineage in self.lineages:
+            if lineage.estimator == "ple_closed" and not getattr(family, "has_closed_ple", False):
+                closed = [n for n in FAMILIES.names() if getattr(FAMILIES.get(n), "has_closed_ple", False)]
+                raise ValueError(f"lineages: ple_closed has no closed form for the {self.model.family} family "
+                                 f"(only {', '.join(closed)})")
         if self.score.feature_extractor == "inception" and not self.score.inception_weights:
             raise ValueError("score.inception_weights: required when score.feature_extractor is 'inception' "
                              "(a local torch-fidelity Inception weights file; madloop never downloads it)")
@@ -272,16 +342,21 @@ def lineage_seed(params: Params, lineage: LineageParams) -> int:
 
 def real_data_recipe(params: Params) -> dict[str, Any]:
     """What decides the real train/test data (and so the classifier's training set)."""
-    return {"seed": params.seed, "data": params.data.model_dump(exclude={"download"})}
+    if params.data.source == "model":  # 1-D truth: the family and its true parameters, the sample size
+        return {"seed": params.seed, "data": {"source": "model", "size": params.data.size},
+                "truth": {"family": params.model.family, **params.model.family_options()}}
+    return {"seed": params.seed, "data": params.data.model_dump(exclude={"download", "size"})}
 
 
 def lineage_recipe(params: Params, lineage: LineageParams) -> dict[str, Any]:
     """What decides a lineage's datasets and models. Not the number of generations (more generations extend a
-    lineage), not scoring, not the device or tracking."""
+    lineage), not scoring, not the device or tracking, not the knobs of other families or estimators."""
+    hyper = lineage.estimator in ("ple", "hyper_nopenalty")
     return {
         "real": real_data_recipe(params),
-        "model": params.model.model_dump(),
+        "model": {"family": params.model.family, **params.model.family_options()},
         "train": params.train.model_dump(),
+        "ple": params.ple.model_dump() if hyper else None,
         "loop": params.loop.model_dump(exclude={"generations"}),
         "lineage": {**lineage.model_dump(), "seed": lineage_seed(params, lineage)},
     }

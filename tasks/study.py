@@ -24,7 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from tasks import as_task
 from tasks.datasets import Dataset, RealData, check_source, load_real, read_parquet, write_parquet
 from tasks.params import (LineageParams, Params, ParamsError, digest, flatten, lineage_recipe,
                           real_data_recipe, score_recipe)
+from tasks.training import build_family
 from tasks.storage import (CorruptOutputError, file_digest, read_json, verify, write_atomic,
                            write_json_atomic)
 
@@ -230,7 +231,8 @@ def retire_mlflow_lineages(p: Params, paths: StudyPaths, names: list[str]) -> in
 
 def prepare_real_data(p: Params, paths: StudyPaths) -> RealData:
     """Load the source and write dataset 0 and the test split (reused when already written under these params)."""
-    real = load_real(p.data, p.seed, paths.root)
+    truth = build_family(p, (1,)) if p.data.source == "model" else None
+    real = load_real(p.data, p.seed, paths.root, truth)
     recipe = real_data_recipe(p)
     manifest_path = real_manifest_path(paths)
     if manifest_path.is_file():
@@ -255,24 +257,16 @@ def real_train_sha(paths: StudyPaths) -> str:
 # --- one generation -------------------------------------------------------------------------------------------
 
 
-def save_sample_grid(pixels: np.ndarray, path: Path, n: int = 64) -> None:
-    from torchvision.utils import make_grid, save_image
-
-    images = torch.as_tensor(pixels[:n])
-    scale = max(1, 96 // images.shape[-1])  # 8x8 digits are unreadable at 1:1
-    images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
-    save_image(make_grid(images, nrow=8, padding=2, pad_value=0.5), str(path), format="png")
-
-
 def save_generation(folder: Path, k: int, tensors: dict[str, torch.Tensor], next_dataset: Dataset,
-                    score_samples: np.ndarray, metrics: dict[str, float], recipe: dict[str, Any],
+                    picture: Callable[[Path], None], metrics: dict[str, float], recipe: dict[str, Any],
                     score_hash: str, trained_on: dict[str, str], info: dict[str, Any]) -> dict[str, Any]:
-    """Write generation k atomically, manifest last: a killed run leaves it either finished or not begun."""
+    """Write generation k atomically, manifest last: a killed run leaves it either finished or not begun.
+    ``picture(path)`` draws the generation's PNG (a sample grid, or a histogram against the truth)."""
     files = generation_files(k)
     outputs = {
         files["dataset"]: write_atomic(folder / files["dataset"], lambda tmp: write_parquet(next_dataset, tmp)),
         files["model"]: write_atomic(folder / files["model"], lambda tmp: save_file(tensors, str(tmp))),
-        files["samples"]: write_atomic(folder / files["samples"], lambda tmp: save_sample_grid(score_samples, tmp)),
+        files["samples"]: write_atomic(folder / files["samples"], picture),
     }
     manifest = {
         "generation": k, "recipe_hash": digest(recipe), "recipe": recipe, "score_hash": score_hash,
@@ -308,6 +302,9 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+IMAGE_SUMMARY = ["fid", "precision", "recall", "minority_share", "r_fair"]
+
+
 def collect_rows(p: Params, paths: StudyPaths, lineages: list[LineageParams]) -> list[dict[str, Any]]:
     """Every finished generation of every lineage, from the manifests on disk (the source of truth)."""
     rows = []
@@ -315,40 +312,50 @@ def collect_rows(p: Params, paths: StudyPaths, lineages: list[LineageParams]) ->
         state = inspect_lineage(paths.lineage(lineage.name), lineage_recipe(p, lineage), None)
         for manifest in state.finished[:p.loop.generations]:
             rows.append({"lineage": lineage.name, "estimator": lineage.estimator, "generation": manifest["generation"],
-                         **{c: manifest["metrics"].get(c, math.nan) for c in METRIC_COLUMNS},
-                         "minority_share_train": manifest["metrics"].get("minority_share_train", math.nan),
-                         "fit_seconds": manifest["info"].get("fit_seconds", math.nan)})
+                         **manifest["metrics"], "fit_seconds": manifest["info"].get("fit_seconds", math.nan)})
     return rows
+
+
+def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Image metrics first in the documented order, then whatever else the rows carry, in first-seen order."""
+    seen = [k for row in rows for k in row if k not in ("lineage", "estimator", "generation")]
+    ordered = [c for c in METRIC_COLUMNS if c in seen]
+    return ordered + [c for c in dict.fromkeys(seen) if c not in ordered]
+
+
+def summary_columns(rows: list[dict[str, Any]]) -> list[str]:
+    columns = metric_columns(rows)
+    if "fid" in columns:
+        return IMAGE_SUMMARY
+    return [c for c in columns if c.startswith("param.")] + [c for c in ("kl", "wasserstein") if c in columns]
 
 
 def write_reports(p: Params, paths: StudyPaths, lineages: list[LineageParams]) -> list[dict[str, Any]]:
     """generations.csv (dvc plots), metrics.json (dvc metrics: each lineage's last generation), summary.md."""
     rows = collect_rows(p, paths, lineages)
     paths.reports.mkdir(parents=True, exist_ok=True)
-    columns = ["lineage", "estimator", "generation", *METRIC_COLUMNS, "minority_share_train", "fit_seconds"]
+    columns = ["lineage", "estimator", "generation", *metric_columns(rows)]
 
     def write_csv(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
-            writer.writerows({c: fmt(row[c]) if isinstance(row[c], float) else row[c] for c in columns}
-                             for row in rows)
+            writer.writerows({c: fmt(row.get(c, math.nan)) for c in columns} for row in rows)
 
     write_atomic(paths.reports / "generations.csv", write_csv)
     final = {}
     for row in rows:
-        final[row["lineage"]] = {"generation": row["generation"],
-                                 **{c: (None if isinstance(row[c], float) and math.isnan(row[c]) else row[c])
-                                    for c in METRIC_COLUMNS}}
+        final[row["lineage"]] = {c: (None if isinstance(row.get(c), float) and not math.isfinite(row[c])
+                                     else row.get(c)) for c in ["generation", *metric_columns([row])]}
     write_json_atomic(paths.reports / "metrics.json", final)
     write_atomic(paths.reports / "summary.md", lambda tmp: tmp.write_text(markdown_table(rows)))
     return rows
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    columns = ["lineage", "generation", "fid", "precision", "recall", "minority_share", "r_fair"]
+    columns = ["lineage", "generation", *summary_columns(rows)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(fmt(row.get(c, math.nan)) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -31,8 +31,9 @@ def build_family(p: Params, data_shape: tuple[int, ...]) -> TorchFamily:
 
 def fit_model(family: TorchFamily, estimator: str, data: Dataset, p: Params, seed: int,
               device: torch.device) -> FittedTorchModel:
-    """Train ``family`` on ``data`` with the named estimator (``mle``, ...)."""
-    return ESTIMATORS.get(estimator)(family, data.pixels, **p.train.model_dump(), seed=seed, device=device)
+    """Train ``family`` on ``data`` with the named estimator (``mle``, ``ple``, ...)."""
+    return ESTIMATORS.get(estimator)(family, data.pixels, **p.train.model_dump(), **p.ple.model_dump(), seed=seed,
+                                     device=device)
 
 
 def load_model(family: TorchFamily, tensors: dict[str, torch.Tensor], device: torch.device) -> FittedTorchModel:

@@ -179,3 +179,38 @@ def test_cli_help_explains_every_command(capsys):
         cli(["run", "--help"])
     out = capsys.readouterr().out
     assert "--set" in out and "--params" in out and "--overwrite" in out
+
+
+def test_mle_and_ple_lineages_land_side_by_side(project, prefect_server):
+    rows = self_consuming_loop(params=tiny(lineages=["mle", "ple", "hyper_nopenalty"]), root=str(project))
+    assert sorted({r["lineage"] for r in rows}) == ["hyper_nopenalty", "mle", "ple"]
+    client = mlflow_client(project)
+    parents, children = lineage_runs(client, "tiny")
+    assert sorted(r.data.tags["lineage"] for r in parents) == ["hyper_nopenalty", "mle", "ple"]
+    assert len(children) == 6
+    for parent in parents:
+        steps = sorted(m.step for m in client.get_metric_history(parent.info.run_id, "fid"))
+        assert steps == [0, 1]
+        folder = project / "data" / "studies" / "tiny" / parent.data.tags["lineage"]
+        assert (folder / "dataset-002.parquet").is_file() and (folder.parent / f"{folder.name}.dvc").is_file()
+    ple = read_json(project / "data" / "studies" / "tiny" / "ple" / "gen-000.json")
+    assert ple["recipe"]["ple"]["lam"] == 0.1 and ple["info"]["hyper_weights"] > 0
+
+
+@pytest.mark.parametrize("family", ["gmm", "uniform"])
+def test_1d_families_run_through_the_same_flow_by_params_alone(project, prefect_server, family):
+    params = tiny(model__family=family, data__source="model", data__size=50,
+                  lineages=["mle", "ple"] + (["ple_closed"] if family == "uniform" else []),
+                  train__epochs=20, train__batch_size=50, ple__m=4, score__mc_samples=2000)
+    rows = self_consuming_loop(params=params, root=str(project))
+    lineages = {r["lineage"] for r in rows}
+    assert lineages == ({"mle", "ple", "ple_closed"} if family == "uniform" else {"mle", "ple"})
+    for row in rows:
+        assert row["kl"] >= 0 or row["kl"] == float("inf")
+        assert row["wasserstein"] >= 0
+        assert any(key.startswith("bias.") for key in row)
+    data = read_parquet(project / "data" / "studies" / "tiny" / "mle" / "dataset-001.parquet")
+    assert data.pixels.shape == (50, 1) and set(data.origin) == {"synthetic"}
+    client = mlflow_client(project)
+    parents, _ = lineage_runs(client, "tiny")
+    assert {m.step for m in client.get_metric_history(parents[0].info.run_id, "kl")} == {0, 1}

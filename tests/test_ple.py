@@ -1,0 +1,125 @@
+"""The PLE hypernetwork and the 1-D families: invariances, shapes, closed forms, GMM recovery."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from models.estimators import ESTIMATORS
+from models.families import FAMILIES
+from models.hypernet import HyperNetwork
+
+
+def make_hyper(rank=8):
+    torch.manual_seed(0)
+    target = FAMILIES.get("vae")((1, 8, 8), hidden=[32, 16], latent_dim=4).build()
+    hyper = HyperNetwork(target, 64, [16, 24], rank)
+    with torch.no_grad():  # move off the initialization so the embedding matters
+        for p in hyper.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return target, hyper
+
+
+@pytest.mark.parametrize("rank", [8, None])
+def test_hypernetwork_is_permutation_invariant_and_batch_size_independent(rank):
+    _, hyper = make_hyper(rank)
+    data = torch.rand(301, 64)
+    reference = hyper.emit(hyper.streamed_embedding(data, batch_size=301))
+    shuffled = hyper.emit(hyper.streamed_embedding(data[torch.randperm(301)], batch_size=301))
+    for batch_size in (1, 7, 64, 1000):
+        streamed = hyper.emit(hyper.streamed_embedding(data, batch_size=batch_size))
+        for name in reference:
+            assert torch.allclose(streamed[name], reference[name], atol=1e-5), (batch_size, name)
+            assert torch.allclose(shuffled[name], reference[name], atol=1e-5), name
+    one_pass = hyper(data)  # the differentiable path agrees with the streamed one
+    for name in reference:
+        assert torch.allclose(one_pass[name], reference[name], atol=1e-5)
+    other = hyper.emit(hyper.streamed_embedding(torch.rand(301, 64)))
+    assert any(not torch.allclose(other[n], reference[n], atol=1e-5) for n in reference)  # it does see data
+
+
+class SmallConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.norm(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("target", [nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)), SmallConvNet()])
+def test_emitted_weights_match_every_parameter_and_run_functionally(target):
+    hyper = HyperNetwork(target, 64, [8, 12], rank=4)
+    weights = hyper(torch.rand(20, 64))
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(p.shape) for k, p in target.named_parameters()}
+    x = torch.rand(3, 1, 8, 8) if isinstance(target, SmallConvNet) else torch.rand(3, 6)
+    out = functional_call(target, weights, (x,))
+    out.sum().backward()  # gradients reach the hypernetwork through the functional call
+    assert hyper.basis.grad is not None and hyper.h1[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in target.parameters())  # the target's own weights are never used
+
+
+def test_distance_on_sampled_entries_is_unbiased():
+    _, hyper = make_hyper()
+    a, b = torch.randn(24), torch.randn(24)
+    full = hyper.distance(a, b).item()
+    generator = torch.Generator().manual_seed(0)
+    estimates = [hyper.distance(a, b, torch.randint(hyper.num_emitted, (512,), generator=generator)).item()
+                 for _ in range(400)]
+    assert np.mean(estimates) == pytest.approx(full, rel=0.03)
+
+
+def test_uniform_closed_forms_bias_over_many_seeds():
+    family = FAMILIES.get("uniform")(a=1.0)
+    n, seeds = 20, 4000
+    rng = np.random.default_rng(0)
+    mle = np.array([family.closed_mle(rng.uniform(0, 1, n), 0)["a"] for _ in range(seeds)])
+    ple = np.array([family.closed_ple(rng.uniform(0, 1, n), 0)["a"] for _ in range(seeds)])
+    se = ple.std() / np.sqrt(seeds)
+    assert abs(ple.mean() - 1.0) < 4 * se  # PLE unbiased
+    assert mle.mean() == pytest.approx(n / (n + 1), abs=4 * mle.std() / np.sqrt(seeds))  # MLE: a n/(n+1)
+
+
+def test_gaussian_mle_variance_is_biased_by_sigma2_over_n():
+    family = FAMILIES.get("gaussian")(mean=0.0, std=2.0)
+    n, seeds = 10, 6000
+    rng = np.random.default_rng(1)
+    mle_var = np.array([family.closed_mle(rng.normal(0, 2, n), 0)["std"] ** 2 for _ in range(seeds)])
+    ple_var = np.array([family.closed_ple(rng.normal(0, 2, n), 0)["std"] ** 2 for _ in range(seeds)])
+    assert mle_var.mean() - 4.0 == pytest.approx(-4.0 / n, abs=4 * mle_var.std() / np.sqrt(seeds))
+    assert abs(ple_var.mean() - 4.0) < 4 * ple_var.std() / np.sqrt(seeds)
+
+
+@pytest.mark.parametrize("estimator", ["mle", "ple"])
+def test_gmm_em_and_ple_recover_a_well_separated_balanced_mixture(estimator):
+    family = FAMILIES.get("gmm")(means=[-3.0, 3.0], variances=[1.0, 1.0], minority_weight=0.5)
+    x = family.true_sample(600, seed=0)
+    model = ESTIMATORS.get(estimator)(family, x, epochs=300, batch_size=600, lr=0.02, seed=0, lam=0.1, m=4,
+                                      hidden=[16, 16], rank=None)
+    est = family.estimates(model)
+    assert est["mean_0"] == pytest.approx(-3.0, abs=0.3) and est["mean_1"] == pytest.approx(3.0, abs=0.3)
+    assert est["var_0"] == pytest.approx(1.0, abs=0.35) and est["var_1"] == pytest.approx(1.0, abs=0.35)
+    assert est["weight_1"] == pytest.approx(0.5, abs=0.08)
+
+
+@pytest.mark.parametrize("name", ["uniform", "gaussian", "laplace", "geometric", "exponential", "pareto"])
+def test_analytic_families_mle_recovers_truth_and_samples_match(name):
+    family = FAMILIES.get(name)()
+    x = family.true_sample(20000, seed=3)
+    model = ESTIMATORS.get("mle")(family, x, epochs=1, batch_size=1, lr=1.0, seed=0)
+    est, truth = family.estimates(model), family.true_estimates()
+    for key, value in truth.items():
+        assert est[key] == pytest.approx(value, rel=0.05, abs=0.03), key
+    drawn = model.sample(20000, seed=4)  # the torch sampler and scipy's agree in distribution
+    from scipy import stats
+
+    reference = family.draw(truth, 20000, np.random.default_rng(5))
+    assert stats.ks_2samp(drawn.reshape(-1), reference).pvalue > 1e-3 or name == "geometric"
+    assert abs(np.median(drawn) - np.median(reference)) < 0.1 * (np.std(reference) + 1e-9) + 0.05
+    nll = family.nll(model.module, torch.as_tensor(x[:100]))
+    assert nll.shape == (100,) and torch.isfinite(nll).all()
