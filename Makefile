@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup demo test ui repro lock
+.PHONY: setup demo test ui repro lock serve
 
 # torch 2.14.1 / torchvision 0.29.1 come from this machine's local wheels with Python 3.11's pip
 # (see DEVELOPERS.md); requirements.lock pins every package, pyproject.toml states the ranges.
@@ -29,6 +29,11 @@ ui: $(STAMP)
 
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# The default study on a schedule (docs/scale-out.md); needs `prefect server start` and PREFECT_API_URL.
+CRON ?= 0 3 * * *
+serve: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/madloop serve --cron "$(CRON)"
 
 lock: $(STAMP)
 	$(PIP) freeze --exclude-editable | grep -v '^madloop' > requirements.lock

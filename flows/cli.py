@@ -14,6 +14,7 @@ EPILOG = """examples:
   madloop run --set lineages=[mle] --lineage mle       one lineage of the study
   madloop show                                         the table of finished generations
   madloop params --set data.imbalance_ratio=10         validate and print the resolved params
+  madloop study fig4 --set studies.fig4.seeds=100      a paper reproduction, smaller
 
 Outputs: data/studies/<study>/ (DVC-tracked datasets and weights), reports/<study>/ (DVC metrics and plots),
 MLflow runs in sqlite:///mlflow.db (make ui). A killed run resumes at its first unfinished generation."""
@@ -52,6 +53,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     params = commands.add_parser("params", help="validate params and print them resolved, as YAML")
     add_params_args(params)
+
+    study = commands.add_parser(
+        "study", help="reproduce one of the paper's results: fig4, fig3, table1, fig2 (CSV + PNG in reports/)",
+        description="fig4: MADness of parameter estimates (6 distributions, MLE vs PLE); fig3: GMM, EM vs PLE; "
+                    "table1: VAE fairness vs imbalance ratio; fig2: the MAD curve of the full loop. Sizes come "
+                    "from studies.<name> in params (e.g. --set studies.fig4.seeds=50 for a quick run).")
+    study.add_argument("name", choices=["fig4", "fig3", "table1", "fig2", "results"],
+                       help="the study; results re-renders reports/RESULTS.md from the studies' reports")
+    add_params_args(study)
+
+    serve = commands.add_parser(
+        "serve", help="serve the study on a schedule (cron or interval) until Ctrl-C",
+        description="Serve the study as a Prefect deployment on a schedule; each run reads the params file and "
+                    "--set overrides when it starts, and resumes like `madloop run`. Needs a Prefect server with "
+                    "its scheduler: `prefect server start`, then PREFECT_API_URL (docs/scale-out.md).")
+    add_params_args(serve)
+    when = serve.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", metavar="EXPR", help="cron schedule in UTC, e.g. '0 3 * * *' (03:00 every day)")
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS seconds")
+    serve.add_argument("--lineage", action="append", default=None, metavar="NAME",
+                       help="run only this lineage of params.lineages (repeatable)")
+    serve.add_argument("--fan-out", nargs="?", const="lineage/served", default=None, metavar="DEPLOYMENT",
+                       help="run each lineage as its own flow run, in parallel: alone, this process serves them; "
+                            "with a lineage deployment (lineage/gpu from prefect.yaml), its work pool's workers do")
+    serve.add_argument("--name", default=None, help="deployment name (default: the study name)")
     return parser
 
 
@@ -101,6 +127,23 @@ def main(argv: list[str] | None = None) -> int:
             from tasks.study import StudyPaths, collect_rows
 
             print_table(collect_rows(p, StudyPaths(root, p.study.name), p.lineages))
+            return 0
+        if args.command == "study":
+            if args.name == "results":
+                from tasks.results import write_results
+
+                print(f"wrote {write_results(root)}")
+                return 0
+            from flows.studies import run as run_paper_study
+
+            timing = run_paper_study(args.name, p, root)
+            print(f"{args.name}: finished in {timing['seconds']} s ({timing['machine']}); see reports/{args.name}/")
+            return 0
+        if args.command == "serve":
+            from flows.deploy import serve_study
+
+            serve_study(p, resolve_params_file(args), args.overrides, root, cron=args.cron, interval=args.interval,
+                        lineages=args.lineage, fan_out_to=args.fan_out, name=args.name)
             return 0
         from flows.loop import run_study
 

@@ -18,15 +18,18 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from tasks import as_task
-from tasks.params import Params, digest, flatten, lineage_recipe, lineage_seed, score_recipe, validate
+from tasks.mitigation import dynamic_next_dataset, dynamic_shares, reference_set, training_weights
+from tasks.params import (Params, digest, flatten, lineage_mode, lineage_recipe, lineage_seed, score_recipe,
+                          validate)
 from tasks.scoring import build_scorer_task
 from tasks.storage import file_digest
 from tasks.study import (StaleOutputsError, StudyPaths, inspect_lineage, load_generation_dataset,
                          load_generation_model, preflight, prepare_real_data_task, quarantine_from,
                          real_train_sha, rescore_manifest, save_generation_task, write_reports_task)
 from tasks.tracking import close_lineage, log_generation, open_lineage, tracking_uri
-from tasks.training import (FIT, SAMPLE, SCORE, build_family, derive_seed, fit_model_task, load_model,
-                            make_next_dataset_task, resolve_device, sample_synthetic_task)
+from tasks.training import (FIT, FRESH, SAMPLE, SCORE, build_family, derive_seed, fit_model_task, fresh_real_rows,
+                            load_model, make_next_dataset_task, resolve_device, sample_synthetic_task,
+                            synthetic_rows)
 from tasks.versioning import dvc_add
 
 log_generation_task = as_task(log_generation, retries=2)
@@ -70,10 +73,14 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".") -> list[
 
     uri = tracking_uri(p.tracking.uri, paths.root)
     seed = lineage_seed(p, spec)
-    tags = {"lineage": spec.name, "estimator": spec.estimator, "loop_mode": p.loop.mode,
+    mode, real_fraction = lineage_mode(p, spec)
+    tags = {"lineage": spec.name, "estimator": spec.estimator, "loop_mode": mode, "mitigation": spec.mitigation,
+            "recipe": spec.group or spec.name,
             "data_source": p.data.source, "seed": str(seed), "study": p.study.name, "model_family": family.name,
             "scorer": scorer_note}
-    exp_id, parent_id = open_lineage(uri, p.study.name, spec.name, digest(recipe), tags, paths.root)
+    experiment = p.tracking.experiment or p.study.name
+    exp_id, parent_id = open_lineage(uri, experiment, spec.name, digest(recipe), tags, paths.root,
+                                     run_name=spec.name if experiment == p.study.name else f"{p.study.name}/{spec.name}")
     run_params = {k: v for k, v in flatten(recipe).items()}
 
     manifests = []
@@ -89,15 +96,34 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".") -> list[
 
     dataset = real.train if start == 0 else load_generation_dataset(folder, start)
     trained_on_path = paths.real / "train.parquet" if start == 0 else folder / f"dataset-{start:03d}.parquet"
-    synthetic_size = p.loop.synthetic_size or len(real.train)
+    n_synthetic = synthetic_rows(mode, len(real.train), p.loop.synthetic_size, real_fraction)
+    truth = family if family.kind == "scalar" else None
+    reference = None
+    if spec.mitigation == "importance":
+        reference = reference_set(real.train_full, [p.data.majority, p.data.minority],
+                                  p.mitigation.reference_per_class, p.seed)
+    first_metrics = state.finished[0]["metrics"] if state.finished else None
     try:
         for k in range(start, generations):
-            model = fit_model_task(family, spec.estimator, dataset, p, derive_seed(seed, k, FIT), device)
-            synthetic = sample_synthetic_task(model, synthetic_size, derive_seed(seed, k, SAMPLE), spec.name, k + 1,
+            weights, weight_info = training_weights(spec.mitigation, scorer, dataset, reference,
+                                                    max_ece=p.mitigation.max_ece,
+                                                    weight_clip=p.mitigation.weight_clip, seed=seed + k)
+            model = fit_model_task(family, spec.estimator, dataset, p, derive_seed(seed, k, FIT), device, weights)
+            synthetic = sample_synthetic_task(model, n_synthetic, derive_seed(seed, k, SAMPLE), spec.name, k + 1,
                                               p.data.source, p.loop.temperature)
-            next_dataset = make_next_dataset_task(p.loop.mode, real.train, dataset, synthetic)
             samples, metrics = score_model_task(scorer, model, derive_seed(seed, k, SCORE))
-            metrics.update(scorer.dataset_metrics(dataset))
+            metrics.update(scorer.dataset_metrics(dataset), **weight_info)
+            first_metrics = first_metrics or metrics
+            if spec.mitigation == "dynamic_ratio":
+                shares = dynamic_shares(real_fraction, first_metrics, metrics)
+                next_dataset = dynamic_next_dataset(real.train, synthetic, shares,
+                                                    {"majority": p.data.majority, "minority": p.data.minority},
+                                                    derive_seed(seed, k, FRESH))
+                metrics.update({f"real_share_{g}": v for g, v in shares.items()})
+            else:
+                fresh = fresh_real_rows(real.train, round(n_synthetic * real_fraction / (1 - real_fraction)),
+                                        derive_seed(seed, k, FRESH), truth) if mode == "fresh" else None
+                next_dataset = make_next_dataset_task(mode, real.train, dataset, synthetic, fresh)
             trained_on = {"path": str(trained_on_path.relative_to(paths.root)),
                           "sha256": file_digest(trained_on_path), "md5": file_digest(trained_on_path, "md5")}
             manifest = save_generation_task(folder, k, model.tensors(), next_dataset,
@@ -121,8 +147,12 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".") -> list[
 
 @flow(name="self_consuming_loop", log_prints=False)
 def self_consuming_loop(params: dict[str, Any] | None = None, root: str = ".", lineages: list[str] | None = None,
-                        overwrite: bool = False) -> list[dict[str, Any]]:
-    """A study: every lineage in params (or the named ones) over the same real data and test split."""
+                        overwrite: bool = False, lineage_deployment: str | None = None) -> list[dict[str, Any]]:
+    """A study: every lineage in params (or the named ones) over the same real data and test split.
+
+    Lineages run here, one after another, as subflows. With ``lineage_deployment`` ("lineage/gpu") each one runs
+    as its own flow run of that deployment instead, all at once, on the workers of its work pool (flows.deploy).
+    """
     logger = get_run_logger()
     p = validate(params)
     plan = preflight(p, Path(root), lineages, overwrite)
@@ -136,8 +166,13 @@ def self_consuming_loop(params: dict[str, Any] | None = None, root: str = ".", l
                 f"{scorer_note}; device {device}")
     if p.dvc.track:
         dvc_add_task(paths.root, [paths.real])
-    for spec in plan.lineages:
-        lineage_loop(params=p.model_dump(mode="json"), lineage=spec.name, root=str(paths.root))
+    if lineage_deployment:
+        from flows.deploy import fan_out
+
+        fan_out(lineage_deployment, p, [spec.name for spec in plan.lineages], paths.root)
+    else:
+        for spec in plan.lineages:
+            lineage_loop(params=p.model_dump(mode="json"), lineage=spec.name, root=str(paths.root))
     return write_reports_task(p, paths, p.lineages)
 
 

@@ -97,6 +97,26 @@ class ScalarFamily(TorchFamily):
     def sample_natural(self, params, u, generator):
         raise NotImplementedError
 
+    def point_features(self, x: torch.Tensor) -> torch.Tensor:
+        """What h1 sees of one data point, elementwise (default: the value itself)."""
+        return x
+
+    def hyper_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.point_features(x).flatten(1)
+
+    def prior_box(self, spread: float) -> dict[str, tuple[float, float, str]]:
+        """Ranges of each natural parameter for amortized training: (low, high, 'log' | 'linear')."""
+        box = {}
+        for name, value in self.true_natural().items():
+            if name in ("mean", "loc"):
+                scale = next(v for k, v in self.true_natural().items() if k in ("std", "scale"))
+                box[name] = (value - spread * scale, value + spread * scale, "linear")
+            elif name == "p":
+                box[name] = (0.02, 0.98, "linear")
+            else:
+                box[name] = (value / spread, value * spread, "log")
+        return box
+
     # --- truth and estimates ---------------------------------------------------------------------------------
 
     def true_natural(self) -> dict[str, float]:
@@ -125,7 +145,9 @@ class ScalarFamily(TorchFamily):
 
     # --- closed-form fits ------------------------------------------------------------------------------------
 
-    def closed_mle(self, x: np.ndarray, seed: int) -> dict[str, float]:
+    def closed_mle(self, x: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+        """Closed-form MLE along the last axis: x of shape [..., n] gives parameters of shape [...]
+        (vectorized across seeds for the Fig. 4 study)."""
         raise NotImplementedError
 
     def closed_ple(self, x: np.ndarray, seed: int) -> dict[str, float]:
@@ -137,10 +159,20 @@ class ScalarFamily(TorchFamily):
         return FittedTorchModel(self, module.eval())
 
     def fit_mle(self, x: np.ndarray, seed: int, device="cpu", **_) -> FittedTorchModel:
-        return self.fitted(self.closed_mle(np.asarray(x, dtype=np.float64).reshape(-1), seed), device)
+        return self.fitted(as_floats(self.closed_mle(np.asarray(x, dtype=np.float64).reshape(-1), seed)), device)
 
     def fit_ple_closed(self, x: np.ndarray, seed: int, device="cpu", **_) -> FittedTorchModel:
-        return self.fitted(self.closed_ple(np.asarray(x, dtype=np.float64).reshape(-1), seed), device)
+        return self.fitted(as_floats(self.closed_ple(np.asarray(x, dtype=np.float64).reshape(-1), seed)), device)
+
+    def draw_batch(self, params: dict[str, np.ndarray], n: int, rng: np.random.Generator) -> np.ndarray:
+        """n draws for each of S parameter settings (arrays of shape [S]): an [S, n] array."""
+        column = {k: np.asarray(v, dtype=np.float64)[:, None] for k, v in params.items()}
+        size = (len(next(iter(column.values()))), n)
+        return np.asarray(self.scipy_dist(column).rvs(size=size, random_state=rng), dtype=np.float64)
+
+
+def as_floats(params: dict) -> dict:
+    return {k: (np.asarray(v).tolist() if np.ndim(v) else float(v)) for k, v in params.items()}
 
 
 def positive(raw: torch.Tensor) -> torch.Tensor:
@@ -162,6 +194,9 @@ class Uniform(ScalarFamily):
     def __init__(self, data_shape=(1,), a=1.0):
         super().__init__(data_shape, a=a)
 
+    def point_features(self, x):
+        return torch.cat([x, torch.log(x.clamp_min(1e-6))], dim=-1)
+
     def natural_from(self, raw):
         return {"a": positive(raw["a"])}
 
@@ -182,11 +217,11 @@ class Uniform(ScalarFamily):
         return stats.uniform(0, params["a"])
 
     def closed_mle(self, x, seed):
-        return {"a": float(x.max())}
+        return {"a": x.max(-1)}
 
     def closed_ple(self, x, seed):
-        n = len(x)
-        return {"a": float((n + 1) / n * x.max())}
+        n = x.shape[-1]
+        return {"a": (n + 1) / n * x.max(-1)}
 
 
 @FAMILIES.register("gaussian")
@@ -198,6 +233,9 @@ class Gaussian(ScalarFamily):
 
     def __init__(self, data_shape=(1,), mean=0.0, std=1.0):
         super().__init__(data_shape, mean=mean, std=std)
+
+    def point_features(self, x):
+        return torch.cat([x, x * x], dim=-1)  # what h1 starts from: the sufficient statistics' summands
 
     def natural_from(self, raw):
         return {"mean": raw["mean"], "std": positive(raw["std"])}
@@ -218,10 +256,10 @@ class Gaussian(ScalarFamily):
         return stats.norm(params["mean"], params["std"])
 
     def closed_mle(self, x, seed):
-        return {"mean": float(x.mean()), "std": float(x.std(ddof=0))}
+        return {"mean": x.mean(-1), "std": x.std(-1, ddof=0)}
 
     def closed_ple(self, x, seed):
-        return {"mean": float(x.mean()), "std": float(x.std(ddof=1))}
+        return {"mean": x.mean(-1), "std": x.std(-1, ddof=1)}
 
 
 @FAMILIES.register("laplace")
@@ -232,6 +270,9 @@ class Laplace(ScalarFamily):
 
     def __init__(self, data_shape=(1,), loc=0.0, scale=1.0):
         super().__init__(data_shape, loc=loc, scale=scale)
+
+    def point_features(self, x):
+        return torch.cat([x, x.abs()], dim=-1)
 
     def natural_from(self, raw):
         return {"loc": raw["loc"], "scale": positive(raw["scale"])}
@@ -253,8 +294,8 @@ class Laplace(ScalarFamily):
         return stats.laplace(params["loc"], params["scale"])
 
     def closed_mle(self, x, seed):
-        median = float(np.median(x))
-        return {"loc": median, "scale": float(np.abs(x - median).mean())}
+        median = np.median(x, -1)
+        return {"loc": median, "scale": np.abs(x - median[..., None]).mean(-1)}
 
 
 @FAMILIES.register("geometric")
@@ -265,6 +306,9 @@ class Geometric(ScalarFamily):
 
     def __init__(self, data_shape=(1,), p=0.5):
         super().__init__(data_shape, p=p)
+
+    def point_features(self, x):
+        return torch.cat([x, torch.log(x.clamp_min(1e-6))], dim=-1)
 
     def natural_from(self, raw):
         return {"p": torch.sigmoid(raw["p"]).clamp(1e-6, 1 - 1e-6)}
@@ -287,7 +331,7 @@ class Geometric(ScalarFamily):
         return stats.geom(params["p"])
 
     def closed_mle(self, x, seed):
-        return {"p": float(len(x) / x.sum())}
+        return {"p": x.shape[-1] / x.sum(-1)}
 
 
 @FAMILIES.register("exponential")
@@ -298,6 +342,9 @@ class Exponential(ScalarFamily):
 
     def __init__(self, data_shape=(1,), rate=0.5):
         super().__init__(data_shape, rate=rate)
+
+    def point_features(self, x):
+        return torch.cat([x, torch.log(x.clamp_min(1e-6))], dim=-1)
 
     def natural_from(self, raw):
         return {"rate": positive(raw["rate"])}
@@ -318,7 +365,7 @@ class Exponential(ScalarFamily):
         return stats.expon(scale=1.0 / params["rate"])
 
     def closed_mle(self, x, seed):
-        return {"rate": float(len(x) / x.sum())}
+        return {"rate": x.shape[-1] / x.sum(-1)}
 
 
 @FAMILIES.register("pareto")
@@ -348,16 +395,18 @@ class Pareto(ScalarFamily):
         return -torch.log(b) + (b + 1) * torch.log(x.clamp_min(1.0))
 
     def sample_natural(self, params, u, generator):
-        return u.pow(-1.0 / params["b"])
+        # x = u^(-1/b) overflows float32 for small b; cap log x at 80 (x < 6e34) so training never sees inf
+        return torch.exp((-torch.log(u) / params["b"]).clamp(max=80.0))
 
-    def hyper_features(self, x):
-        return torch.log(x.clamp_min(1.0)).flatten(1)
+    def point_features(self, x):
+        return torch.log(x.clamp_min(1.0))
 
     def scipy_dist(self, params):
         return stats.pareto(params["b"])
 
     def closed_mle(self, x, seed):
-        return {"b": float(len(x) / (np.log(x).sum() - len(x) * np.log(x.min())))}
+        n = x.shape[-1]
+        return {"b": n / (np.log(x).sum(-1) - n * np.log(x.min(-1)))}
 
 
 @FAMILIES.register("gmm")
@@ -399,9 +448,14 @@ class GaussianMixture1D(ScalarFamily):
         return -torch.logsumexp(torch.log(params["weights"]) + normal.log_prob(x), dim=-1)
 
     def sample_natural(self, params, u, generator):
-        component = torch.multinomial(params["weights"].detach(), len(u), replacement=True, generator=generator)
-        eps = torch.special.ndtri(u[:, 0])
-        return (params["means"][component] + params["variances"][component].sqrt() * eps).unsqueeze(1)
+        """Broadcasts: params [..., K] (or [B, 1, K] for a batch of mixtures), u [..., n, 1]."""
+        weights = params["weights"].detach()  # the component choice is discrete: no gradient flows through it
+        shape = u.shape[:-1] + weights.shape[-1:]
+        pick = torch.rand(u.shape, generator=generator, device=u.device)
+        component = (pick > weights.cumsum(-1)[..., :-1]).sum(-1, keepdim=True)  # inverse CDF over components
+        mean = torch.gather(params["means"].expand(shape), -1, component)
+        std = torch.gather(params["variances"].expand(shape), -1, component).sqrt()
+        return mean + std * torch.special.ndtri(u)
 
     def estimates(self, model):
         with torch.no_grad():

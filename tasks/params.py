@@ -138,11 +138,22 @@ class TrainParams(Section):
     lr: PositiveFloat = 1e-3
 
 
+LoopMode = Literal["replace", "accumulate", "augment", "fresh"]
+Mitigation = Literal["none", "importance", "group", "dynamic_ratio"]
+
+
 class LoopParams(Section):
     generations: PositiveInt = 5
-    mode: Literal["replace"] = "replace"
-    synthetic_size: PositiveInt | None = None  # rows per synthetic dataset; null = size of the real training set
+    mode: LoopMode = "replace"  # how dataset k+1 is made (tasks/training.py: make_next_dataset)
+    synthetic_size: PositiveInt | None = None  # new synthetic rows per generation; null = real training set size
+    real_fraction: float = Field(0.5, gt=0.0, lt=1.0)  # augment, fresh: share of real rows in dataset k+1
     temperature: PositiveFloat = 1.0  # latent prior scale when sampling; < 1 models cherry-picking
+
+
+class MitigationParams(Section):
+    reference_per_class: PositiveInt = 30  # balanced real reference set (importance): rows per study class
+    max_ece: float = Field(0.05, gt=0.0)  # recalibrate the density-ratio classifier above this held-out ECE
+    weight_clip: float = Field(20.0, gt=1.0)  # importance weights clipped to [1/clip, clip]
 
 
 class PLEParams(Section):
@@ -161,6 +172,10 @@ class LineageParams(Section):
     name: str = Field(pattern=NAME_PATTERN)
     estimator: str | None = None  # default: the name itself
     seed: NonNegativeInt | None = None  # default: the study seed
+    mode: LoopMode | None = None  # default: loop.mode
+    real_fraction: float | None = Field(None, gt=0.0, lt=1.0)  # default: loop.real_fraction
+    mitigation: Mitigation = "none"
+    group: str | None = None  # the recipe this lineage is one seed of (set by ``seeds``; default: its name)
 
     @model_validator(mode="after")
     def known_estimator(self) -> "LineageParams":
@@ -190,8 +205,72 @@ class ScoreParams(Section):
     mc_samples: PositiveInt = 100_000  # 1-D families: Monte Carlo draws for KL and Wasserstein-1 (paper: 1e5)
 
 
+class Fig4Params(Section):
+    """MADness of parameter estimates (§5.3, App. H.3): estimate, sample n from the estimate, re-estimate."""
+
+    generations: PositiveInt = 50
+    seeds: PositiveInt = 1000
+    pareto_seeds: PositiveInt = 100  # as the paper
+    distributions: list[Literal["uniform", "gaussian", "laplace", "geometric", "exponential", "pareto"]] = Field(
+        default_factory=lambda: ["uniform", "gaussian", "laplace", "geometric", "exponential", "pareto"])
+    sizes: dict[str, PositiveInt] = Field(default_factory=lambda: {
+        "uniform": 20, "gaussian": 20, "laplace": 25, "geometric": 25, "exponential": 25, "pareto": 25})
+    # the data-driven PLE: one hypernetwork per distribution, trained on simulated datasets (models/batched.py)
+    lam: float = Field(1.0, ge=0.0)
+    m: PositiveInt = 100
+    penalty: Literal["mean", "per_set"] = "mean"
+    steps: PositiveInt = 1500
+    batch: PositiveInt = 32
+    lr: PositiveFloat = 3e-3
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [16, 16])
+    head_hidden: list[PositiveInt] = Field(default_factory=lambda: [16])
+    spread: float = Field(10.0, gt=1.0)  # training box: truth x/÷ spread (scales), +-spread sd (locations)
+
+
+class Fig3Params(Section):
+    """GMM (§5.2): EM vs hypernetwork PLE over minority weights and training sizes."""
+
+    minority_weights: list[float] = Field(default_factory=lambda: [0.5, 0.3, 0.2, 0.1, 0.05])
+    sizes: list[PositiveInt] = Field(default_factory=lambda: [20, 50, 100, 500, 2000])
+    seeds: PositiveInt = 100
+    lam: float = Field(0.1, ge=0.0)
+    m: PositiveInt = 10
+    steps: PositiveInt = 500
+    batch: PositiveInt = 256
+    lr: PositiveFloat = 0.01
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [8, 8, 8])  # h1 (paper: three layers of 8)
+    head_hidden: list[PositiveInt] = Field(default_factory=lambda: [8])
+    em_tol: PositiveFloat = 1e-10
+    em_max_iter: PositiveInt = 100000
+    kl_samples: PositiveInt = 100_000
+
+
+class Table1Params(Section):
+    """Fairness (§5.1): the VAE on majority 3 vs minority 6 at several imbalance ratios."""
+
+    ratios: list[float] = Field(default_factory=lambda: [1, 2, 5, 10, 20])
+    seeds: list[NonNegativeInt] = Field(default_factory=lambda: [0, 1, 2])
+    estimators: list[str] = Field(default_factory=lambda: ["mle", "ple"])
+
+
+class Fig2Params(Section):
+    """The MAD curve (Fig. 2): the full replace loop, MLE vs PLE, several seeds."""
+
+    generations: PositiveInt = 5
+    seeds: list[NonNegativeInt] = Field(default_factory=lambda: [0, 1, 2])
+    estimators: list[str] = Field(default_factory=lambda: ["mle", "ple"])
+
+
+class StudiesParams(Section):
+    fig4: Fig4Params = Field(default_factory=Fig4Params)
+    fig3: Fig3Params = Field(default_factory=Fig3Params)
+    table1: Table1Params = Field(default_factory=Table1Params)
+    fig2: Fig2Params = Field(default_factory=Fig2Params)
+
+
 class TrackingParams(Section):
     uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI, when set, wins
+    experiment: str | None = None  # MLflow experiment; null = study.name
 
 
 class DvcParams(Section):
@@ -207,20 +286,34 @@ class Params(Section):
     train: TrainParams = Field(default_factory=TrainParams)
     ple: PLEParams = Field(default_factory=PLEParams)
     loop: LoopParams = Field(default_factory=LoopParams)
+    mitigation: MitigationParams = Field(default_factory=MitigationParams)
     lineages: list[LineageParams] = Field(default_factory=lambda: [LineageParams(name="mle")], min_length=1)
     classifier: ClassifierParams = Field(default_factory=ClassifierParams)
     score: ScoreParams = Field(default_factory=ScoreParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     dvc: DvcParams = Field(default_factory=DvcParams)
+    studies: StudiesParams = Field(default_factory=StudiesParams)  # the paper reproductions (madloop study)
 
     @field_validator("lineages", mode="before")
     @classmethod
     def expand_shorthand(cls, value: Any) -> Any:
+        """``mle`` -> {name: mle}; {name: r, seeds: [0, 1]} -> lineages r-s0 and r-s1 of group r."""
         if isinstance(value, (str, dict)):
             value = [value]
-        if isinstance(value, list):
-            return [{"name": item} if isinstance(item, str) else item for item in value]
-        return value
+        if not isinstance(value, list):
+            return value
+        out = []
+        for item in value:
+            item = {"name": item} if isinstance(item, str) else item
+            if isinstance(item, dict) and "seeds" in item:
+                rest = {k: v for k, v in item.items() if k != "seeds"}
+                seeds = item["seeds"] if isinstance(item["seeds"], list) else [item["seeds"]]
+                out += [{**rest, "name": f"{rest.get('name')}-s{seed}", "seed": seed,
+                         "estimator": rest.get("estimator", rest.get("name")), "group": rest.get("name")}
+                        for seed in seeds]
+            else:
+                out.append(item)
+        return out
 
     @model_validator(mode="after")
     def cross_checks(self) -> "Params":
@@ -236,6 +329,9 @@ class Params(Section):
             raise ValueError(f"data.source: the {self.model.family} family needs images "
                              f"({', '.join(IMAGE_SOURCES)}), got {self.data.source!r}")
         for lineage in self.lineages:
+            if family.kind == "scalar" and lineage.mitigation != "none":
+                raise ValueError(f"lineages: mitigation {lineage.mitigation!r} of lineage {lineage.name!r} needs "
+                                 f"labelled groups (an image family), not the 1-D {self.model.family} family")
             if lineage.estimator == "ple_closed" and not getattr(family, "has_closed_ple", False):
                 closed = [n for n in FAMILIES.names() if getattr(FAMILIES.get(n), "has_closed_ple", False)]
                 raise ValueError(f"lineages: ple_closed has no closed form for the {self.model.family} family "
@@ -348,17 +444,25 @@ def real_data_recipe(params: Params) -> dict[str, Any]:
     return {"seed": params.seed, "data": params.data.model_dump(exclude={"download", "size"})}
 
 
+def lineage_mode(params: Params, lineage: LineageParams) -> tuple[str, float]:
+    return lineage.mode or params.loop.mode, lineage.real_fraction or params.loop.real_fraction
+
+
 def lineage_recipe(params: Params, lineage: LineageParams) -> dict[str, Any]:
     """What decides a lineage's datasets and models. Not the number of generations (more generations extend a
     lineage), not scoring, not the device or tracking, not the knobs of other families or estimators."""
     hyper = lineage.estimator in ("ple", "hyper_nopenalty")
+    mode, real_fraction = lineage_mode(params, lineage)
     return {
         "real": real_data_recipe(params),
         "model": {"family": params.model.family, **params.model.family_options()},
         "train": params.train.model_dump(),
         "ple": params.ple.model_dump() if hyper else None,
-        "loop": params.loop.model_dump(exclude={"generations"}),
-        "lineage": {**lineage.model_dump(), "seed": lineage_seed(params, lineage)},
+        "loop": {"mode": mode, "synthetic_size": params.loop.synthetic_size, "temperature": params.loop.temperature,
+                 "real_fraction": real_fraction if mode in ("augment", "fresh") else None},
+        "mitigation": params.mitigation.model_dump() if lineage.mitigation == "importance" else None,
+        "lineage": {**lineage.model_dump(exclude={"mode", "real_fraction", "group"}),
+                    "seed": lineage_seed(params, lineage)},
     }
 
 

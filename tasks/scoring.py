@@ -23,6 +23,7 @@ import torch
 
 from models.classifier import DomainClassifier, load_classifier, predict, save_classifier, train_classifier
 from models.families import FAMILIES
+from models.reweighting import fairness_discrepancy
 from models.scalar import ScalarFamily, kl_divergence, wasserstein1
 from models.fidelity import CLASSIFIER_EXTRACTOR, INCEPTION_EXTRACTOR, fairness_ratio, fid, image_metrics
 from tasks.datasets import Dataset, RealData, evaluation_reference
@@ -122,6 +123,9 @@ class ImageScorer:
             fid_minority=per_class[self.minority],
         )
         metrics["r_fair"] = fairness_ratio(metrics["fid_majority"], metrics["fid_minority"])
+        # Choi et al. Eq. 2: distance of the generated class mix from a balanced reference over the two classes
+        metrics["fairness_discrepancy"] = fairness_discrepancy(
+            np.array([self.majority, self.minority]), labels, [self.majority, self.minority])
         return metrics
 
 

@@ -220,10 +220,10 @@ def retire_mlflow_lineages(p: Params, paths: StudyPaths, names: list[str]) -> in
     from tasks.tracking import client_for, retire_lineage_runs, tracking_uri
 
     client = client_for(tracking_uri(p.tracking.uri, paths.root))
-    exp = client.get_experiment_by_name(p.study.name)
+    exp = client.get_experiment_by_name(p.tracking.experiment or p.study.name)
     if exp is None:
         return 0
-    return sum(retire_lineage_runs(client, exp.experiment_id, name) for name in names)
+    return sum(retire_lineage_runs(client, exp.experiment_id, p.study.name, name) for name in names)
 
 
 # --- real data ------------------------------------------------------------------------------------------------
@@ -349,7 +349,61 @@ def write_reports(p: Params, paths: StudyPaths, lineages: list[LineageParams]) -
                                      else row.get(c)) for c in ["generation", *metric_columns([row])]}
     write_json_atomic(paths.reports / "metrics.json", final)
     write_atomic(paths.reports / "summary.md", lambda tmp: tmp.write_text(markdown_table(rows)))
+    ranking = rank_recipes(rows, lineages)
+    if ranking:
+        rank_columns = list(ranking[0])
+
+        def write_ranking(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=rank_columns)
+                writer.writeheader()
+                writer.writerows({c: fmt(r[c]) for c in rank_columns} for r in ranking)
+
+        write_atomic(paths.reports / "lineages.csv", write_ranking)
+        write_atomic(paths.reports / "lineages.md", lambda tmp: tmp.write_text(ranking_markdown(ranking)))
     return rows
+
+
+RANK_METRICS = ["fid", "recall", "minority_share", "r_fair"]
+
+
+def rank_recipes(rows: list[dict[str, Any]], lineages: list[LineageParams]) -> list[dict[str, Any]]:
+    """Each recipe (a lineage, or the seeds of one) at its last generation: mean and standard deviation over its
+    seeds of FID, recall, minority share and R_Fair, ranked by FID (lower first)."""
+    if not rows or "fid" not in rows[0]:
+        return []
+    group_of = {lineage.name: lineage.group or lineage.name for lineage in lineages}
+    last: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["generation"] >= last.get(row["lineage"], {"generation": -1})["generation"]:
+            last[row["lineage"]] = row
+    recipes: dict[str, list[dict[str, Any]]] = {}
+    for name, row in last.items():
+        recipes.setdefault(group_of.get(name, name), []).append(row)
+    out = []
+    for recipe, members in recipes.items():
+        entry: dict[str, Any] = {"recipe": recipe, "seeds": len(members), "generation": members[0]["generation"]}
+        for metric in RANK_METRICS:
+            values = np.array([float(m.get(metric, math.nan)) for m in members])
+            finite = values[np.isfinite(values)]
+            entry[metric] = float(finite.mean()) if len(finite) else math.nan
+            entry[f"{metric}_sd"] = float(finite.std(ddof=1)) if len(finite) > 1 else math.nan
+        out.append(entry)
+    out.sort(key=lambda e: (math.isnan(e["fid"]), e["fid"]))
+    for rank, entry in enumerate(out, 1):
+        entry["rank"] = rank
+    return [{"rank": e.pop("rank"), **e} for e in out]
+
+
+def ranking_markdown(ranking: list[dict[str, Any]]) -> str:
+    def cell(entry, metric):
+        value, sd = entry[metric], entry[f"{metric}_sd"]
+        return "n/a" if math.isnan(value) else (f"{value:.4g} ± {sd:.2g}" if math.isfinite(sd) else f"{value:.4g}")
+
+    lines = ["| rank | recipe | seeds | generation | FID | recall | minority share | R_Fair |", "|" + "---|" * 8]
+    lines += [f"| {e['rank']} | {e['recipe']} | {e['seeds']} | {e['generation']} | {cell(e, 'fid')} | "
+              f"{cell(e, 'recall')} | {cell(e, 'minority_share')} | {cell(e, 'r_fair')} |" for e in ranking]
+    return "\n".join(lines) + "\n\nLast generation of each recipe; mean ± standard deviation over its seeds.\n"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -5,22 +5,26 @@ the generation's params, the DVC path and md5 of the dataset it trained on and o
 link back to DVC), a PNG grid of samples and the model weights (safetensors).
 
 Recording is idempotent: a generation whose nested run already finished is not logged again, so resuming a
-killed study never duplicates runs.
+killed study never duplicates runs, and a call retried after a "database is locked" error (lineages running in
+parallel processes share one sqlite store) does not either.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 LINEAGE_TAG, RECIPE_TAG, GENERATION_TAG = "madloop.lineage", "madloop.recipe", "madloop.generation"
 MAX_PARAMS_PER_BATCH = 100
+LOCKED_ATTEMPTS = 8
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def tracking_uri(configured: str, project_root: Path) -> str:
@@ -54,7 +58,8 @@ def find_runs(client: MlflowClient, exp_id: str, filter_string: str) -> list:
     return client.search_runs([exp_id], filter_string=filter_string, max_results=1000)
 
 
-def lineage_run(client: MlflowClient, exp_id: str, lineage: str, recipe: str, tags: dict[str, str]) -> str:
+def lineage_run(client: MlflowClient, exp_id: str, lineage: str, recipe: str, tags: dict[str, str],
+                run_name: str | None = None) -> str:
     """The parent run of this lineage and recipe: reused when it exists (resume), created otherwise."""
     runs = [r for r in find_runs(client, exp_id, f"tags.`{LINEAGE_TAG}` = '{lineage}' and "
                                                   f"tags.`{RECIPE_TAG}` = '{recipe}'")
@@ -63,14 +68,17 @@ def lineage_run(client: MlflowClient, exp_id: str, lineage: str, recipe: str, ta
         run_id = runs[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
-    run = client.create_run(exp_id, run_name=lineage,
+    run = client.create_run(exp_id, run_name=run_name or lineage,
                             tags={LINEAGE_TAG: lineage, RECIPE_TAG: recipe, **tags})
     return run.info.run_id
 
 
-def retire_lineage_runs(client: MlflowClient, exp_id: str, lineage: str) -> int:
-    """Soft-delete a lineage's runs (restorable with ``mlflow runs restore``) when its outputs are replaced."""
-    runs = find_runs(client, exp_id, f"tags.`{LINEAGE_TAG}` = '{lineage}'")
+def retire_lineage_runs(client: MlflowClient, exp_id: str, study: str, lineage: str) -> int:
+    """Soft-delete a lineage's runs, parents and their generations (restorable with ``mlflow runs restore``),
+    when its outputs are replaced."""
+    parents = find_runs(client, exp_id, f"tags.`{LINEAGE_TAG}` = '{lineage}' and tags.study = '{study}'")
+    runs = [*parents, *(child for parent in parents for child in
+                        find_runs(client, exp_id, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"))]
     for run in runs:
         client.delete_run(run.info.run_id)
     return len(runs)
@@ -118,17 +126,38 @@ def finish_lineage(client: MlflowClient, parent_id: str, status: str = "FINISHED
     client.set_terminated(parent_id, status)
 
 
+def retry_when_locked(fn: F) -> F:
+    """Retry ``fn`` while a sqlite store is locked by another writer. MLflow waits 20 s for the lock
+    (busy_timeout), but sqlite fails at once when two transactions deadlock on upgrading their locks; parallel
+    lineages then retry after a short, growing pause. Needs idempotent calls, which the ones below are."""
+
+    @functools.wraps(fn)
+    def retrying(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(LOCKED_ATTEMPTS - 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:
+                if "database is locked" not in str(err):
+                    raise
+            time.sleep(min(0.1 * 2 ** attempt, 5.0))
+        return fn(*args, **kwargs)
+
+    return retrying  # type: ignore[return-value]
+
+
 # --- the calls the flow makes ---------------------------------------------------------------------------------
 
 
-def open_lineage(uri: str, study: str, lineage: str, recipe_hash: str, tags: dict[str, str],
-                 project_root: Path) -> tuple[str, str]:
+@retry_when_locked
+def open_lineage(uri: str, experiment: str, lineage: str, recipe_hash: str, tags: dict[str, str],
+                 project_root: Path, run_name: str | None = None) -> tuple[str, str]:
     """(experiment id, parent run id) for a lineage: the study's experiment, the lineage's parent run."""
     client = client_for(uri)
-    exp_id = experiment_id(client, study, project_root)
-    return exp_id, lineage_run(client, exp_id, lineage, recipe_hash, tags)
+    exp_id = experiment_id(client, experiment, project_root)
+    return exp_id, lineage_run(client, exp_id, lineage, recipe_hash, tags, run_name)
 
 
+@retry_when_locked
 def log_generation(uri: str, exp_id: str, parent_id: str, lineage: str, manifest: dict[str, Any],
                    folder: Path, project_root: Path, params: dict[str, Any]) -> str:
     """Record one finished generation from its manifest (so a resumed run can record it again, exactly)."""
@@ -147,5 +176,26 @@ def log_generation(uri: str, exp_id: str, parent_id: str, lineage: str, manifest
                              {**params, "generation": k}, tags, [*grid, model])
 
 
+@retry_when_locked
 def close_lineage(uri: str, parent_id: str, status: str = "FINISHED") -> None:
     finish_lineage(client_for(uri), parent_id, status)
+
+
+def log_study_run(uri: str, experiment: str, run_name: str, project_root: Path, params: dict[str, Any],
+                  curves: dict[str, list[tuple[int, float]]], tags: dict[str, str],
+                  artifacts: list[Path] = ()) -> str:
+    """One finished run of a paper study: params, metric curves (step -> value) and artifacts."""
+    client = client_for(uri)
+    exp_id = experiment_id(client, experiment, project_root)
+    run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    now = int(time.time() * 1000)
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+    metrics = [Metric(name, float(value), now, int(step)) for name, points in curves.items() for step, value in points]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id

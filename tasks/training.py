@@ -11,7 +11,7 @@ from tasks import as_task
 from tasks.datasets import Dataset
 from tasks.params import Params
 
-FIT, SAMPLE, SCORE = 0, 1, 2  # independent random streams per generation
+FIT, SAMPLE, SCORE, FRESH = 0, 1, 2, 3  # independent random streams per generation
 
 
 def derive_seed(seed: int, generation: int, stream: int) -> int:
@@ -30,10 +30,10 @@ def build_family(p: Params, data_shape: tuple[int, ...]) -> TorchFamily:
 
 
 def fit_model(family: TorchFamily, estimator: str, data: Dataset, p: Params, seed: int,
-              device: torch.device) -> FittedTorchModel:
-    """Train ``family`` on ``data`` with the named estimator (``mle``, ``ple``, ...)."""
+              device: torch.device, sample_weight: np.ndarray | None = None) -> FittedTorchModel:
+    """Train ``family`` on ``data`` with the named estimator (``mle``, ``ple``, ...), optionally weighting rows."""
     return ESTIMATORS.get(estimator)(family, data.pixels, **p.train.model_dump(), **p.ple.model_dump(), seed=seed,
-                                     device=device)
+                                     device=device, sample_weight=sample_weight)
 
 
 def load_model(family: TorchFamily, tensors: dict[str, torch.Tensor], device: torch.device) -> FittedTorchModel:
@@ -47,12 +47,46 @@ def sample_synthetic(model: FittedTorchModel, n: int, seed: int, lineage: str, g
     return Dataset.synthetic(model.sample(n, seed, temperature), lineage, generation, source)
 
 
-def make_next_dataset(mode: str, real: Dataset, current: Dataset, synthetic: Dataset) -> Dataset:
-    """Dataset k+1 from the real data, dataset k and model k's samples. ``replace``: the samples alone (the fully
-    synthetic loop of Alemohammad et al. 2023)."""
+def synthetic_rows(mode: str, real_rows: int, synthetic_size: int | None, real_fraction: float) -> int:
+    """How many samples model k contributes to dataset k+1. ``augment`` keeps every real row and adds as many
+    samples as make the real share ``real_fraction``; the other modes add ``loop.synthetic_size`` (default: as
+    many as there are real training rows)."""
+    if mode == "augment":
+        return max(1, round(real_rows * (1 - real_fraction) / real_fraction))
+    return synthetic_size or real_rows
+
+
+def make_next_dataset(mode: str, real: Dataset, current: Dataset, synthetic: Dataset,
+                      fresh_real: Dataset | None = None) -> Dataset:
+    """Dataset k+1 from the real data (dataset 0), dataset k and model k's samples:
+
+    - ``replace``: the samples alone (the fully synthetic loop; Alemohammad et al. 2023);
+    - ``accumulate``: dataset k plus the samples, i.e. the real data and every generation's samples so far
+      (Gerstgrasser et al. 2024);
+    - ``augment``: the fixed real data plus the newest samples (Bertrand et al. 2024; the sample count sets the
+      real fraction, see :func:`synthetic_rows`);
+    - ``fresh``: ``fresh_real``, a new draw of real data, plus the newest samples (Alemohammad's fresh-data loop).
+    """
     if mode == "replace":
         return synthetic
+    if mode == "accumulate":
+        return Dataset.concat([current, synthetic])
+    if mode == "augment":
+        return Dataset.concat([real, synthetic])
+    if mode == "fresh":
+        if fresh_real is None:
+            raise ValueError("mode fresh needs a fresh draw of real data")
+        return Dataset.concat([fresh_real, synthetic])
     raise ValueError(f"unknown loop mode {mode!r}")
+
+
+def fresh_real_rows(real: Dataset, rows: int, seed: int, truth=None) -> Dataset:
+    """A new draw of real data: from the true distribution for 1-D families, otherwise a new random subset of the
+    real training pool (with replacement only when more rows are asked for than the pool holds)."""
+    if truth is not None:
+        return Dataset.real(truth.true_sample(rows, seed), np.full(rows, -1), real.source)
+    rng = np.random.default_rng(seed)
+    return real.take(rng.choice(len(real), rows, replace=rows > len(real)))
 
 
 fit_model_task = as_task(fit_model)

@@ -41,14 +41,14 @@ def test_dvc_repro_runs_resumes_versions_and_skips(project, subprocess_env, tmp_
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     dvc(project, env, "remote", "add", "-d", "store", str(tmp_path / "store"))
 
-    first = dvc(project, env, "repro")
+    first = dvc(project, env, "repro", "study")  # the paper studies are stages too, at full size
     assert "Running stage 'study'" in first.stdout
     folder = project / "data" / "studies" / "tiny" / "mle"
     assert (folder / "dataset-002.parquet").is_file() and (folder.parent / "mle.dvc").is_file()
     metrics = json.loads((project / "reports" / "tiny" / "metrics.json").read_text())
     assert metrics["mle"]["generation"] == 1 and "fid" in metrics["mle"]
 
-    second = dvc(project, env, "repro")
+    second = dvc(project, env, "repro", "study")
     assert "Running stage" not in second.stdout and "didn't change" in second.stdout
 
     # plots: FID and recall vs generation, one line per lineage
@@ -60,7 +60,7 @@ def test_dvc_repro_runs_resumes_versions_and_skips(project, subprocess_env, tmp_
     old_fid = read_json(folder / "gen-001.json")["metrics"]["fid"]
     params["score"]["samples"] = 150
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    third = dvc(project, env, "repro")
+    third = dvc(project, env, "repro", "study")
     assert "Running stage 'study'" in third.stdout
     assert file_digest(folder / "model-001.safetensors") == model_sha
     assert read_json(folder / "gen-001.json")["metrics"]["fid"] != old_fid
