@@ -36,6 +36,14 @@ def adam(parameters, lr: float, device: torch.device) -> torch.optim.Adam:
     return torch.optim.Adam(parameters, lr=lr, fused=device.type in ("cpu", "cuda"))
 
 
+def mixed_precision(device: torch.device, precision: str):
+    """bf16 autocast of forward passes and losses (weights, gradients and Adam state stay fp32; bf16 needs no
+    loss scaling). ``fp32``: a no-op context."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r} (fp32 or bf16)")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def weighted_mean(per_sample: torch.Tensor, sample_weight: torch.Tensor | None) -> torch.Tensor:
     """Mean loss; with weights, a weighted mean normalized per batch (weights sum to 1 in the batch)."""
     if sample_weight is None:
@@ -45,7 +53,7 @@ def weighted_mean(per_sample: torch.Tensor, sample_weight: torch.Tensor | None) 
 
 @ESTIMATORS.register("mle")
 def fit_mle(family: TorchFamily, x: np.ndarray, *, epochs: int, batch_size: int, lr: float, seed: int,
-            device: torch.device | str = "cpu", sample_weight: np.ndarray | None = None,
+            device: torch.device | str = "cpu", sample_weight: np.ndarray | None = None, precision: str = "fp32",
             **_: object) -> FittedTorchModel:
     """Maximum likelihood: the family's own closed form or EM when it has one (1-D families), otherwise Adam on
     the family's parameters over ``epochs`` passes through x (the VAE: the negative ELBO)."""
@@ -64,7 +72,8 @@ def fit_mle(family: TorchFamily, x: np.ndarray, *, epochs: int, batch_size: int,
     for _ in range(epochs):
         for idx in minibatches(len(data), batch_size, generator):
             idx = idx.to(device)
-            loss = weighted_mean(family.nll(module, data[idx]), None if weight is None else weight[idx])
+            with mixed_precision(device, precision):
+                loss = weighted_mean(family.nll(module, data[idx]), None if weight is None else weight[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -93,7 +102,7 @@ def fit_ple_closed(family: TorchFamily, x: np.ndarray, *, seed: int, device="cpu
 def fit_ple(family: TorchFamily, x: np.ndarray, *, epochs: int, batch_size: int, lr: float, seed: int,
             device: torch.device | str = "cpu", lam: float = 0.1, m: int = 1, hidden=(32, 64, 96),
             rank: int | None = 8, penalty_entries: int | None = 4096, sample_weight: np.ndarray | None = None,
-            **_: object) -> FittedTorchModel:
+            precision: str = "fp32", **_: object) -> FittedTorchModel:
     """Penalized autophagy estimation (paper Eq. 5) with the hypernetwork H of Eq. 6.
 
     Each step, on a minibatch X (paper footnote 8: a synthetic set shares the batch size of X)::
@@ -134,19 +143,20 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, epochs: int, batch_size: int,
         for idx in minibatches(len(data), batch_size, generator):
             idx = idx.to(device)
             batch = data[idx]
-            e_x = hyper.embed(family.hyper_features(batch))
-            weights = hyper.emit(e_x)
-            nll = weighted_mean(family.nll(target, batch, weights), None if weight is None else weight[idx]) / dims
-            loss = nll
-            if lam > 0:
-                entries = None
-                if penalty_entries is not None and penalty_entries < hyper.num_emitted:
-                    entries = torch.randint(hyper.num_emitted, (penalty_entries,), generator=generator).to(device)
-                penalty = sum(
-                    hyper.distance(hyper.embed(family.hyper_features(
-                        family.sample(target, len(batch), sample_generator, weights=weights))), e_x, entries)
-                    for _ in range(m)) / m
-                loss = nll + lam * penalty
+            with mixed_precision(device, precision):
+                e_x = hyper.embed(family.hyper_features(batch))
+                weights = hyper.emit(e_x)
+                nll = weighted_mean(family.nll(target, batch, weights), None if weight is None else weight[idx]) / dims
+                loss = nll
+                if lam > 0:
+                    entries = None
+                    if penalty_entries is not None and penalty_entries < hyper.num_emitted:
+                        entries = torch.randint(hyper.num_emitted, (penalty_entries,), generator=generator).to(device)
+                    penalty = sum(
+                        hyper.distance(hyper.embed(family.hyper_features(
+                            family.sample(target, len(batch), sample_generator, weights=weights))), e_x, entries)
+                        for _ in range(m)) / m
+                    loss = nll + lam * penalty
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -77,7 +77,8 @@ class HyperNetwork(nn.Module):
         matrix = self.head if self.rank is None else self.basis
         if entries is not None:
             matrix = matrix[entries]
-        return torch.mv(matrix, embedding if self.rank is None else self.code(embedding))
+        vector = embedding if self.rank is None else self.code(embedding)
+        return torch.mv(matrix, vector.to(matrix.dtype))  # under bf16 autocast the code comes out bf16
 
     def emit(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
         flat = self.bias + self.flat_delta(embedding)

@@ -136,6 +136,7 @@ class TrainParams(Section):
     epochs: PositiveInt = 100
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 1e-3
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast forward passes (for GPUs; weights stay fp32)
 
 
 LoopMode = Literal["replace", "accumulate", "augment", "fresh"]

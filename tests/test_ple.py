@@ -123,3 +123,17 @@ def test_analytic_families_mle_recovers_truth_and_samples_match(name):
     assert abs(np.median(drawn) - np.median(reference)) < 0.1 * (np.std(reference) + 1e-9) + 0.05
     nll = family.nll(model.module, torch.as_tensor(x[:100]))
     assert nll.shape == (100,) and torch.isfinite(nll).all()
+
+
+@pytest.mark.parametrize("estimator", ["mle", "ple"])
+def test_bf16_autocast_trains(estimator):
+    """train.precision: bf16 runs (autocast on the CPU here, the GPU path's option) and still learns."""
+    family = FAMILIES.get("vae")((1, 8, 8), hidden=[32], latent_dim=4)
+    x = torch.rand(128, 1, 8, 8).round().numpy()
+    options = dict(epochs=30, batch_size=64, lr=3e-3, seed=0, hidden=[16, 16], rank=4)
+    full = ESTIMATORS.get(estimator)(family, x, precision="fp32", **options)
+    half = ESTIMATORS.get(estimator)(family, x, precision="bf16", **options)
+    assert np.isfinite(half.info["train_loss"])
+    assert half.info["train_loss"] == pytest.approx(full.info["train_loss"], rel=0.15)
+    with pytest.raises(ValueError, match="precision"):
+        ESTIMATORS.get(estimator)(family, x, precision="fp8", **options)
