@@ -8,7 +8,6 @@ is a DVC stage (dvc.yaml), so ``dvc repro`` rebuilds the reports. Table 1 and Fi
 
 from __future__ import annotations
 
-import csv
 import math
 import platform
 import time
@@ -24,7 +23,7 @@ from tasks import as_task
 from tasks import figures
 from tasks.paper import gmm_cell, madness_curves, summarize
 from tasks.params import Params, flatten, validate
-from tasks.storage import write_atomic, write_json_atomic
+from tasks.storage import write_atomic, write_csv_atomic, write_json_atomic
 from tasks.tracking import log_study_run, tracking_uri
 
 madness_curves_task = as_task(madness_curves)
@@ -40,18 +39,6 @@ def progress() -> Progress:
 def ticker(bar: Progress, description: str) -> Callable[[int, int], None]:
     task_id = bar.add_task(description, total=None)
     return lambda done, total: bar.update(task_id, completed=done, total=total)
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    write_atomic(path, write)
 
 
 def machine() -> str:
@@ -93,8 +80,8 @@ def fig4_flow(params: dict | None = None, root: str = ".") -> dict[str, Any]:
             checks += dist_checks
             seconds[dist] = {k: round(v, 1) for k, v in dist_seconds.items()}
             logger.info(f"fig4 {dist}: {seconds[dist]}")
-    write_csv(folder / "fig4.csv", rows)
-    write_csv(folder / "fig4_calibration.csv", checks)
+    write_csv_atomic(folder / "fig4.csv", rows)
+    write_csv_atomic(folder / "fig4_calibration.csv", checks)
     figures.fig4(rows, folder / "fig4.png")
     timing = finish("fig4", folder, started, {"parts": seconds})
     for dist in cfg.distributions:
@@ -126,7 +113,7 @@ def fig3_flow(params: dict | None = None, root: str = ".") -> dict[str, Any]:
                                      seed=p.seed, progress=ticker(bar, f"fig3 w={weight:g} n={n}: PLE"))
                 cells.append(cell)
                 logger.info(f"fig3 w={weight:g} n={n}: KL_MLE {cell['kl_mle']:.4f}  KL_PLE {cell['kl_ple']:.4f}")
-    write_csv(folder / "fig3.csv", cells)
+    write_csv_atomic(folder / "fig3.csv", cells)
     figures.fig3(cells, folder / "fig3.png")
     timing = finish("fig3", folder, started, {})
     for weight in cfg.minority_weights:
@@ -165,8 +152,8 @@ def table1_flow(params: dict | None = None, root: str = ".") -> dict[str, Any]:
         for row in self_consuming_loop(params=sub, root=str(project), overwrite=True):
             rows.append({"ratio": ratio, **row})
     summary = summarize(rows, ["ratio", "estimator"], LOOP_METRICS)
-    write_csv(folder / "table1_runs.csv", rows)
-    write_csv(folder / "table1.csv", summary)
+    write_csv_atomic(folder / "table1_runs.csv", rows)
+    write_csv_atomic(folder / "table1.csv", summary)
     write_atomic(folder / "table1.md", lambda tmp: tmp.write_text(table1_markdown(summary)))
     figures.table1(summary, folder / "table1.png")
     timing = finish("table1", folder, started, {})
@@ -202,8 +189,8 @@ def fig2_flow(params: dict | None = None, root: str = ".") -> dict[str, Any]:
     sub = loop_params(p, "fig2", cfg.estimators, cfg.seeds, cfg.generations)
     rows = self_consuming_loop(params=sub, root=str(project), overwrite=True)
     summary = summarize(rows, ["estimator", "generation"], LOOP_METRICS)
-    write_csv(folder / "fig2_runs.csv", rows)
-    write_csv(folder / "fig2.csv", summary)
+    write_csv_atomic(folder / "fig2_runs.csv", rows)
+    write_csv_atomic(folder / "fig2.csv", summary)
     figures.fig2(summary, folder / "fig2.png")
     timing = finish("fig2", folder, started, {})
     log_study_run(uri, "fig2", "fig2 report", project, flatten(cfg.model_dump()), {}, {"study": "fig2"},

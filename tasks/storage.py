@@ -8,6 +8,7 @@ vouch for.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -55,6 +56,19 @@ def write_atomic(path: Path, writer: Callable[[Path], None]) -> str:
 
 def write_json_atomic(path: Path, obj: Any) -> str:
     return write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str)))
+
+
+def write_csv_atomic(path: Path, rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """A CSV with a header: ``columns``, or every key the rows carry, in first-seen order."""
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return write_atomic(path, write)
 
 
 def read_json(path: Path) -> Any:

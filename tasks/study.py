@@ -16,7 +16,6 @@ file it lists still has the sha256 it recorded. Resuming starts at the first gen
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -36,7 +35,7 @@ from tasks.params import (LineageParams, Params, ParamsError, digest, flatten, l
                           real_data_recipe, score_recipe)
 from tasks.training import build_family
 from tasks.storage import (CorruptOutputError, file_digest, read_json, verify, write_atomic,
-                           write_json_atomic)
+                           write_csv_atomic, write_json_atomic)
 
 METRIC_COLUMNS = ["fid", "kid", "precision", "recall", "minority_share", "fid_majority", "fid_minority", "r_fair"]
 RESERVED_NAMES = {"real"}
@@ -336,13 +335,8 @@ def write_reports(p: Params, paths: StudyPaths, lineages: list[LineageParams]) -
     paths.reports.mkdir(parents=True, exist_ok=True)
     columns = ["lineage", "estimator", "generation", *metric_columns(rows)]
 
-    def write_csv(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows({c: fmt(row.get(c, math.nan)) for c in columns} for row in rows)
-
-    write_atomic(paths.reports / "generations.csv", write_csv)
+    write_csv_atomic(paths.reports / "generations.csv",
+                     [{c: fmt(row.get(c, math.nan)) for c in columns} for row in rows], columns)
     final = {}
     for row in rows:
         final[row["lineage"]] = {c: (None if isinstance(row.get(c), float) and not math.isfinite(row[c])
@@ -351,15 +345,7 @@ def write_reports(p: Params, paths: StudyPaths, lineages: list[LineageParams]) -
     write_atomic(paths.reports / "summary.md", lambda tmp: tmp.write_text(markdown_table(rows)))
     ranking = rank_recipes(rows, lineages)
     if ranking:
-        rank_columns = list(ranking[0])
-
-        def write_ranking(tmp: Path) -> None:
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=rank_columns)
-                writer.writeheader()
-                writer.writerows({c: fmt(r[c]) for c in rank_columns} for r in ranking)
-
-        write_atomic(paths.reports / "lineages.csv", write_ranking)
+        write_csv_atomic(paths.reports / "lineages.csv", [{c: fmt(v) for c, v in r.items()} for r in ranking])
         write_atomic(paths.reports / "lineages.md", lambda tmp: tmp.write_text(ranking_markdown(ranking)))
     return rows
 

@@ -117,10 +117,14 @@ def test_kill_and_resume_does_not_redo_finished_generations(project, subprocess_
     assert sorted(steps) == [0, 1, 2, 3]  # each generation once, despite the kill
 
 
-def test_corrupt_generation_file_is_reported_and_never_used(project, prefect_server, caplog):
-    self_consuming_loop(params=tiny(), root=str(project))
+def test_more_generations_extend_a_lineage_and_a_corrupt_file_is_never_used(project, prefect_server, caplog):
     folder = project / "data" / "studies" / "tiny" / "mle"
+    self_consuming_loop(params=tiny(loop__generations=1), root=str(project))
     gen0 = (folder / "gen-000.json").stat().st_mtime_ns
+    rows = self_consuming_loop(params=tiny(), root=str(project))  # 2 generations: extends, gen 0 is reused
+    assert [r["generation"] for r in rows] == [0, 1]
+    assert (folder / "gen-000.json").stat().st_mtime_ns == gen0
+
     victim = folder / "dataset-002.parquet"  # produced by generation 1
     victim.write_bytes(victim.read_bytes()[:100])  # truncated
     self_consuming_loop(params=tiny(), root=str(project))
@@ -149,15 +153,6 @@ def test_outputs_of_other_params_are_refused_then_replaced_with_overwrite(projec
     parents, _ = lineage_runs(mlflow_client(project), "tiny")
     active = [r for r in parents if r.info.lifecycle_stage == "active"]
     assert len(active) == 1 and active[0].data.tags["madloop.recipe"] != ""
-
-
-def test_more_generations_extend_a_lineage(project, prefect_server):
-    self_consuming_loop(params=tiny(loop__generations=1), root=str(project))
-    folder = project / "data" / "studies" / "tiny" / "mle"
-    first = (folder / "gen-000.json").stat().st_mtime_ns
-    rows = self_consuming_loop(params=tiny(loop__generations=2), root=str(project))
-    assert [r["generation"] for r in rows] == [0, 1]
-    assert (folder / "gen-000.json").stat().st_mtime_ns == first
 
 
 def test_cli_rejects_bad_params_before_any_work(project, capsys):
