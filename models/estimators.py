@@ -101,7 +101,7 @@ def fit_ple_closed(family: TorchFamily, x: np.ndarray, *, seed: int, device="cpu
 @ESTIMATORS.register("ple")
 def fit_ple(family: TorchFamily, x: np.ndarray, *, epochs: int, batch_size: int, lr: float, seed: int,
             device: torch.device | str = "cpu", lam: float = 0.1, m: int = 1, hidden=(32, 64, 96),
-            rank: int | None = 8, penalty_entries: int | None = 4096, sample_weight: np.ndarray | None = None,
+            rank: int | None = 8, penalty_entries: int | None = 4096, penalty_every: int = 1, sample_weight: np.ndarray | None = None,
             precision: str = "fp32", **_: object) -> FittedTorchModel:
     """Penalized autophagy estimation (paper Eq. 5) with the hypernetwork H of Eq. 6.
 
@@ -121,7 +121,9 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, epochs: int, batch_size: int,
     no gradient; there the penalty reaches H through H(X) and H(Y_j) only.
 
     The fitted weights are H over the whole training set (a streamed mean of h1, exact for any batch size or
-    order); batchnorm statistics are then recomputed under those weights. lam = 0 is the paper's
+    order); batchnorm statistics are then recomputed under those weights. ``penalty_every = k`` is lazy
+    regularization (Karras et al. 2020, StyleGAN2 §3.1): the penalty runs on every k-th step only, weighted
+    k * lam, the same objective in expectation at about 1/k of the penalty's cost. lam = 0 is the paper's
     "hypernetwork without penalty" ablation (App. J), also registered as ``hyper_nopenalty``.
     """
     torch.manual_seed(seed)
@@ -139,8 +141,10 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, epochs: int, batch_size: int,
     started = time.perf_counter()
     nll = penalty = torch.tensor(float("nan"))
     target.train()
+    step = 0
     for _ in range(epochs):
         for idx in minibatches(len(data), batch_size, generator):
+            step += 1
             idx = idx.to(device)
             batch = data[idx]
             with mixed_precision(device, precision):
@@ -148,7 +152,7 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, epochs: int, batch_size: int,
                 weights = hyper.emit(e_x)
                 nll = weighted_mean(family.nll(target, batch, weights), None if weight is None else weight[idx]) / dims
                 loss = nll
-                if lam > 0:
+                if lam > 0 and step % penalty_every == 0:
                     entries = None
                     if penalty_entries is not None and penalty_entries < hyper.num_emitted:
                         entries = torch.randint(hyper.num_emitted, (penalty_entries,), generator=generator).to(device)
@@ -156,7 +160,7 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, epochs: int, batch_size: int,
                         hyper.distance(hyper.embed(family.hyper_features(
                             family.sample(target, len(batch), sample_generator, weights=weights))), e_x, entries)
                         for _ in range(m)) / m
-                    loss = nll + lam * penalty
+                    loss = nll + lam * penalty_every * penalty
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -133,7 +133,7 @@ class ModelParams(Section):
 
 
 class TrainParams(Section):
-    epochs: PositiveInt = 100
+    epochs: PositiveInt = 500
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 1e-3
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast forward passes (for GPUs; weights stay fp32)
@@ -165,6 +165,7 @@ class PLEParams(Section):
     hidden: list[PositiveInt] = Field(default_factory=lambda: [32, 64, 96], min_length=1)  # h1 (paper)
     rank: PositiveInt | None = 8  # rank of the factorized h2 heads; null = the paper's full linear heads
     penalty_entries: PositiveInt | None = 4096  # weight entries sampled per step for the penalty; null = all
+    penalty_every: PositiveInt = 1  # lazy penalty: every k-th step, weighted k * lam (1 = every step, Eq. 5)
 
 
 class LineageParams(Section):
@@ -288,7 +289,8 @@ class Params(Section):
     ple: PLEParams = Field(default_factory=PLEParams)
     loop: LoopParams = Field(default_factory=LoopParams)
     mitigation: MitigationParams = Field(default_factory=MitigationParams)
-    lineages: list[LineageParams] = Field(default_factory=lambda: [LineageParams(name="mle")], min_length=1)
+    lineages: list[LineageParams] = Field(default_factory=lambda: [LineageParams(name="mle"), LineageParams(name="ple")],
+                                          min_length=1)
     classifier: ClassifierParams = Field(default_factory=ClassifierParams)
     score: ScoreParams = Field(default_factory=ScoreParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)

@@ -68,3 +68,8 @@ def test_recipe_hash_ignores_what_does_not_change_outputs():
     other = validate({"train": {"epochs": 7}})
     assert digest(lineage_recipe(base, lineage)) == digest(lineage_recipe(same, same.lineages[0]))
     assert digest(lineage_recipe(base, lineage)) != digest(lineage_recipe(other, other.lineages[0]))
+
+
+def test_params_yaml_spells_out_the_defaults():
+    # examples/*.yaml set only what they change; the rest must be what params.yaml shows the user.
+    assert load(Path(__file__).resolve().parents[1] / "params.yaml") == validate({})
