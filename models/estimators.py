@@ -101,8 +101,8 @@ def fit_ple_closed(family: TorchFamily, x: np.ndarray, *, seed: int, device="cpu
 @ESTIMATORS.register("ple")
 def fit_ple(family: TorchFamily, x: np.ndarray, *, epochs: int, batch_size: int, lr: float, seed: int,
             device: torch.device | str = "cpu", lam: float = 0.1, m: int = 1, hidden=(32, 64, 96),
-            rank: int | None = 8, penalty_entries: int | None = 4096, penalty_every: int = 1, sample_weight: np.ndarray | None = None,
-            precision: str = "fp32", **_: object) -> FittedTorchModel:
+            rank: int | None = 4, penalty_entries: int | None = 4096, penalty_every: int = 4,
+            sample_weight: np.ndarray | None = None, precision: str = "fp32", **_: object) -> FittedTorchModel:
     """Penalized autophagy estimation (paper Eq. 5) with the hypernetwork H of Eq. 6.
 
     Each step, on a minibatch X (paper footnote 8: a synthetic set shares the batch size of X)::

@@ -163,9 +163,9 @@ class PLEParams(Section):
     lam: float = Field(0.1, ge=0.0)  # penalty weight lambda (paper: 0.1, App. J)
     m: PositiveInt = 1  # synthetic sets per step (paper: 100 for the 1-D families)
     hidden: list[PositiveInt] = Field(default_factory=lambda: [32, 64, 96], min_length=1)  # h1 (paper)
-    rank: PositiveInt | None = 8  # rank of the factorized h2 heads; null = the paper's full linear heads
+    rank: PositiveInt | None = 4  # rank of the factorized h2 heads; null = the paper's full linear heads
     penalty_entries: PositiveInt | None = 4096  # weight entries sampled per step for the penalty; null = all
-    penalty_every: PositiveInt = 1  # lazy penalty: every k-th step, weighted k * lam (1 = every step, Eq. 5)
+    penalty_every: PositiveInt = 4  # lazy penalty: every k-th step, weighted k * lam (1 = every step, Eq. 5)
 
 
 class LineageParams(Section):

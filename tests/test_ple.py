@@ -137,3 +137,17 @@ def test_bf16_autocast_trains(estimator):
     assert half.info["train_loss"] == pytest.approx(full.info["train_loss"], rel=0.15)
     with pytest.raises(ValueError, match="precision"):
         ESTIMATORS.get(estimator)(family, x, precision="fp8", **options)
+
+
+def test_lazy_penalty_runs_on_every_kth_step_only():
+    """ple.penalty_every = k: the penalty enters on steps k, 2k, ...; with k beyond the last step PLE is exactly
+    the lambda = 0 hypernetwork, with k = 4 it is not."""
+    family = FAMILIES.get("vae")((1, 8, 8), hidden=[32], latent_dim=4)
+    x = torch.rand(128, 1, 8, 8).round().numpy()
+    options = dict(epochs=10, batch_size=64, lr=3e-3, seed=0, hidden=[16, 16], rank=4, lam=0.5)  # 20 steps
+    never = ESTIMATORS.get("ple")(family, x, penalty_every=21, **options)
+    control = ESTIMATORS.get("hyper_nopenalty")(family, x, **options)
+    lazy = ESTIMATORS.get("ple")(family, x, penalty_every=4, **options)
+    assert all(torch.equal(never.tensors()[k], control.tensors()[k]) for k in control.tensors())
+    assert np.isfinite(lazy.info["train_penalty"])
+    assert any(not torch.allclose(lazy.tensors()[k], control.tensors()[k]) for k in control.tensors())
