@@ -58,7 +58,9 @@ class HyperNetwork(nn.Module):
             self.head = nn.Parameter(torch.randn(total, embed_dim) * (1e-2 / math.sqrt(embed_dim)))
         else:
             self.code = nn.Linear(embed_dim, rank, bias=False)  # V
-            self.basis = nn.Parameter(torch.randn(total, rank) * (1e-2 / math.sqrt(rank)))  # U
+            # U stored transposed, (r, P): the gradient of U is then an outer product running along P, 3 to 4x
+            # faster on the CPU than along r = 4 (the step's costliest op when laid out as (P, r)).
+            self.basis = nn.Parameter(torch.randn(rank, total) * (1e-2 / math.sqrt(rank)))  # U^T
 
     @property
     def num_emitted(self) -> int:
@@ -74,11 +76,14 @@ class HyperNetwork(nn.Module):
 
     def flat_delta(self, embedding: torch.Tensor, entries: torch.Tensor | None = None) -> torch.Tensor:
         """The linear part of h2, all tensors flattened: W - b (only the given flat ``entries``, when given)."""
-        matrix = self.head if self.rank is None else self.basis
-        if entries is not None:
-            matrix = matrix[entries]
-        vector = embedding if self.rank is None else self.code(embedding)
-        return torch.mv(matrix, vector.to(matrix.dtype))  # under bf16 autocast the code comes out bf16
+        if self.rank is None:  # P x d: gather the sampled rows first, the full product is what is expensive
+            matrix = self.head if entries is None else self.head[entries]
+            return torch.mv(matrix, embedding.to(matrix.dtype))
+        code = self.code(embedding)
+        # Low rank: all P entries cost one r x P product; picking the sampled entries from the result (not rows
+        # of U before it) keeps the backward free of a dense (r, P) scatter. Under bf16 autocast code is bf16.
+        delta = code.to(self.basis.dtype) @ self.basis
+        return delta if entries is None else delta[entries]
 
     def emit(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
         flat = self.bias + self.flat_delta(embedding)
