@@ -289,8 +289,8 @@ class Params(Section):
     ple: PLEParams = Field(default_factory=PLEParams)
     loop: LoopParams = Field(default_factory=LoopParams)
     mitigation: MitigationParams = Field(default_factory=MitigationParams)
-    lineages: list[LineageParams] = Field(default_factory=lambda: [LineageParams(name="mle"), LineageParams(name="ple")],
-                                          min_length=1)
+    lineages: list[LineageParams] = Field(
+        default_factory=lambda: [LineageParams(name="mle"), LineageParams(name="ple")], min_length=1)
     classifier: ClassifierParams = Field(default_factory=ClassifierParams)
     score: ScoreParams = Field(default_factory=ScoreParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
