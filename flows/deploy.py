@@ -81,7 +81,7 @@ def fan_out(deployment: str, p: Params, lineages: list[str], root: Path) -> None
     created here first, so the lineages' processes never race to create its tables or the study's experiment.
     """
     check_deployment(deployment)
-    experiment_id(client_for(tracking_uri(p.tracking.uri, root)), p.tracking.experiment or p.study.name, root)
+    experiment_id(client_for(tracking_uri(p.tracking.uri, root)), p.experiment, root)
     futures = run_lineage_deployment.map(deployment, unmapped(p.model_dump(mode="json")), lineages, str(root))
     futures.wait()
     failed = [f"{name}: {future.state.message}" for name, future in zip(lineages, futures)

@@ -78,9 +78,8 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".") -> list[
             "recipe": spec.group or spec.name,
             "data_source": p.data.source, "seed": str(seed), "study": p.study.name, "model_family": family.name,
             "scorer": scorer_note}
-    experiment = p.tracking.experiment or p.study.name
-    exp_id, parent_id = open_lineage(uri, experiment, spec.name, digest(recipe), tags, paths.root,
-                                     run_name=spec.name if experiment == p.study.name else f"{p.study.name}/{spec.name}")
+    run_name = spec.name if p.experiment == p.study.name else f"{p.study.name}/{spec.name}"
+    exp_id, parent_id = open_lineage(uri, p.experiment, spec.name, digest(recipe), tags, paths.root, run_name=run_name)
     run_params = {k: v for k, v in flatten(recipe).items()}
 
     manifests = []

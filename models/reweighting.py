@@ -4,8 +4,9 @@
   Alg. 1, Eq. 5): a probabilistic classifier c(x) = P(reference | x) between a small, balanced reference set and
   the (biased) training set gives w(x) = gamma * c(x) / (1 - c(x)), gamma = |train| / |reference|, an estimate
   of p_ref(x) / p_train(x). We fit c with balanced class weights, which folds gamma into c (gamma = 1 here) and
-  keeps the logistic regression from leaning on the larger set. Its calibration is checked on held-out rows (expected calibration error) and, when
-  poor, the classifier is recalibrated (isotonic regression, scikit-learn's CalibratedClassifierCV).
+  keeps the logistic regression from leaning on the larger set. Its calibration is checked on held-out rows
+  (expected calibration error) and, when poor, the classifier is recalibrated (isotonic regression,
+  scikit-learn's CalibratedClassifierCV).
 * Group reweighing (Kamiran & Calders 2012, as in the Tab-DDPM fairness study): w(x) = (1/G) / P_train(group(x)),
   so every group carries the same total weight.
 * The fairness discrepancy of Choi et al. Eq. 2: || p_ref(u) - p_model(u) ||_2 over the sensitive attribute u.
@@ -25,10 +26,9 @@ from sklearn.model_selection import train_test_split
 
 @dataclass
 class DensityRatio:
-    """w(x) = gamma * c(x) / (1 - c(x)) from a fitted reference-vs-train classifier."""
+    """w(x) = c(x) / (1 - c(x)) from a reference-vs-train classifier fitted on balanced classes (gamma = 1)."""
 
     classifier: object
-    gamma: float
     ece: float  # held-out expected calibration error of the classifier used
     ece_before: float  # ... and of the raw logistic regression, before any recalibration
     recalibrated: bool
@@ -36,7 +36,7 @@ class DensityRatio:
 
     def weights(self, features: np.ndarray) -> np.ndarray:
         c = np.clip(self.classifier.predict_proba(features)[:, 1], 1e-6, 1 - 1e-6)
-        return np.clip(self.gamma * c / (1 - c), 1.0 / self.clip, self.clip)
+        return np.clip(c / (1 - c), 1.0 / self.clip, self.clip)
 
 
 def fit_density_ratio(reference: np.ndarray, train: np.ndarray, *, seed: int = 0, max_ece: float = 0.05,
@@ -59,7 +59,7 @@ def fit_density_ratio(reference: np.ndarray, train: np.ndarray, *, seed: int = 0
                                             method="isotonic", cv=3).fit(x_fit, y_fit)
         ece = expected_calibration_error(classifier.predict_proba(x_held)[:, 1], y_held, held_weight)
         recalibrated = True
-    return DensityRatio(classifier, 1.0, ece, ece_before, recalibrated, clip)
+    return DensityRatio(classifier, ece, ece_before, recalibrated, clip)
 
 
 def expected_calibration_error(probability: np.ndarray, label: np.ndarray, weight: np.ndarray | None = None,

@@ -297,6 +297,11 @@ class Params(Section):
     dvc: DvcParams = Field(default_factory=DvcParams)
     studies: StudiesParams = Field(default_factory=StudiesParams)  # the paper reproductions (madloop study)
 
+    @property
+    def experiment(self) -> str:
+        """The MLflow experiment this study logs to."""
+        return self.tracking.experiment or self.study.name
+
     @field_validator("lineages", mode="before")
     @classmethod
     def expand_shorthand(cls, value: Any) -> Any:

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from tasks import as_task
 from tasks.datasets import Dataset, RealData, check_source, load_real, read_parquet, write_parquet
+from tasks.paper import summarize
 from tasks.params import (LineageParams, Params, ParamsError, digest, flatten, lineage_recipe,
                           real_data_recipe, score_recipe)
 from tasks.training import build_family
@@ -219,7 +219,7 @@ def retire_mlflow_lineages(p: Params, paths: StudyPaths, names: list[str]) -> in
     from tasks.tracking import client_for, retire_lineage_runs, tracking_uri
 
     client = client_for(tracking_uri(p.tracking.uri, paths.root))
-    exp = client.get_experiment_by_name(p.tracking.experiment or p.study.name)
+    exp = client.get_experiment_by_name(p.experiment)
     if exp is None:
         return 0
     return sum(retire_lineage_runs(client, exp.experiment_id, p.study.name, name) for name in names)
@@ -354,8 +354,8 @@ RANK_METRICS = ["fid", "recall", "minority_share", "r_fair"]
 
 
 def rank_recipes(rows: list[dict[str, Any]], lineages: list[LineageParams]) -> list[dict[str, Any]]:
-    """Each recipe (a lineage, or the seeds of one) at its last generation: mean and standard deviation over its
-    seeds of FID, recall, minority share and R_Fair, ranked by FID (lower first)."""
+    """Each recipe (a lineage, or the seeds of one) at its last generation: mean and spread over its seeds of
+    FID, recall, minority share and R_Fair, ranked by FID (lower first)."""
     if not rows or "fid" not in rows[0]:
         return []
     group_of = {lineage.name: lineage.group or lineage.name for lineage in lineages}
@@ -363,22 +363,11 @@ def rank_recipes(rows: list[dict[str, Any]], lineages: list[LineageParams]) -> l
     for row in rows:
         if row["generation"] >= last.get(row["lineage"], {"generation": -1})["generation"]:
             last[row["lineage"]] = row
-    recipes: dict[str, list[dict[str, Any]]] = {}
-    for name, row in last.items():
-        recipes.setdefault(group_of.get(name, name), []).append(row)
-    out = []
-    for recipe, members in recipes.items():
-        entry: dict[str, Any] = {"recipe": recipe, "seeds": len(members), "generation": members[0]["generation"]}
-        for metric in RANK_METRICS:
-            values = np.array([float(m.get(metric, math.nan)) for m in members])
-            finite = values[np.isfinite(values)]
-            entry[metric] = float(finite.mean()) if len(finite) else math.nan
-            entry[f"{metric}_sd"] = float(finite.std(ddof=1)) if len(finite) > 1 else math.nan
-        out.append(entry)
-    out.sort(key=lambda e: (math.isnan(e["fid"]), e["fid"]))
-    for rank, entry in enumerate(out, 1):
-        entry["rank"] = rank
-    return [{"rank": e.pop("rank"), **e} for e in out]
+    recipes = summarize([{**row, "recipe": group_of.get(name, name)} for name, row in last.items()],
+                        ["recipe", "generation"], RANK_METRICS)
+    recipes.sort(key=lambda e: (math.isnan(e["fid"]), e["fid"]))
+    return [{"rank": rank, "recipe": e.pop("recipe"), "seeds": e.pop("runs"), **e}
+            for rank, e in enumerate(recipes, 1)]
 
 
 def ranking_markdown(ranking: list[dict[str, Any]]) -> str:
