@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check
+# Offline by default: no usage telemetry from MLflow (its UI too) or from dvc commands; set either to override.
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DVC_NO_ANALYTICS ?= 1
 
 .PHONY: setup demo test ui repro lock serve
 
