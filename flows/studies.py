@@ -53,6 +53,14 @@ def finish(name: str, folder: Path, started: float, extra: dict[str, Any]) -> di
     return timing
 
 
+def loop_generations(project: Path, studies: list[str], started_at: float) -> dict[str, int]:
+    """How many generations the loop studies hold, and how many of them an earlier run had finished (their
+    manifests are older than this run), since a resumed study's run time covers only the rest."""
+    manifests = [m for study in studies for m in (project / "data" / "studies" / study).glob("*/gen-*.json")]
+    reused = sum(m.stat().st_mtime < started_at for m in manifests)
+    return {"generations": len(manifests), "generations_reused": reused}
+
+
 def study_setup(params: dict | None, root: str, name: str) -> tuple[Params, Path, Path, str]:
     p = validate(params)
     project = Path(root).resolve()
@@ -144,7 +152,7 @@ def table1_flow(params: dict | None = None, root: str = ".") -> dict[str, Any]:
     (one generation of the main loop per ratio, estimator and seed; all in the MLflow experiment table1)."""
     logger = get_run_logger()
     p, project, folder, uri = study_setup(params, root, "table1")
-    cfg, started = p.studies.table1, time.perf_counter()
+    cfg, started, started_at = p.studies.table1, time.perf_counter(), time.time()
     rows = []
     for ratio in cfg.ratios:
         sub = loop_params(p, f"table1-ri{ratio:g}", cfg.estimators, cfg.seeds, 1, imbalance_ratio=ratio)
@@ -156,7 +164,8 @@ def table1_flow(params: dict | None = None, root: str = ".") -> dict[str, Any]:
     write_csv_atomic(folder / "table1.csv", summary)
     write_atomic(folder / "table1.md", lambda tmp: tmp.write_text(table1_markdown(summary)))
     figures.table1(summary, folder / "table1.png")
-    timing = finish("table1", folder, started, {})
+    timing = finish("table1", folder, started,
+                    loop_generations(project, [f"table1-ri{ratio:g}" for ratio in cfg.ratios], started_at))
     log_study_run(uri, "table1", "table1 report", project, flatten(cfg.model_dump()), {}, {"study": "table1"},
                   [folder / f for f in ("table1.csv", "table1.md", "table1.png", "timing.json")])
     logger.info(f"table1 finished in {timing['seconds']} s")
@@ -185,14 +194,14 @@ def fig2_flow(params: dict | None = None, root: str = ".") -> dict[str, Any]:
     """Fig. 2: FID and recall vs generation of the full replace loop, MLE vs PLE, mean +- s.e. over seeds."""
     logger = get_run_logger()
     p, project, folder, uri = study_setup(params, root, "fig2")
-    cfg, started = p.studies.fig2, time.perf_counter()
+    cfg, started, started_at = p.studies.fig2, time.perf_counter(), time.time()
     sub = loop_params(p, "fig2", cfg.estimators, cfg.seeds, cfg.generations)
     rows = self_consuming_loop(params=sub, root=str(project), overwrite=True)
     summary = summarize(rows, ["estimator", "generation"], LOOP_METRICS)
     write_csv_atomic(folder / "fig2_runs.csv", rows)
     write_csv_atomic(folder / "fig2.csv", summary)
     figures.fig2(summary, folder / "fig2.png")
-    timing = finish("fig2", folder, started, {})
+    timing = finish("fig2", folder, started, loop_generations(project, ["fig2"], started_at))
     log_study_run(uri, "fig2", "fig2 report", project, flatten(cfg.model_dump()), {}, {"study": "fig2"},
                   [folder / f for f in ("fig2.csv", "fig2.png", "timing.json")])
     logger.info(f"fig2 finished in {timing['seconds']} s")

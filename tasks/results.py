@@ -35,6 +35,16 @@ def timing(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def run_time(t: dict) -> str:
+    """'Run time **S s** on MACHINE', saying so when a resumed loop study took generations from an earlier run."""
+    text = f"Run time **{t.get('seconds', 'n/a')} s** on {t.get('machine', 'n/a')}"
+    reused, total = t.get("generations_reused", 0), t.get("generations", 0)
+    if reused:
+        text += (f" (a resumed run: {reused} of its {total} generations were finished by an earlier run, so this "
+                 f"time covers the other {total - reused})")
+    return text
+
+
 def fig4_section(folder: Path) -> list[str]:
     rows = read_csv(folder / "fig4.csv")
     t = timing(folder)
@@ -144,8 +154,8 @@ def table1_section(folder: Path) -> list[str]:
     summary = read_csv(folder / "table1.csv")
     t = timing(folder)
     out = ["## Table 1: fairness of the VAE, majority 3 vs minority 6 (§5.1)", "", "![Table 1](table1/table1.png)", "",
-           f"`madloop study table1`: digits, one generation per imbalance ratio, estimator and training seed. Run "
-           f"time **{t.get('seconds', 'n/a')} s** on {t.get('machine', 'n/a')}.", "",
+           f"`madloop study table1`: digits, one generation per imbalance ratio, estimator and training seed. "
+           f"{run_time(t)}.", "",
            (folder / "table1.md").read_text().strip(), ""]
     closer, lower = [], []
     for ratio in sorted({num(s["ratio"]) for s in summary}):
@@ -175,8 +185,8 @@ def fig2_section(folder: Path) -> list[str]:
     at = {(s["estimator"], int(s["generation"])): s for s in summary}
     out = ["## Fig. 2: the MAD curve of the full loop", "", "![Fig. 2](fig2/fig2.png)", "",
            f"`madloop study fig2`: digits VAE, replace loop, {last + 1} generations, seeds per estimator: "
-           f"{at[(summary[0]['estimator'], 0)]['runs']}. Run time **{t.get('seconds', 'n/a')} s** on "
-           f"{t.get('machine', 'n/a')}.", "", "| estimator | FID g=0 | FID last | recall g=0 | recall last |",
+           f"{at[(summary[0]['estimator'], 0)]['runs']}. {run_time(t)}.", "",
+           "| estimator | FID g=0 | FID last | recall g=0 | recall last |",
            "|---|---|---|---|---|"]
     growth = {}
     for estimator in dict.fromkeys(s["estimator"] for s in summary):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from flows.studies import STUDIES
 from models.families import FAMILIES
 from tasks.paper import run_lineages, summarize
+from tasks.results import run_time
 from tests.conftest import tiny
 
 
@@ -96,3 +98,11 @@ def test_table1_and_fig2_run_the_loop_and_summarize(project, prefect_server):
     fig2 = read(project / "reports" / "fig2" / "fig2.csv")
     assert sorted((s["estimator"], s["generation"], s["runs"]) for s in fig2) == [("mle", "0", "2"), ("mle", "1", "2")]
     assert (project / "reports" / "fig2" / "fig2.png").is_file()
+    timing = json.loads((project / "reports" / "fig2" / "timing.json").read_text())
+    assert (timing["generations"], timing["generations_reused"]) == (4, 0)
+    assert "resumed" not in run_time(timing)
+
+    STUDIES["fig2"](params=params, root=str(project))  # again: every generation is already finished
+    timing = json.loads((project / "reports" / "fig2" / "timing.json").read_text())
+    assert (timing["generations"], timing["generations_reused"]) == (4, 4)
+    assert "a resumed run: 4 of its 4 generations were finished by an earlier run" in run_time(timing)
