@@ -76,3 +76,13 @@ def test_dvc_repro_runs_resumes_versions_and_skips(project, subprocess_env, tmp_
     out = tmp_path / "fetched.parquet"
     dvc(project, env, "get", str(project), "data/studies/tiny/mle/dataset-001.parquet", "-o", str(out))
     assert file_digest(out) == expected
+
+
+def test_the_paper_stages_are_locked_to_this_code(subprocess_env):
+    """dvc.lock records the paper stages as built from the code in this checkout, so `dvc repro` on a fresh clone
+    runs only the default study and not the 35 minutes of paper studies whose reports are committed. After a code
+    change that leaves their outputs as they are: `dvc commit -f table1 fig2 fig3 fig4`, then
+    `dvc repro -s results` (without -s, repro would re-run every stage upstream of it)."""
+    stale = json.loads(dvc(REPO, subprocess_env, "status", "--json", "fig4", "fig3", "table1", "fig2",
+                           "results").stdout)
+    assert stale == {}, f"dvc.lock is behind the code for: {stale}"
