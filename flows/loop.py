@@ -172,8 +172,8 @@ def self_consuming_loop(params: dict[str, Any] | None = None, root: str = ".", l
         fan_out(lineage_deployment, p, [spec.name for spec in plan.lineages], paths.root)
     else:
         # In-process lineages send no heartbeats of their own: the study's flow run, in the same process, already
-        # does (a crash stops both), and each heartbeat thread, which sleeps in 1 s steps, held up the end of its
-        # lineage by 0.5 s on average while it was joined.
+        # does (a crash stops both), and joining each one's heartbeat thread, which sleeps in 1 s steps, held up
+        # the end of its lineage by up to 1 s (docs/performance.md).
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             for spec in plan.lineages:
                 lineage_loop(params=p.model_dump(mode="json"), lineage=spec.name, root=str(paths.root))

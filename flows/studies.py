@@ -153,9 +153,9 @@ def table1_flow(params: dict | None = None, root: str = ".") -> dict[str, Any]:
     logger = get_run_logger()
     p, project, folder, uri = study_setup(params, root, "table1")
     cfg, started, started_at = p.studies.table1, time.perf_counter(), time.time()
-    rows = []
-    for ratio in cfg.ratios:
-        sub = loop_params(p, f"table1-ri{ratio:g}", cfg.estimators, cfg.seeds, 1, imbalance_ratio=ratio)
+    rows, studies = [], [f"table1-ri{ratio:g}" for ratio in cfg.ratios]
+    for ratio, study in zip(cfg.ratios, studies):
+        sub = loop_params(p, study, cfg.estimators, cfg.seeds, 1, imbalance_ratio=ratio)
         sub["tracking"]["experiment"] = "table1"
         for row in self_consuming_loop(params=sub, root=str(project), overwrite=True):
             rows.append({"ratio": ratio, **row})
@@ -164,8 +164,7 @@ def table1_flow(params: dict | None = None, root: str = ".") -> dict[str, Any]:
     write_csv_atomic(folder / "table1.csv", summary)
     write_atomic(folder / "table1.md", lambda tmp: tmp.write_text(table1_markdown(summary)))
     figures.table1(summary, folder / "table1.png")
-    timing = finish("table1", folder, started,
-                    loop_generations(project, [f"table1-ri{ratio:g}" for ratio in cfg.ratios], started_at))
+    timing = finish("table1", folder, started, loop_generations(project, studies, started_at))
     log_study_run(uri, "table1", "table1 report", project, flatten(cfg.model_dump()), {}, {"study": "table1"},
                   [folder / f for f in ("table1.csv", "table1.md", "table1.png", "timing.json")])
     logger.info(f"table1 finished in {timing['seconds']} s")

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 
-# No test reaches the network: no usage telemetry from Prefect's server, MLflow or the `dvc` commands tests run.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# First, so that no test and no child process it starts reaches the network: the package's offline defaults
+# (no usage telemetry from Prefect's server, MLflow or the `dvc` commands tests run) go into os.environ.
+import flows  # noqa: E402,F401
 
 import torch  # noqa: E402
 
