@@ -20,8 +20,8 @@ timeit does: on a shared machine the fastest run is the least disturbed one); ev
 
 Training time varies by tens of percent from run to run on a shared machine, more than orchestration costs, so
 the script also prints the time outside training (the run minus the ``fit_seconds`` its manifests record):
-the difference between full and bare there is what Prefect, DVC and MLflow add. The bare loop does what the
-default study's recipes do (no mitigation; loop modes that need no fresh real data).
+the difference between full and bare there is what Prefect, DVC and MLflow add. Both run the same generation
+function (``tasks.generation.run_generation``), so any recipe (mode, mitigation) runs the same work in both.
 """
 
 from __future__ import annotations
@@ -43,43 +43,33 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemet
 
 import torch  # noqa: E402
 
-from tasks.params import Params, digest, lineage_recipe, lineage_seed, load, score_recipe  # noqa: E402
-from tasks.scoring import build_scorer  # noqa: E402
-from tasks.storage import file_digest, read_json  # noqa: E402
-from tasks.study import StudyPaths, prepare_real_data, save_generation, write_reports  # noqa: E402
-from tasks.training import (FIT, SAMPLE, SCORE, build_family, derive_seed, fit_model,  # noqa: E402
-                            make_next_dataset, resolve_device, sample_synthetic)
+from tasks.generation import PLAIN, open_lineage, resolve_device, run_generation  # noqa: E402
+from tasks.layout import StudyPaths  # noqa: E402
+from tasks.params import Params, load  # noqa: E402
+from tasks.realdata import prepare_real_data  # noqa: E402
+from tasks.reports import write_reports  # noqa: E402
+from tasks.scorers import build_scorer  # noqa: E402
+from tasks.storage import read_json  # noqa: E402
 
 WARM_UP = ["loop.generations=1", "train.epochs=1", "classifier.epochs=1", "score.samples=120",
            "score.kid_subset_size=50"]
 
 
 def bare_study(p: Params, root: Path) -> dict[str, list[float]]:
-    """The study as a plain loop (lineage_loop's steps, minus resume, DVC and MLflow); seconds per generation."""
+    """The study as a plain loop over ``run_generation`` (the lineage flow's body, minus resume, DVC and MLflow);
+    seconds per generation."""
     paths = StudyPaths(root, p.study.name)
     device = resolve_device(p.device)
     real = prepare_real_data(p, paths)
     scorer, _ = build_scorer(p, real, paths.cache, device)
-    family = build_family(p, real.train.shape)
-    score_hash = digest(score_recipe(p))
     seconds: dict[str, list[float]] = {}
     for spec in p.lineages:
-        folder, seed, recipe = paths.lineage(spec.name), lineage_seed(p, spec), lineage_recipe(p, spec)
-        dataset, trained_on_path = real.train, paths.real / "train.parquet"
-        seconds[spec.name] = []
-        for k in range(p.loop.generations):
+        lineage = open_lineage(p, spec.name, paths, real, scorer, device)
+        lineage.mitigation.resume([])
+        dataset, seconds[spec.name] = real.train, []
+        for k in range(lineage.params.loop.generations):
             started = time.perf_counter()
-            model = fit_model(family, spec.estimator, dataset, p, derive_seed(seed, k, FIT), device)
-            synthetic = sample_synthetic(model, p.loop.synthetic_size or len(real.train), derive_seed(seed, k, SAMPLE),
-                                         spec.name, k + 1, p.data.source, p.loop.temperature)
-            next_dataset = make_next_dataset(p.loop.mode, real.train, dataset, synthetic)
-            samples, metrics = scorer.evaluate(model, derive_seed(seed, k, SCORE))
-            metrics.update(scorer.dataset_metrics(dataset))
-            trained_on = {"path": str(trained_on_path.relative_to(root)), "sha256": file_digest(trained_on_path),
-                          "md5": file_digest(trained_on_path, "md5")}
-            save_generation(folder, k, model.tensors(), next_dataset, lambda path, s=samples: scorer.picture(s, path),
-                            metrics, recipe, score_hash, trained_on, {**model.info, "rows_trained_on": len(dataset)})
-            dataset, trained_on_path = next_dataset, folder / f"dataset-{k + 1:03d}.parquet"
+            dataset = run_generation(lineage, k, dataset, PLAIN).next_dataset
             seconds[spec.name].append(time.perf_counter() - started)
     write_reports(p, paths, p.lineages)
     return seconds

@@ -23,23 +23,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tasks.generation import PLAIN, open_lineage, resolve_device, run_generation  # noqa: E402
+from tasks.layout import StudyPaths  # noqa: E402
 from tasks.params import load  # noqa: E402
-from tasks.datasets import load_real  # noqa: E402
-from tasks.scoring import build_scorer  # noqa: E402
-from tasks.study import save_generation  # noqa: E402
-from tasks.training import build_family, fit_model, make_next_dataset, resolve_device, sample_synthetic  # noqa: E402
+from tasks.realdata import prepare_real_data  # noqa: E402
+from tasks.scorers import build_scorer  # noqa: E402
 
 
-def one_generation(p, family, real, scorer, estimator: str, device, folder: Path) -> tuple[float, float, dict]:
+def one_generation(lineage, real) -> tuple[float, float, dict]:
+    """Generation 0 of ``lineage`` on the real training set: (fit seconds, generation seconds, metrics)."""
     started = time.perf_counter()
-    model = fit_model(family, estimator, real.train, p, seed=1, device=device)
-    fit = time.perf_counter() - started
-    synthetic = sample_synthetic(model, len(real.train), 2, estimator, 1, p.data.source)
-    next_dataset = make_next_dataset(p.loop.mode, real.train, real.train, synthetic)
-    samples, metrics = scorer.evaluate(model, 3)
-    save_generation(folder / estimator, 0, model.tensors(), next_dataset, lambda path: scorer.picture(samples, path),
-                    metrics, {}, "", {"path": "", "sha256": "", "md5": ""}, model.info)
-    return fit, time.perf_counter() - started, metrics
+    generation = run_generation(lineage, 0, real.train, PLAIN)
+    return generation.model.info["fit_seconds"], time.perf_counter() - started, generation.manifest["metrics"]
 
 
 def main() -> None:
@@ -50,19 +45,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
 
-    p = load(args.params, args.overrides)
+    p = load(args.params, args.overrides + ["lineages=[mle, ple]"])
     device = resolve_device(p.device)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        real = load_real(p.data, p.seed, root, build_family(p, (1,)) if p.data.source == "model" else None)
-        scorer, _ = build_scorer(p, real, root / "cache", device)
-        family = build_family(p, real.train.shape)
+        paths = StudyPaths(Path(tmp), p.study.name)
+        real = prepare_real_data(p, paths)
+        scorer, _ = build_scorer(p, real, paths.cache, device)
+        lineages = {name: open_lineage(p, name, paths, real, scorer, device) for name in ("mle", "ple")}
         times: dict[str, list[tuple[float, float]]] = {"mle": [], "ple": []}
         metrics: dict[str, dict] = {}
         for _ in range(args.repeats):
-            for estimator in ("mle", "ple"):
-                fit, total, metrics[estimator] = one_generation(p, family, real, scorer, estimator, device, root)
+            for estimator, lineage in lineages.items():
+                fit, total, metrics[estimator] = one_generation(lineage, real)
                 times[estimator].append((fit, total))
 
     med = {e: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts)) for e, ts in times.items()}

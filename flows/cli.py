@@ -54,12 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     params = commands.add_parser("params", help="validate params and print them resolved, as YAML")
     add_params_args(params)
 
+    from flows.studies import STUDIES
+
+    studies = {entry.name: entry.doc.rstrip(".") for entry in sorted(STUDIES.entries(), key=lambda e: e.obj.order)}
     study = commands.add_parser(
-        "study", help="reproduce one of the paper's results: fig4, fig3, table1, fig2 (CSV + PNG in reports/)",
-        description="fig4: MADness of parameter estimates (6 distributions, MLE vs PLE); fig3: GMM, EM vs PLE; "
-                    "table1: VAE fairness vs imbalance ratio; fig2: the MAD curve of the full loop. Sizes come "
-                    "from studies.<name> in params (e.g. --set studies.fig4.seeds=50 for a quick run).")
-    study.add_argument("name", choices=["fig4", "fig3", "table1", "fig2", "results"],
+        "study", help=f"reproduce one of the paper's results: {', '.join(studies)} (CSV + PNG in reports/)",
+        description="; ".join(f"{name}: {doc}" for name, doc in studies.items()) + ". Sizes come from "
+                    "studies.<name> in params (e.g. --set studies.fig4.seeds=50 for a quick run).")
+    study.add_argument("name", choices=[*studies, "results"],
                        help="the study; results re-renders reports/RESULTS.md from the studies' reports")
     add_params_args(study)
 
@@ -88,19 +90,16 @@ def resolve_params_file(args) -> Path | None:
     return default if default.is_file() else None
 
 
-TITLES = {"generation": "gen", "fid": "FID", "minority_share": "minority share", "r_fair": "R_Fair"}
-
-
-def print_table(rows: list[dict]) -> None:
+def print_table(p, rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tasks.study import summary_columns
+    from tasks.reports import summary_columns, title
 
     table = Table(title="madloop: metrics per generation (model k's samples vs held-out real data)")
-    columns = [(key, TITLES.get(key, key)) for key in ["lineage", "generation", *summary_columns(rows)]]
-    for _, title in columns:
-        table.add_column(title, justify="left" if title == "lineage" else "right")
+    columns = [(key, title(key)) for key in ["lineage", "generation", *summary_columns(p)]]
+    for key, heading in columns:
+        table.add_column(heading, justify="left" if key == "lineage" else "right")
     for row in rows:
         cells = []
         for key, _ in columns:
@@ -124,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False), end="")
             return 0
         if args.command == "show":
-            from tasks.study import StudyPaths, collect_rows
+            from tasks.layout import StudyPaths
+            from tasks.reports import collect_rows
 
-            print_table(collect_rows(p, StudyPaths(root, p.study.name), p.lineages))
+            print_table(p, collect_rows(p, StudyPaths(root, p.study.name), p.lineages))
             return 0
         if args.command == "study":
             if args.name == "results":
-                from tasks.results import write_results
+                from flows.studies import write_results
 
                 print(f"wrote {write_results(root)}")
                 return 0
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"madloop: {err}", file=sys.stderr)
         return 2
     if not args.quiet:
-        print_table(rows)
+        print_table(p, rows)
         print(f"\nfinished in {time.perf_counter() - started:.0f} s. Compare lineages:\n"
               f"  make ui                 (MLflow UI at http://127.0.0.1:5000, experiment {p.study.name!r})\n"
               f"  dvc plots show          (FID and recall vs generation per lineage -> dvc_plots/index.html)\n"

@@ -7,13 +7,7 @@ Two flows are deployed (``prefect.yaml``, ``madloop serve``; set-up in docs/scal
   domain classifier once, then runs the lineages and writes the reports.
 - ``lineage`` (``flows.loop.lineage_loop``) is one lineage. When the study is given a ``lineage_deployment``, each
   lineage becomes its own flow run of that deployment, and the workers of its work pool (one per GPU) run them in
-  parallel.
-
-Why flow runs on a work pool rather than tasks on a Dask or Ray task runner: a lineage is minutes to hours of
-GPU work that owns its folder and its MLflow run. As a flow run it gets its own process (its own CUDA context and
-memory), its own state, logs, retries and cancel button, can be re-run alone, and lands on whichever GPU worker
-is free, on any machine that polls the pool. A task runner would keep every lineage inside the study's process
-and cluster, and add a second scheduler beside Prefect's.
+  parallel (``flows.fanout``).
 """
 
 from __future__ import annotations
@@ -22,28 +16,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, serve, task, unmapped
-from prefect.cache_policies import NO_CACHE
-from prefect.client.orchestration import get_client
+from prefect import flow, serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-from prefect.deployments import run_deployment
 from prefect.deployments.runner import RunnerDeployment
-from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron, Interval
 from prefect.settings import PREFECT_API_URL
 from prefect.types.entrypoint import EntrypointType
 
+from flows.fanout import check_deployment
 from flows.loop import lineage_loop, self_consuming_loop
 from tasks.params import Params, ParamsError, load
-from tasks.study import StaleOutputsError, preflight
-from tasks.tracking import client_for, experiment_id, tracking_uri
+from tasks.resume import StaleOutputsError, preflight
 
 SERVED_LINEAGES = "lineage/served"  # the lineage deployment `madloop serve --fan-out` serves itself
-POLL_SECONDS = 2.0  # how often the study checks on its lineage runs (each lasts minutes)
-
-
-class LineageRunError(RuntimeError):
-    """A lineage submitted to a deployment did not complete."""
 
 
 @flow(name="scheduled-study", log_prints=False)
@@ -57,52 +42,6 @@ def scheduled_study(params_file: str | None = "params.yaml", overrides: list[str
     p = load(path, overrides or [])
     return self_consuming_loop.fn(params=p.model_dump(mode="json"), root=str(project), lineages=lineages,
                                   overwrite=overwrite, lineage_deployment=lineage_deployment)
-
-
-# --- fan-out: one flow run per lineage --------------------------------------------------------------------------
-
-
-@task(name="run-lineage-deployment", cache_policy=NO_CACHE, persist_result=False)
-def run_lineage_deployment(deployment: str, params: dict[str, Any], lineage: str, root: str) -> str:
-    """Submit one lineage as a flow run of ``deployment`` (linked to the study's run) and wait until it ends."""
-    run = run_deployment(deployment, parameters={"params": params, "lineage": lineage, "root": root},
-                         flow_run_name=lineage, poll_interval=POLL_SECONDS)
-    if run.state is None or not run.state.is_completed():
-        state = f"{run.state.name}: {run.state.message}" if run.state else "without a state"
-        raise LineageRunError(f"lineage {lineage!r} (flow run {run.name!r} of {deployment}) ended {state}")
-    return str(run.id)
-
-
-def fan_out(deployment: str, p: Params, lineages: list[str], root: Path) -> None:
-    """Run every lineage as its own flow run of ``deployment``, all at once; wait for all, then fail if any did.
-
-    Safe with parallel writers: each lineage writes only its own folder and MLflow parent run; ``dvc add`` is
-    serialized per machine (tasks.versioning) and by DVC's repository lock across machines; the MLflow store is
-    created here first, so the lineages' processes never race to create its tables or the study's experiment.
-    """
-    check_deployment(deployment)
-    experiment_id(client_for(tracking_uri(p.tracking.uri, root)), p.experiment, root)
-    futures = run_lineage_deployment.map(deployment, unmapped(p.model_dump(mode="json")), lineages, str(root))
-    futures.wait()
-    failed = [f"{name}: {future.state.message}" for name, future in zip(lineages, futures)
-              if not future.state.is_completed()]
-    if failed:
-        raise LineageRunError(f"{len(failed)} of {len(lineages)} lineages failed: " + "; ".join(failed))
-
-
-def check_deployment(name: str) -> None:
-    """Fail with a useful message, before any work, when the lineage deployment is not on the Prefect server."""
-    if name.count("/") != 1:
-        raise ParamsError(f"lineage deployment {name!r}: expected 'flow/deployment', e.g. 'lineage/gpu'")
-    with get_client(sync_client=True) as client:
-        try:
-            deployment = client.read_deployment_by_name(name)
-        except ObjectNotFound:
-            raise ParamsError(f"no deployment {name!r} on the Prefect server: register it with `prefect deploy "
-                              f"--all` (prefect.yaml) or serve it with `madloop serve --fan-out`") from None
-        flow_name = client.read_flow(deployment.flow_id).name
-    if flow_name != lineage_loop.name:
-        raise ParamsError(f"deployment {name!r} runs flow {flow_name!r}, not {lineage_loop.name!r}")
 
 
 # --- madloop serve ----------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def expand(params: dict[str, torch.Tensor], extra_dims: int = 2) -> dict[str, to
 class SetEstimator(nn.Module):
     """H over a batch of datasets: x [B, n, 1] -> the family's raw parameters, each [B, *shape]."""
 
-    def __init__(self, family: ScalarFamily, hidden=(32, 32), head_hidden=(32,)):
+    def __init__(self, family: ScalarFamily, hidden: list[int], head_hidden: list[int]):
         super().__init__()
         self.family = [family]  # not a submodule
         self.names = list(family.raw_shapes)
@@ -99,9 +99,9 @@ def penalty_term(raw_y: torch.Tensor, raw_x: torch.Tensor, kind: str) -> torch.T
     raise ValueError(f"unknown penalty {kind!r} (per_set or mean)")
 
 
-def train_amortized_ple(family: ScalarFamily, n: int, *, lam: float = 0.1, m: int = 100, steps: int = 1500,
-                        batch: int = 64, lr: float = 3e-3, hidden=(32, 32), head_hidden=(32,), spread: float = 10.0,
-                        penalty: str = "per_set", seed: int = 0, progress=None) -> SetEstimator:
+def train_amortized_ple(family: ScalarFamily, n: int, *, lam: float, m: int, steps: int, batch: int, lr: float,
+                        hidden: list[int], head_hidden: list[int], spread: float, penalty: str, seed: int,
+                        progress=None) -> SetEstimator:
     """Train H on datasets of size n drawn over the prior box: loss = NLL(X; H(X)) per point
     + lam/m sum_j mean|H(Y_j) - H(X)| over H's raw outputs, Y_j ~ family(H(X)) reparameterized (Eq. 5)."""
     torch.manual_seed(seed)
@@ -156,9 +156,8 @@ class BatchedMLP(nn.Module):
         return x
 
 
-def fit_gmm_ple_batch(family: ScalarFamily, x: np.ndarray, *, lam: float = 0.1, m: int = 10, steps: int = 500,
-                      batch: int = 256, lr: float = 0.01, hidden=(8, 8, 8), head_hidden=(8,), seed: int = 0,
-                      progress=None) -> dict[str, np.ndarray]:
+def fit_gmm_ple_batch(family: ScalarFamily, x: np.ndarray, *, lam: float, m: int, steps: int, batch: int, lr: float,
+                      hidden: list[int], head_hidden: list[int], seed: int, progress=None) -> dict[str, np.ndarray]:
     """PLE of a 1-D GMM for S datasets at once, one hypernetwork per dataset (§5.2): x [S, n] -> natural
     parameters of each fit ([S, K] each). Minibatches of ``batch`` points; synthetic sets share that size."""
     generator = torch.Generator().manual_seed(seed)

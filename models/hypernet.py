@@ -42,8 +42,7 @@ def mlp(sizes: list[int]) -> nn.Sequential:
 
 
 class HyperNetwork(nn.Module):
-    def __init__(self, target: nn.Module, input_dim: int, hidden: list[int] = (32, 64, 96),
-                 rank: int | None = 8):
+    def __init__(self, target: nn.Module, input_dim: int, hidden: list[int], rank: int | None):
         super().__init__()
         params = dict(target.named_parameters())
         self.names = list(params)

@@ -1,42 +1,150 @@
-"""A tiny name -> object registry, the way torch-fidelity registers its pluggable parts.
+"""Registries of pluggable parts, the way torch-fidelity registers its feature extractors.
 
-Model families, estimators and data sources are looked up by the names users write in params.yaml,
-so a lookup error lists what is known instead of raising a bare KeyError.
+Every kind of part madloop plugs together (model families, estimators, data sources, loop modes, mitigations,
+image metrics, scorers, paper studies) has a :class:`Registry`. An entry is registered under the name users write
+in params.yaml and declares its **settings**: the params sections it reads, each a strict pydantic
+:class:`Settings` class placed at a dotted params path (``{"model.vae": VAESettings}``, ``{"train": ...}``). That
+declaration is the one home of the entry's defaults; ``tasks.params`` composes the params schema from every
+entry's declarations, and a lineage's resume hash is exactly the settings its parts declare.
+
+Parts are found the same way whether madloop ships them or a user does:
+
+- a registry with a ``package`` imports every module of that package the first time it is asked for an entry,
+  so a new built-in part is one new file;
+- the ``madloop.plugins`` entry-point group names modules to import (madloop declares its own packages there, in
+  pyproject.toml; another installed package can add its own);
+- ``plugins: [my_module]`` in params.yaml imports a user's module before params are validated;
+- or simply importing a module that calls ``REGISTRY.register`` (a test, a notebook).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable, ClassVar, Generic, Iterator, Mapping, TypeVar
+
+from pydantic import BaseModel, ConfigDict
 
 T = TypeVar("T")
+PLUGIN_GROUP = "madloop.plugins"
+
+
+class Settings(BaseModel):
+    """A strict params section: unknown keys are errors, assignments are validated. ``not_hashed`` names the
+    fields that change no output (``data.download``), so no resume hash holds them."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    not_hashed: ClassVar[frozenset[str]] = frozenset()
+
+
+def settings_of(cls: type[Settings], section: BaseModel) -> Settings:
+    """An instance of ``cls`` holding its fields' values from ``section`` (a composed section may hold more)."""
+    return cls.model_construct(**{name: getattr(section, name) for name in cls.model_fields})
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    """One registered part: the object, the settings it reads (dotted params path -> class), and values it forces
+    on them (``fixed``: the lambda = 0 control forces ``ple.lam`` to 0, whatever params say)."""
+
+    name: str
+    obj: T
+    settings: Mapping[str, type[Settings]] = field(default_factory=dict)
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def doc(self) -> str:
+        return (getattr(self.obj, "__doc__", None) or "").strip().split("\n")[0]
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
-        self.kind = kind
-        self._entries: dict[str, T] = {}
+    """name -> :class:`Entry`. Lookups import the registry's package (and the plug-ins) once, on first use."""
 
-    def register(self, name: str) -> Callable[[T], T]:
+    all: list["Registry"] = []  # every registry created, for the params schema
+    version = 0  # bumped on every registration, so a composed schema knows when to rebuild
+
+    def __init__(self, kind: str, package: str | None = None):
+        self.kind = kind
+        self.package = package
+        self._entries: dict[str, Entry[T]] = {}
+        self._discovered = package is None
+        Registry.all.append(self)
+
+    def register(self, name: str, *, settings: Mapping[str, type[Settings]] | None = None,
+                 fixed: Mapping[str, Any] | None = None) -> Callable[[T], T]:
         def add(obj: T) -> T:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
-            self._entries[name] = obj
+            old = self._entries.get(name)
+            if old is not None and getattr(old.obj, "__qualname__", None) != getattr(obj, "__qualname__", object()):
+                raise ValueError(f"{self.kind} {name!r} is already registered (by {old.obj!r})")
+            self._entries[name] = Entry(name, obj, dict(settings or {}), dict(fixed or {}))
+            Registry.version += 1
             return obj
 
         return add
 
-    def get(self, name: str) -> T:
+    def remove(self, name: str) -> None:
+        """Forget an entry (tests that register parts of their own clean up with it)."""
+        if self._entries.pop(name, None) is not None:
+            Registry.version += 1
+
+    def discover(self) -> None:
+        """Import every module of the registry's package and every plug-in module (once)."""
+        if self._discovered:
+            return
+        self._discovered = True
+        package = importlib.import_module(self.package)
+        for module in pkgutil.iter_modules(package.__path__):
+            if not module.name.startswith("_"):
+                importlib.import_module(f"{self.package}.{module.name}")
+        load_entry_point_plugins()
+
+    def entry(self, name: str) -> Entry[T]:
+        self.discover()
         try:
             return self._entries[name]
         except KeyError:
             known = ", ".join(sorted(self._entries)) or "none"
             raise KeyError(f"unknown {self.kind} {name!r} (known: {known})") from None
 
+    def get(self, name: str) -> T:
+        return self.entry(name).obj
+
+    def entries(self) -> list[Entry[T]]:
+        self.discover()
+        return [self._entries[name] for name in sorted(self._entries)]
+
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return [entry.name for entry in self.entries()]
 
     def __contains__(self, name: object) -> bool:
+        self.discover()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._entries))
+        return iter(self.names())
+
+
+_loaded_entry_points = False
+
+
+def load_entry_point_plugins() -> None:
+    """Import the modules of the ``madloop.plugins`` entry-point group (madloop's own packages and any other
+    installed package's). Each module registers its parts when imported."""
+    global _loaded_entry_points
+    if _loaded_entry_points:
+        return
+    _loaded_entry_points = True
+    for point in metadata.entry_points(group=PLUGIN_GROUP):
+        point.load()
+
+
+def load_plugins(modules: list[str] = ()) -> None:
+    """Everything that can register parts: the entry-point plug-ins, then the named user modules (params
+    ``plugins``), then every registry's own package."""
+    load_entry_point_plugins()
+    for module in modules:
+        importlib.import_module(module)
+    for registry in list(Registry.all):
+        registry.discover()

@@ -1,4 +1,4 @@
-"""Datasets: real sources behind one interface, the class-imbalanced subset, and Parquet files.
+"""Datasets: rows of images with their provenance, Parquet files, and the class-imbalanced real data.
 
 Parquet schema (one row per image; ``madloop.*`` keys in the file's schema metadata):
 
@@ -22,14 +22,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models.registry import Registry
-from tasks.params import DataParams, ParamsError
+from tasks.registries import SOURCES
 
 SCHEMA_VERSION = "1"
 REAL, SYNTHETIC = "real", "synthetic"
@@ -124,83 +122,7 @@ def read_parquet(path: Path) -> Dataset:
     )
 
 
-# --- real sources -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SourceSplit:
-    """A source's full train and test splits, all classes, as images in [0, 1]."""
-
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    num_classes: int
-
-
-SourceLoader = Callable[[DataParams, int, Path], SourceSplit]
-SOURCES: Registry[SourceLoader] = Registry("data source")
-
-
-@SOURCES.register("digits")
-def load_digits_source(p: DataParams, seed: int, project_root: Path) -> SourceSplit:
-    """scikit-learn's bundled 8x8 digits (1,797 images, 17 gray levels): the offline default."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = load_digits()
-    x = (bunch.images / 16.0).astype(np.float32)[:, None]
-    y = bunch.target.astype(np.int64)
-    train_x, test_x, train_y, test_y = train_test_split(x, y, test_size=p.test_fraction, random_state=seed,
-                                                        stratify=y)
-    return SourceSplit(train_x, train_y, test_x, test_y, 10)
-
-
-def torchvision_root(p: DataParams, project_root: Path) -> Path:
-    root = Path(p.root) if p.root else project_root / "data" / "raw"
-    return root if root.is_absolute() else project_root / root
-
-
-def check_source(p: DataParams, project_root: Path) -> None:
-    """Fail early, naming data.root, when a local torchvision dataset is not where params say."""
-    if p.source in ("digits", "model"):
-        return
-    root = torchvision_root(p, project_root)
-    if p.download:
-        return
-    if p.root is None:
-        raise ParamsError(f"data.root: {p.source} needs a local dataset root (torchvision layout), "
-                          f"or data.download: true to fetch it into {root}")
-    if not root.is_dir():
-        raise ParamsError(f"data.root: {root} does not exist (expected a torchvision {p.source} root)")
-    try:
-        open_torchvision(p, root, train=False)
-    except RuntimeError as err:
-        raise ParamsError(f"data.root: {root} holds no usable {p.source} files ({err})") from None
-
-
-def open_torchvision(p: DataParams, root: Path, train: bool):
-    import torchvision
-
-    cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[p.source]
-    return cls(str(root), train=train, download=p.download)
-
-
-def torchvision_arrays(p: DataParams, root: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
-    ds = open_torchvision(p, root, train)
-    data = np.asarray(ds.data)
-    x = (data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)).astype(np.float32) / 255.0
-    return x, np.asarray(ds.targets, dtype=np.int64)
-
-
-@SOURCES.register("mnist")
-@SOURCES.register("cifar10")
-def load_torchvision_source(p: DataParams, seed: int, project_root: Path) -> SourceSplit:
-    """MNIST or CIFAR-10 through torchvision, with their official train/test splits."""
-    root = torchvision_root(p, project_root)
-    train_x, train_y = torchvision_arrays(p, root, train=True)
-    test_x, test_y = torchvision_arrays(p, root, train=False)
-    return SourceSplit(train_x, train_y, test_x, test_y, 10)
+# --- the real data a study starts from -------------------------------------------------------------------
 
 
 def cap_per_class(x: np.ndarray, y: np.ndarray, cap: int | None, rng: np.random.Generator):
@@ -235,18 +157,15 @@ class RealData:
     num_classes: int
 
 
-def load_real(p: DataParams, seed: int, project_root: Path, truth=None) -> RealData:
+def load_real(p, seed: int, project_root: Path, family=None) -> RealData:
     """Load a source and cut the class-imbalanced training subset the study starts from (paper §1.2, §5.1).
 
-    Source ``model`` (1-D families): ``data.size`` draws from ``truth`` (the family, which knows its true
-    parameters) for training, as many independent ones for the test split; no labels."""
-    if p.source == "model":
-        if truth is None:
-            raise ValueError("data.source model needs the family whose true distribution to draw from")
-        train = Dataset.real(truth.true_sample(p.size, seed), np.full(p.size, -1), "model")
-        test = Dataset.real(truth.true_sample(p.size, seed + 1_000_003), np.full(p.size, -1), "model")
-        return RealData(train=train, test=test, train_full=train, num_classes=0)
-    split = SOURCES.get(p.source)(p, seed, project_root)
+    An unlabelled source (``model``: draws from the 1-D family's truth) is used as it comes."""
+    split = SOURCES.get(p.source).load(p, seed, project_root, family)
+    if split.num_classes == 0:
+        train = Dataset.real(split.train_x, split.train_y, p.source)
+        return RealData(train=train, test=Dataset.real(split.test_x, split.test_y, p.source), train_full=train,
+                        num_classes=0)
     rng = np.random.default_rng([seed, 1])
     train_x, train_y = cap_per_class(split.train_x, split.train_y, p.max_per_class, rng)
     test_x, test_y = cap_per_class(split.test_x, split.test_y, p.max_per_class, rng)
@@ -257,7 +176,7 @@ def load_real(p: DataParams, seed: int, project_root: Path, truth=None) -> RealD
                     num_classes=split.num_classes)
 
 
-def evaluation_reference(test: Dataset, p: DataParams, seed: int) -> Dataset:
+def evaluation_reference(test: Dataset, p, seed: int) -> Dataset:
     """The held-out rows of the two study classes at the training imbalance ratio: what a perfect model of
     dataset 0 would generate, so overall FID, KID, precision and recall compare like with like."""
     idx = imbalanced_indices(test.label, p.majority, p.minority, p.imbalance_ratio, np.random.default_rng([seed, 2]))

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 LINEAGE_TAG, RECIPE_TAG, GENERATION_TAG = "madloop.lineage", "madloop.recipe", "madloop.generation"

@@ -21,8 +21,8 @@ class NotADvcRepoError(RuntimeError):
 
 
 def find_dvc_root(root: Path) -> Path:
-    from dvc.repo import Repo
     from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
 
     try:
         return Path(Repo.find_root(str(root)))

@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch  # noqa: E402
 
 # First, so that no test and no child process it starts reaches the network: the package's offline defaults
 # (no usage telemetry from Prefect's server, MLflow or the `dvc` commands tests run) go into os.environ.
 import flows  # noqa: E402,F401
-
-import torch  # noqa: E402
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]

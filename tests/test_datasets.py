@@ -4,10 +4,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.datasets import (Dataset, evaluation_reference, imbalanced_indices, load_real, read_parquet,
-                            write_parquet)
+from tasks.datasets import Dataset, evaluation_reference, imbalanced_indices, load_real, read_parquet, write_parquet
 from tasks.params import ParamsError, validate
-from tasks.study import preflight
+from tasks.resume import preflight
 
 
 def test_digits_imbalanced_subset_and_fixed_split(tmp_path):

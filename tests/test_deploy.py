@@ -36,8 +36,9 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.cli import main as cli
 from flows.deploy import scheduled_study
 from flows.loop import lineage_loop
+from tasks.layout import StudyPaths
 from tasks.params import lineage_recipe, validate
-from tasks.study import StudyPaths, inspect_lineage, real_train_sha
+from tasks.resume import inspect_lineage, real_train_sha
 from tests.conftest import BIN, REPO, tiny
 
 slow = pytest.mark.slow  # the server tests; the checks at the end run in `pytest -m "not slow"` too

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -16,8 +15,8 @@ from flows.cli import main as cli
 from flows.loop import run_study, self_consuming_loop
 from tasks.datasets import read_parquet
 from tasks.params import validate
+from tasks.resume import StaleOutputsError
 from tasks.storage import file_digest, read_json
-from tasks.study import StaleOutputsError
 from tasks.versioning import tracked_md5s
 from tests.conftest import tiny
 
@@ -148,7 +147,7 @@ def test_outputs_of_other_params_are_refused_then_replaced_with_overwrite(projec
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == snapshot  # nothing touched
 
     run_study(changed, project, overwrite=True)
-    assert read_json(folder / "gen-000.json")["recipe"]["train"]["epochs"] == 4
+    assert read_json(folder / "gen-000.json")["recipe"]["train.epochs"] == 4
     assert list((project / ".madloop" / "trash").rglob("gen-000.json"))  # the old lineage kept aside
     parents, _ = lineage_runs(mlflow_client(project), "tiny")
     active = [r for r in parents if r.info.lifecycle_stage == "active"]
@@ -189,7 +188,11 @@ def test_mle_and_ple_lineages_land_side_by_side(project, prefect_server):
         folder = project / "data" / "studies" / "tiny" / parent.data.tags["lineage"]
         assert (folder / "dataset-002.parquet").is_file() and (folder.parent / f"{folder.name}.dvc").is_file()
     ple = read_json(project / "data" / "studies" / "tiny" / "ple" / "gen-000.json")
-    assert ple["recipe"]["ple"]["lam"] == 0.1 and ple["info"]["hyper_weights"] > 0
+    assert ple["recipe"]["ple.lam"] == 0.1 and ple["info"]["hyper_weights"] > 0
+    control = read_json(project / "data" / "studies" / "tiny" / "hyper_nopenalty" / "gen-000.json")
+    assert control["recipe"]["ple.lam"] == 0.0  # fixed by the estimator, whatever params say
+    mle = read_json(project / "data" / "studies" / "tiny" / "mle" / "gen-000.json")
+    assert not any(key.startswith("ple.") for key in mle["recipe"])  # mle reads no ple.* setting
 
 
 @pytest.mark.parametrize("family", ["gmm", "uniform"])

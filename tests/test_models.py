@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from models.classifier import load_classifier, predict
-from models.estimators import ESTIMATORS
+from models.estimators import fit
 from models.families import FAMILIES
+from models.families.vae import VAESettings
 from models.fidelity import CLASSIFIER_EXTRACTOR, fairness_ratio, fid, image_metrics
 from tasks.datasets import load_real
 from tasks.params import validate
-from tasks.scoring import build_image_scorer, ensure_classifier
+from tasks.scorers.image import ImageScorer, ensure_classifier
 
 CPU = torch.device("cpu")
 
@@ -25,7 +26,7 @@ def digits(tmp_path_factory):
 
 
 def test_vae_shapes_and_likelihood():
-    family = FAMILIES.get("vae")((1, 8, 8), hidden=[32, 16], latent_dim=4)
+    family = FAMILIES.get("vae")((1, 8, 8), VAESettings(hidden=[32, 16], latent_dim=4))
     vae = family.build()
     x = torch.rand(10, 1, 8, 8)
     nll = family.nll(vae, x)
@@ -41,9 +42,9 @@ def test_vae_shapes_and_likelihood():
 
 def test_mle_training_lowers_the_negative_elbo(digits):
     _, real, _, _ = digits
-    family = FAMILIES.get("vae")(real.train.shape, hidden=[64], latent_dim=4)
-    untrained = ESTIMATORS.get("mle")(family, real.train.pixels, epochs=1, batch_size=64, lr=1e-3, seed=0)
-    trained = ESTIMATORS.get("mle")(family, real.train.pixels, epochs=60, batch_size=64, lr=1e-3, seed=0)
+    family = FAMILIES.get("vae")(real.train.shape, VAESettings(hidden=[64], latent_dim=4))
+    untrained = fit("mle", family, real.train.pixels, seed=0, train={"epochs": 1})
+    trained = fit("mle", family, real.train.pixels, seed=0, train={"epochs": 60})
     x = torch.as_tensor(real.train.pixels)
     with torch.no_grad():
         assert family.nll(trained.module, x).mean() < 0.8 * family.nll(untrained.module, x).mean()
@@ -86,7 +87,7 @@ def test_image_metrics_are_in_range(digits):
 
 def test_scorer_fairness_view(digits):
     p, real, path, _ = digits
-    scorer = build_image_scorer(p, real, path, CPU)
+    scorer = ImageScorer.from_classifier(p, real, path, CPU)
     train = real.train_full  # disjoint from the test split the scorer compares against
     only_majority = train.pixels[train.label == 3]
     metrics = scorer.score(only_majority, seed=0)

@@ -39,6 +39,10 @@ def test_set_overrides_parse_as_yaml():
     ("model.family=gan9000", "model.family"),
     ("trian.epochs=3", "trian"),
     ("score.feature_extractor=inception", "score.inception_weights"),
+    ("lineages=[{name: x, estimator: ple, set: {ple.lamb: 1}}]", "lineages"),
+    ("lineages=[{name: x, estimator: mle, mitigation: nonsense}]", "lineages.0.mitigation"),
+    ("loop.mode=shuffle", "loop.mode"),
+    ("plugins=[no_such_module]", "plugins"),
 ])
 def test_bad_params_name_the_key(override, key):
     with pytest.raises(ParamsError) as err:
@@ -73,3 +77,14 @@ def test_recipe_hash_ignores_what_does_not_change_outputs():
 def test_params_yaml_spells_out_the_defaults():
     # examples/*.yaml set only what they change; the rest must be what params.yaml shows the user.
     assert load(Path(__file__).resolve().parents[1] / "params.yaml") == validate({})
+
+
+def test_a_lineage_overrides_any_key_for_itself_and_its_hash_follows():
+    p = validate({"lineages": ["ple", {"name": "ple-lam1", "estimator": "ple", "set": {"ple.lam": 1.0}},
+                               "hyper_nopenalty"]})
+    recipes = {lineage.name: lineage_recipe(p, lineage) for lineage in p.lineages}
+    assert recipes["ple"]["ple.lam"] == 0.1 and recipes["ple-lam1"]["ple.lam"] == 1.0
+    assert recipes["hyper_nopenalty"]["ple.lam"] == 0.0  # fixed by the estimator entry
+    assert {k for k in recipes["ple"] if recipes["ple"][k] != recipes["ple-lam1"][k]} == {"ple.lam", "lineage.name"}
+    louder = validate({"ple": {"lam": 5.0}, "lineages": ["hyper_nopenalty"]})
+    assert digest(lineage_recipe(louder, louder.lineages[0])) == digest(recipes["hyper_nopenalty"])

@@ -8,14 +8,17 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from models.estimators import ESTIMATORS
+from models.estimators import fit
 from models.families import FAMILIES
+from models.families.analytic import Gaussian, Uniform
+from models.families.gmm import GaussianMixture1D
+from models.families.vae import VAESettings
 from models.hypernet import HyperNetwork
 
 
 def make_hyper(rank=8):
     torch.manual_seed(0)
-    target = FAMILIES.get("vae")((1, 8, 8), hidden=[32, 16], latent_dim=4).build()
+    target = FAMILIES.get("vae")((1, 8, 8), VAESettings(hidden=[32, 16], latent_dim=4)).build()
     hyper = HyperNetwork(target, 64, [16, 24], rank)
     with torch.no_grad():  # move off the initialization so the embedding matters
         for p in hyper.parameters():
@@ -75,7 +78,7 @@ def test_distance_on_sampled_entries_is_unbiased():
 
 
 def test_uniform_closed_forms_bias_over_many_seeds():
-    family = FAMILIES.get("uniform")(a=1.0)
+    family = Uniform.of(a=1.0)
     n, seeds = 20, 4000
     rng = np.random.default_rng(0)
     mle = np.array([family.closed_mle(rng.uniform(0, 1, n), 0)["a"] for _ in range(seeds)])
@@ -86,7 +89,7 @@ def test_uniform_closed_forms_bias_over_many_seeds():
 
 
 def test_gaussian_mle_variance_is_biased_by_sigma2_over_n():
-    family = FAMILIES.get("gaussian")(mean=0.0, std=2.0)
+    family = Gaussian.of(mean=0.0, std=2.0)
     n, seeds = 10, 6000
     rng = np.random.default_rng(1)
     mle_var = np.array([family.closed_mle(rng.normal(0, 2, n), 0)["std"] ** 2 for _ in range(seeds)])
@@ -97,10 +100,10 @@ def test_gaussian_mle_variance_is_biased_by_sigma2_over_n():
 
 @pytest.mark.parametrize("estimator", ["mle", "ple"])
 def test_gmm_em_and_ple_recover_a_well_separated_balanced_mixture(estimator):
-    family = FAMILIES.get("gmm")(means=[-3.0, 3.0], variances=[1.0, 1.0], minority_weight=0.5)
+    family = GaussianMixture1D.of(means=[-3.0, 3.0], variances=[1.0, 1.0], minority_weight=0.5)
     x = family.true_sample(600, seed=0)
-    model = ESTIMATORS.get(estimator)(family, x, epochs=300, batch_size=600, lr=0.02, seed=0, lam=0.1, m=4,
-                                      hidden=[16, 16], rank=None)
+    model = fit(estimator, family, x, seed=0, train={"epochs": 300, "batch_size": 600, "lr": 0.02},
+                **({"ple": {"lam": 0.1, "m": 4, "hidden": [16, 16], "rank": None}} if estimator == "ple" else {}))
     est = family.estimates(model)
     assert est["mean_0"] == pytest.approx(-3.0, abs=0.3) and est["mean_1"] == pytest.approx(3.0, abs=0.3)
     assert est["var_0"] == pytest.approx(1.0, abs=0.35) and est["var_1"] == pytest.approx(1.0, abs=0.35)
@@ -109,9 +112,9 @@ def test_gmm_em_and_ple_recover_a_well_separated_balanced_mixture(estimator):
 
 @pytest.mark.parametrize("name", ["uniform", "gaussian", "laplace", "geometric", "exponential", "pareto"])
 def test_analytic_families_mle_recovers_truth_and_samples_match(name):
-    family = FAMILIES.get(name)()
+    family = FAMILIES.get(name).of()
     x = family.true_sample(20000, seed=3)
-    model = ESTIMATORS.get("mle")(family, x, epochs=1, batch_size=1, lr=1.0, seed=0)
+    model = fit("mle", family, x, seed=0)
     est, truth = family.estimates(model), family.true_estimates()
     for key, value in truth.items():
         assert est[key] == pytest.approx(value, rel=0.05, abs=0.03), key
@@ -128,26 +131,28 @@ def test_analytic_families_mle_recovers_truth_and_samples_match(name):
 @pytest.mark.parametrize("estimator", ["mle", "ple"])
 def test_bf16_autocast_trains(estimator):
     """train.precision: bf16 runs (autocast on the CPU here, the GPU path's option) and still learns."""
-    family = FAMILIES.get("vae")((1, 8, 8), hidden=[32], latent_dim=4)
+    family = FAMILIES.get("vae")((1, 8, 8), VAESettings(hidden=[32], latent_dim=4))
     x = torch.rand(128, 1, 8, 8).round().numpy()
-    options = dict(epochs=30, batch_size=64, lr=3e-3, seed=0, hidden=[16, 16], rank=4)
-    full = ESTIMATORS.get(estimator)(family, x, precision="fp32", **options)
-    half = ESTIMATORS.get(estimator)(family, x, precision="bf16", **options)
+    train = dict(epochs=30, batch_size=64, lr=3e-3)
+    options = dict(seed=0, **({"ple": dict(hidden=[16, 16], rank=4)} if estimator == "ple" else {}))
+    full = fit(estimator, family, x, train={**train, "precision": "fp32"}, **options)
+    half = fit(estimator, family, x, train={**train, "precision": "bf16"}, **options)
     assert np.isfinite(half.info["train_loss"])
     assert half.info["train_loss"] == pytest.approx(full.info["train_loss"], rel=0.15)
     with pytest.raises(ValueError, match="precision"):
-        ESTIMATORS.get(estimator)(family, x, precision="fp8", **options)
+        fit(estimator, family, x, train={**train, "precision": "fp8"}, **options)
 
 
 def test_lazy_penalty_runs_on_every_kth_step_only():
     """ple.penalty_every = k: the penalty enters on steps k, 2k, ...; with k beyond the last step PLE is exactly
     the lambda = 0 hypernetwork, with k = 4 it is not."""
-    family = FAMILIES.get("vae")((1, 8, 8), hidden=[32], latent_dim=4)
+    family = FAMILIES.get("vae")((1, 8, 8), VAESettings(hidden=[32], latent_dim=4))
     x = torch.rand(128, 1, 8, 8).round().numpy()
-    options = dict(epochs=10, batch_size=64, lr=3e-3, seed=0, hidden=[16, 16], rank=4, lam=0.5)  # 20 steps
-    never = ESTIMATORS.get("ple")(family, x, penalty_every=21, **options)
-    control = ESTIMATORS.get("hyper_nopenalty")(family, x, **options)
-    lazy = ESTIMATORS.get("ple")(family, x, penalty_every=4, **options)
+    train = dict(epochs=10, batch_size=64, lr=3e-3)  # 20 steps
+    ple = dict(hidden=[16, 16], rank=4, lam=0.5)
+    never = fit("ple", family, x, seed=0, train=train, ple={**ple, "penalty_every": 21})
+    control = fit("hyper_nopenalty", family, x, seed=0, train=train, ple=ple)  # lam fixed at 0
+    lazy = fit("ple", family, x, seed=0, train=train, ple={**ple, "penalty_every": 4})
     assert all(torch.equal(never.tensors()[k], control.tensors()[k]) for k in control.tensors())
     assert np.isfinite(lazy.info["train_penalty"])
     assert any(not torch.allclose(lazy.tensors()[k], control.tensors()[k]) for k in control.tensors())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,9 +13,9 @@ from scipy import stats
 from flows.loop import self_consuming_loop
 from models.reweighting import fairness_discrepancy, fit_density_ratio, group_weights
 from tasks.datasets import Dataset, read_parquet
-from tasks.mitigation import dynamic_next_dataset, dynamic_shares
+from tasks.mitigations.dynamic_ratio import dynamic_next_dataset, dynamic_shares
+from tasks.modes import MODES
 from tasks.params import validate
-from tasks.training import fresh_real_rows, make_next_dataset, synthetic_rows
 from tests.conftest import tiny
 
 
@@ -29,26 +30,32 @@ def counts(data: Dataset) -> dict:
     return out
 
 
+def mode(name, real, synthetic_size=None, real_fraction=0.5):
+    """A loop mode serving a stand-in lineage: only what modes read (params, real data, seed, family kind)."""
+    loop = SimpleNamespace(synthetic_size=synthetic_size, real_fraction=real_fraction)
+    lineage = SimpleNamespace(params=SimpleNamespace(loop=loop), real=SimpleNamespace(train=real), seed=0,
+                              family=SimpleNamespace(kind="image"))
+    return MODES.get(name)(lineage)
+
+
 def test_each_mode_builds_the_documented_dataset():
     real = Dataset.real(images(40, 0.1), np.r_[np.full(30, 3), np.full(10, 6)], "digits")
     gen1 = Dataset.synthetic(images(40, 0.5), "x", 1, "digits")
-    accumulated = make_next_dataset("accumulate", real, real, gen1)
+    accumulated = mode("accumulate", real).next_dataset(0, real, gen1)
     gen2 = Dataset.synthetic(images(40, 0.6), "x", 2, "digits")
-    assert counts(make_next_dataset("replace", real, accumulated, gen2)) == {("synthetic", 2): 40}
-    assert counts(make_next_dataset("accumulate", real, accumulated, gen2)) == {
+    assert counts(mode("replace", real).next_dataset(1, accumulated, gen2)) == {("synthetic", 2): 40}
+    assert counts(mode("accumulate", real).next_dataset(1, accumulated, gen2)) == {
         ("real", 0): 40, ("synthetic", 1): 40, ("synthetic", 2): 40}
     # augment: every real row, and as many samples as make the real share real_fraction
-    n = synthetic_rows("augment", len(real), None, 0.8)
+    augment = mode("augment", real, real_fraction=0.8)
+    n = augment.synthetic_rows()
     assert n == 10
     gen2_small = Dataset.synthetic(images(n, 0.6), "x", 2, "digits")
-    assert counts(make_next_dataset("augment", real, accumulated, gen2_small)) == {("real", 0): 40, ("synthetic", 2): 10}
-    # fresh: a new real draw each generation plus the newest samples
-    fresh = fresh_real_rows(real, 20, seed=1)
-    mixed = make_next_dataset("fresh", real, accumulated, gen2, fresh)
+    assert counts(augment.next_dataset(1, accumulated, gen2_small)) == {("real", 0): 40, ("synthetic", 2): 10}
+    # fresh: a new real draw each generation plus the newest samples, real rows real_fraction of the whole
+    mixed = mode("fresh", real, real_fraction=1 / 3).next_dataset(1, accumulated, gen2)
     assert counts(mixed) == {("real", 0): 20, ("synthetic", 2): 40}
-    assert synthetic_rows("replace", 40, None, 0.5) == 40 and synthetic_rows("fresh", 40, 25, 0.5) == 25
-    with pytest.raises(ValueError, match="fresh draw"):
-        make_next_dataset("fresh", real, accumulated, gen2)
+    assert mode("replace", real).synthetic_rows() == 40 and mode("fresh", real, 25).synthetic_rows() == 25
 
 
 def test_dynamic_ratio_gives_degraded_groups_more_real_data():
@@ -90,7 +97,7 @@ def test_lineage_recipes_expand_seeds_and_validate():
 
     with pytest.raises(ParamsError, match="lineages.0.mode"):
         validate({"lineages": [{"name": "x", "estimator": "mle", "mode": "shuffle"}]})
-    with pytest.raises(ParamsError, match="mitigation 'importance'.*1-D"):
+    with pytest.raises(ParamsError, match="mitigation 'importance'.*no labelled groups"):
         validate({"model": {"family": "uniform"}, "data": {"source": "model"},
                   "lineages": [{"name": "x", "estimator": "mle", "mitigation": "importance"}]})
 
@@ -107,7 +114,8 @@ def test_many_lineages_in_one_study_land_in_one_experiment_and_rank(project, pre
         {"name": "mle-group", "estimator": "mle", "mitigation": "group"},
         {"name": "mle-dynamic", "estimator": "mle", "mitigation": "dynamic_ratio", "real_fraction": 0.3},
     ]
-    self_consuming_loop(params=tiny(lineages=lineages, mitigation={"reference_per_class": 20}), root=str(project))
+    self_consuming_loop(params=tiny(lineages=lineages, mitigation={"importance": {"reference_per_class": 20}}),
+                        root=str(project))
     study = project / "data" / "studies" / "tiny"
     n_real = len(read_parquet(study / "real" / "train.parquet"))
     assert counts(read_parquet(study / "mle-accumulate" / "dataset-002.parquet")) == {

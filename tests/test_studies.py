@@ -8,15 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from flows.studies import STUDIES
-from models.families import FAMILIES
-from tasks.paper import run_lineages, summarize
-from tasks.results import run_time
+from flows.studies import paper_study, run_time
+from flows.studies.fig4 import run_lineages
+from models.families.analytic import Gaussian, Uniform
+from tasks.stats import summarize
 from tests.conftest import tiny
 
 
 def test_mle_uniform_shrinks_by_n_over_n_plus_1_per_generation_and_ple_does_not():
-    family = FAMILIES.get("uniform")(a=1.0)
+    family = Uniform.of(a=1.0)
     n, seeds, generations = 20, 4000, 6
     mle = run_lineages(family, lambda x: family.closed_mle(x, 0), n, seeds, generations, seed=0)["a"]
     ple = run_lineages(family, lambda x: family.closed_ple(x, 0), n, seeds, generations, seed=0)["a"]
@@ -28,7 +28,7 @@ def test_mle_uniform_shrinks_by_n_over_n_plus_1_per_generation_and_ple_does_not(
 
 
 def test_mle_gaussian_variance_shrinks_by_n_minus_1_over_n_per_generation():
-    family = FAMILIES.get("gaussian")(mean=0.0, std=1.0)
+    family = Gaussian.of(mean=0.0, std=1.0)
     n, seeds, generations = 10, 6000, 5
     var = run_lineages(family, lambda x: family.closed_mle(x, 0), n, seeds, generations, seed=1)["std"] ** 2
     for g in range(generations):
@@ -58,7 +58,7 @@ def test_fig4_and_fig3_write_their_csv_png_and_mlflow_runs(project, prefect_serv
                                     "steps": 30, "m": 10, "batch": 16},
                            "fig3": {"minority_weights": [0.2], "sizes": [30], "seeds": 4, "steps": 20, "m": 2,
                                     "kl_samples": 2000, "em_max_iter": 500}})
-    STUDIES["fig4"](params=params, root=str(project))
+    paper_study("fig4", params=params, root=str(project))
     rows = read(project / "reports" / "fig4" / "fig4.csv")
     assert {"distribution", "parameter", "estimator", "generation", "mean", "sem", "median", "truth"} <= set(rows[0])
     assert {(r["distribution"], r["estimator"]) for r in rows} == {
@@ -68,7 +68,7 @@ def test_fig4_and_fig3_write_their_csv_png_and_mlflow_runs(project, prefect_serv
     assert (project / "reports" / "fig4" / "fig4.png").stat().st_size > 10_000
     assert read(project / "reports" / "fig4" / "fig4_calibration.csv")
 
-    STUDIES["fig3"](params=params, root=str(project))
+    paper_study("fig3", params=params, root=str(project))
     cells = read(project / "reports" / "fig3" / "fig3.csv")
     assert len(cells) == 1 and float(cells[0]["kl_mle"]) >= 0 and float(cells[0]["kl_ple"]) >= 0
     assert float(cells[0]["kl_diff"]) == pytest.approx(float(cells[0]["kl_mle"]) - float(cells[0]["kl_ple"]))
@@ -86,7 +86,7 @@ def test_fig4_and_fig3_write_their_csv_png_and_mlflow_runs(project, prefect_serv
 def test_table1_and_fig2_run_the_loop_and_summarize(project, prefect_server):
     params = tiny(studies={"table1": {"ratios": [1, 4], "seeds": [0], "estimators": ["mle", "ple"]},
                            "fig2": {"generations": 2, "seeds": [0, 1], "estimators": ["mle"]}})
-    STUDIES["table1"](params=params, root=str(project))
+    paper_study("table1", params=params, root=str(project))
     summary = read(project / "reports" / "table1" / "table1.csv")
     assert {(float(s["ratio"]), s["estimator"]) for s in summary} == {(1, "mle"), (1, "ple"), (4, "mle"), (4, "ple")}
     shares = {float(s["ratio"]): float(s["minority_share_train"]) for s in summary}
@@ -94,7 +94,7 @@ def test_table1_and_fig2_run_the_loop_and_summarize(project, prefect_server):
     assert "| R_I |" in (project / "reports" / "table1" / "table1.md").read_text()
     assert (project / "data" / "studies" / "table1-ri4" / "ple-s0.dvc").is_file()  # the loop's datasets, in DVC
 
-    STUDIES["fig2"](params=params, root=str(project))
+    paper_study("fig2", params=params, root=str(project))
     fig2 = read(project / "reports" / "fig2" / "fig2.csv")
     assert sorted((s["estimator"], s["generation"], s["runs"]) for s in fig2) == [("mle", "0", "2"), ("mle", "1", "2")]
     assert (project / "reports" / "fig2" / "fig2.png").is_file()
@@ -102,7 +102,7 @@ def test_table1_and_fig2_run_the_loop_and_summarize(project, prefect_server):
     assert (timing["generations"], timing["generations_reused"]) == (4, 0)
     assert "resumed" not in run_time(timing)
 
-    STUDIES["fig2"](params=params, root=str(project))  # again: every generation is already finished
+    paper_study("fig2", params=params, root=str(project))  # again: every generation is already finished
     timing = json.loads((project / "reports" / "fig2" / "timing.json").read_text())
     assert (timing["generations"], timing["generations_reused"]) == (4, 4)
     assert "a resumed run: 4 of its 4 generations were finished by an earlier run" in run_time(timing)

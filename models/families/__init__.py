@@ -1,27 +1,33 @@
 """Model families: what a generative model *is*, independent of how it is fitted.
 
-A family builds its torch module, gives the per-sample negative log-likelihood (or its bound) of data, and
-samples. Every method takes an optional ``weights`` dict: when given, the module runs with those tensors
-through ``torch.func.functional_call`` instead of its own parameters. That is the seam the PLE hypernetwork
-uses (it emits weights, the family runs them); MLE simply passes ``None``.
+A family builds its torch module, gives the per-sample negative log-likelihood (or the loss that stands in for
+it) of data, and samples. Every method takes an optional ``weights`` dict: when given, the module runs with those
+tensors through ``torch.func.functional_call`` instead of its own parameters. That is the seam the PLE
+hypernetwork uses (it emits weights, the family runs them); MLE simply passes ``None``.
 
-Families are registered by name (``model.family`` in params.yaml). A new family never touches a flow.
+A family is registered by name (``model.family`` in params.yaml) with its settings, which live at
+``model.<name>`` in params::
+
+    @FAMILIES.register("vae", settings={"model.vae": VAESettings})
+    class VAEFamily(TorchFamily):
+        def __init__(self, data_shape, settings: VAESettings): ...
+
+Each module of this package is one family (or a group of closely related ones) and is found on first lookup;
+a new family is one new file.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from math import prod
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from models.registry import Registry
-from models.vae import VAE
+from models.registry import Registry, Settings
 
-FAMILIES: Registry[type["TorchFamily"]] = Registry("model family")
+FAMILIES: Registry[type["TorchFamily"]] = Registry("model family", package="models.families")
 
 
 def sub_weights(weights: dict[str, torch.Tensor] | None, prefix: str) -> dict[str, torch.Tensor] | None:
@@ -44,9 +50,11 @@ class TorchFamily:
 
     name: str = ""
     kind: str = "image"  # which scorer applies: "image" (torch-fidelity) or "scalar" (parameter error)
+    has_closed_ple = False  # a closed-form PLE exists (estimator ple_closed)
 
-    def __init__(self, data_shape: tuple[int, ...]):
+    def __init__(self, data_shape: tuple[int, ...], settings: Settings | None = None):
         self.data_shape = tuple(data_shape)
+        self.settings = settings
 
     def build(self) -> nn.Module:
         raise NotImplementedError
@@ -65,29 +73,12 @@ class TorchFamily:
         return x.flatten(1)
 
 
-@FAMILIES.register("vae")
-class VAEFamily(TorchFamily):
-    """The paper's fully connected VAE with batchnorm and leaky ReLU (§5.1)."""
-
-    name = "vae"
-    kind = "image"
-
-    def __init__(self, data_shape, hidden=(128, 128), latent_dim=8, negative_slope=0.2):
-        super().__init__(data_shape)
-        self.hidden, self.latent_dim, self.negative_slope = list(hidden), int(latent_dim), float(negative_slope)
-
-    def build(self) -> VAE:
-        return VAE(prod(self.data_shape), self.hidden, self.latent_dim, self.negative_slope)
-
-    def nll(self, module, x, weights=None):
-        return run(module, weights, x.flatten(1))
-
-    def sample(self, module, n, generator=None, temperature=1.0, weights=None):
-        device = next(module.parameters()).device
-        # The latent prior's temperature is the sampling-bias knob: < 1 cherry-picks typical samples.
-        z = torch.randn(n, self.latent_dim, generator=generator, device=device) * temperature
-        logits = run(module.decoder, sub_weights(weights, "decoder"), z)
-        return torch.sigmoid(logits).reshape(n, *self.data_shape)
+def build_family(name: str, data_shape: tuple[int, ...], model_section) -> TorchFamily:
+    """The named family for data of ``data_shape``, with its settings read from params' ``model`` section."""
+    entry = FAMILIES.entry(name)
+    (path, cls), = entry.settings.items() or [(None, None)]
+    settings = None if cls is None else getattr(model_section, path.split(".", 1)[1])
+    return entry.obj(data_shape, settings)
 
 
 @dataclass
@@ -123,6 +114,3 @@ class FittedTorchModel:
         self.module.load_state_dict(tensors)
         self.weights = None
         return self
-
-
-import models.scalar  # noqa: E402,F401  (registers the 1-D families: gmm, uniform, gaussian, ...)

@@ -6,9 +6,21 @@ usual MNIST VAE; a sample is the decoder's mean image, which is what the next ge
 
 from __future__ import annotations
 
+from math import prod
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveInt
 from torch import nn
+
+from models.families import FAMILIES, TorchFamily, run, sub_weights
+from models.registry import Settings
+
+
+class VAESettings(Settings):
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [128, 128], min_length=1)  # encoder; decoder mirrors
+    latent_dim: PositiveInt = 8
+    negative_slope: float = Field(0.2, ge=0.0)
 
 
 def mlp_stack(sizes: list[int], negative_slope: float) -> nn.Sequential:
@@ -20,7 +32,7 @@ def mlp_stack(sizes: list[int], negative_slope: float) -> nn.Sequential:
 
 
 class VAE(nn.Module):
-    def __init__(self, data_dim: int, hidden: list[int], latent_dim: int, negative_slope: float = 0.2):
+    def __init__(self, data_dim: int, hidden: list[int], latent_dim: int, negative_slope: float):
         super().__init__()
         self.data_dim, self.latent_dim = data_dim, latent_dim
         self.encoder = nn.Sequential(
@@ -39,6 +51,27 @@ class VAE(nn.Module):
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
         return reconstruction + kl
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Mean image in [0, 1] for latent codes z, shape [B, data_dim]."""
-        return torch.sigmoid(self.decoder(z))
+
+@FAMILIES.register("vae", settings={"model.vae": VAESettings})
+class VAEFamily(TorchFamily):
+    """The paper's fully connected VAE with batchnorm and leaky ReLU (§5.1)."""
+
+    name = "vae"
+    kind = "image"
+
+    def __init__(self, data_shape, settings: VAESettings):
+        super().__init__(data_shape, settings)
+
+    def build(self) -> VAE:
+        s = self.settings
+        return VAE(prod(self.data_shape), list(s.hidden), s.latent_dim, s.negative_slope)
+
+    def nll(self, module, x, weights=None):
+        return run(module, weights, x.flatten(1))
+
+    def sample(self, module, n, generator=None, temperature=1.0, weights=None):
+        device = next(module.parameters()).device
+        # The latent prior's temperature is the sampling-bias knob: < 1 cherry-picks typical samples.
+        z = torch.randn(n, self.settings.latent_dim, generator=generator, device=device) * temperature
+        logits = run(module.decoder, sub_weights(weights, "decoder"), z)
+        return torch.sigmoid(logits).reshape(n, *self.data_shape)

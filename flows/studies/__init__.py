@@ -1,0 +1,203 @@
+"""The paper's evidence, one plug-in per study: ``madloop study fig4 | fig3 | table1 | fig2 | results``.
+
+A paper study is a class registered by name with its settings (at ``studies.<name>`` in params), in a module of
+this package that holds everything about it: its computation, its figure and its RESULTS.md section with its
+verdict rule. One generic flow (:func:`paper_study`) runs any of them: it writes the study's CSVs and PNGs under
+``reports/<name>/``, logs to the MLflow experiment ``<name>`` and records the run time; :func:`write_results`
+renders RESULTS.md from every study's section. Each study is a DVC stage whose deps are its own module and the
+code it imports (dvc.yaml; a test checks them against the imports), so editing one study stales only its stage.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import flow, get_run_logger
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from models.registry import Registry
+from tasks.layout import RESULTS_MD, TIMING_JSON, reports_folder, studies_folder
+from tasks.params import Params, flatten, validate
+from tasks.storage import write_atomic, write_json_atomic
+from tasks.tracking import log_study_run, tracking_uri
+
+PAPER = "Mayer et al., Improving Fairness and Mitigating MADness in Generative Models"
+
+
+@dataclass
+class StudyRun:
+    """What a study's ``run`` gets: its validated params and settings, where to write, the MLflow store."""
+
+    name: str
+    params: Params
+    settings: Any  # params.studies.<name>
+    project: Path
+    folder: Path  # reports/<name>/
+    uri: str
+    logger: Any
+
+    def log(self, run_name: str, curves: dict[str, list[tuple[int, float]]], tags: dict[str, str],
+            artifacts: list[str] = ()) -> str:
+        """A finished MLflow run in the study's experiment: its settings as params, curves, artifacts."""
+        return log_study_run(self.uri, self.name, run_name, self.project, flatten(self.settings.model_dump()), curves,
+                             {"study": self.name, **tags}, [self.folder / a for a in artifacts])
+
+
+class PaperStudy:
+    """A study of the paper: ``run`` computes and writes its reports; ``section`` renders its RESULTS.md part."""
+
+    order = 100  # position in RESULTS.md
+    title = ""
+    params: tuple[str, ...] = ()  # params sections its DVC stage reads besides seed and studies.<name>
+
+    @classmethod
+    def run(cls, study: StudyRun) -> dict[str, Any]:
+        """Compute, write the reports, log; return extra timing facts."""
+        raise NotImplementedError
+
+    @classmethod
+    def section(cls, folder: Path) -> list[str]:
+        raise NotImplementedError
+
+
+STUDIES: Registry[type[PaperStudy]] = Registry("paper study", package="flows.studies")
+
+
+# --- running one ------------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU only'}")
+
+
+def progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+def ticker(bar: Progress, description: str) -> Callable[[int, int], None]:
+    task_id = bar.add_task(description, total=None)
+    return lambda done, total: bar.update(task_id, completed=done, total=total)
+
+
+@flow(name="paper-study", flow_run_name="{name}")
+def paper_study(name: str, params: dict | None = None, root: str = ".") -> dict[str, Any]:
+    """One paper study: its reports under reports/<name>/, its runs in the MLflow experiment <name>."""
+    logger = get_run_logger()
+    p = validate(params)
+    study = STUDIES.get(name)
+    project = Path(root).resolve()
+    folder = reports_folder(project, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    run = StudyRun(name, p, getattr(p.studies, name), project, folder, tracking_uri(p.tracking.uri, project), logger)
+    started = time.perf_counter()
+    extra = study.run(run)
+    timing = {"study": name, "seconds": round(time.perf_counter() - started, 1), "machine": machine(),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+    write_json_atomic(folder / TIMING_JSON, timing)
+    run.log(f"{name} report", {}, {}, sorted(f.name for f in folder.iterdir() if f.is_file()))
+    logger.info(f"{name} finished in {timing['seconds']} s")
+    return timing
+
+
+def run(name: str, p: Params, root: Path) -> dict[str, Any]:
+    return paper_study(name=name, params=p.model_dump(mode="json"), root=str(root))
+
+
+# --- helpers the loop studies share ------------------------------------------------------------------------------
+
+
+def loop_params(p: Params, study: str, estimators: list[str], seeds: list[int], generations: int,
+                **data: Any) -> dict[str, Any]:
+    """Params of a main-loop study with one lineage per (estimator, training seed): ``<estimator>-s<seed>``."""
+    sub = p.model_dump(mode="json")
+    sub["study"]["name"] = study
+    sub["loop"]["generations"] = generations
+    sub["data"].update(data)
+    sub["lineages"] = [{"name": f"{e}-s{s}", "estimator": e, "seed": s} for e in estimators for s in seeds]
+    return sub
+
+
+def loop_generations(project: Path, studies: list[str], started_at: float) -> dict[str, int]:
+    """How many generations the loop studies hold, and how many of them an earlier run had finished (their
+    manifests are older than this run), since a resumed study's run time covers only the rest."""
+    manifests = [m for study in studies for m in (studies_folder(project) / study).glob("*/gen-*.json")]
+    reused = sum(m.stat().st_mtime < started_at for m in manifests)
+    return {"generations": len(manifests), "generations_reused": reused}
+
+
+STYLE = {"mle": ("tab:red", "MLE"), "ple": ("tab:blue", "PLE (hypernetwork)"),
+         "ple_closed": ("tab:green", "PLE (closed form)"), "hyper_nopenalty": ("tab:gray", "hypernetwork, lambda=0")}
+
+
+def style(estimator: str) -> tuple[str, str]:
+    """(colour, label) of an estimator in every figure."""
+    return STYLE.get(estimator, ("tab:purple", estimator))
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# --- RESULTS.md ---------------------------------------------------------------------------------------------------
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def num(value: str | float) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value:.{digits}g}"
+
+
+def timing(folder: Path) -> dict:
+    path = folder / TIMING_JSON
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_time(t: dict) -> str:
+    """'Run time **S s** on MACHINE', saying so when a resumed loop study took generations from an earlier run."""
+    text = f"Run time **{t.get('seconds', 'n/a')} s** on {t.get('machine', 'n/a')}"
+    reused, total = t.get("generations_reused", 0), t.get("generations", 0)
+    if reused:
+        text += (f" (a resumed run: {reused} of its {total} generations were finished by an earlier run, so this "
+                 f"time covers the other {total - reused})")
+    return text
+
+
+def write_results(root: Path) -> Path:
+    """reports/RESULTS.md, rendered from the studies' own CSVs and timings (no number in it is typed by hand)."""
+    reports = Path(root) / "reports"
+    parts = ["# Results: the paper's evidence, reproduced with madloop", "",
+             f"Paper: {PAPER} (../shared/seeds/001). Every number below is read from the CSVs next to this file, "
+             "written by the study commands; `madloop study results` renders this page again.", ""]
+    for study in sorted((e.obj for e in STUDIES.entries()), key=lambda s: (s.order, s.__name__)):
+        name = next(e.name for e in STUDIES.entries() if e.obj is study)
+        folder = reports / name
+        parts += (study.section(folder) if folder.is_dir() and any(folder.glob("*.csv"))
+                  else [f"## {name}", "", f"Not run yet: `madloop study {name}`."]) + [""]
+    path = reports / RESULTS_MD
+    write_atomic(path, lambda tmp: tmp.write_text("\n".join(parts)))
+    return path

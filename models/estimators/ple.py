@@ -1,0 +1,109 @@
+"""PLE: the paper's permutation-invariant hypernetwork (Eq. 6) trained with the self-consistency penalty (Eq. 5),
+and the same hypernetwork with lambda = 0, the control that isolates the penalty (App. J)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from pydantic import Field, PositiveInt
+
+from models.estimators import ESTIMATORS, TrainSettings, adam, minibatches, mixed_precision, weighted_mean
+from models.families import FittedTorchModel, TorchFamily
+from models.hypernet import HyperNetwork, recalibrate_batchnorm
+from models.registry import Settings
+
+
+class PLESettings(Settings):
+    """The hypernetwork estimators (ple, hyper_nopenalty): paper Eq. 5 and 6."""
+
+    lam: float = Field(0.1, ge=0.0)  # penalty weight lambda (paper: 0.1, App. J)
+    m: PositiveInt = 1  # synthetic sets per step (paper: 100 for the 1-D families)
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [32, 64, 96], min_length=1)  # h1 (paper)
+    rank: PositiveInt | None = 4  # rank of the factorized h2 heads; null = the paper's full linear heads
+    penalty_entries: PositiveInt | None = 4096  # weight entries sampled per step for the penalty; null = all
+    penalty_every: PositiveInt = 4  # lazy penalty: every k-th step, weighted k * lam (1 = every step, Eq. 5)
+
+
+HYPER_SETTINGS = {"train": TrainSettings, "ple": PLESettings}
+
+
+@ESTIMATORS.register("ple", settings=HYPER_SETTINGS)
+def fit_ple(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, ple: PLESettings, seed: int,
+            device: torch.device, sample_weight: np.ndarray | None = None) -> FittedTorchModel:
+    """Penalized autophagy estimation (paper Eq. 5) with the hypernetwork H of Eq. 6.
+
+    Each step, on a minibatch X (paper footnote 8: a synthetic set shares the batch size of X)::
+
+        loss = NLL(X; H(X)) / D  +  lam/m * sum_j mean|H(Y_j) - H(X)|,   Y_j ~ model(H(X))
+
+    Norms, our reading of Eq. 5's |.|: the NLL is averaged over samples and the D data dimensions, the penalty
+    is the L1 distance between the emitted weight vectors divided by their count (mean absolute difference).
+    Both are per-unit quantities, so lam means the same for a 6-parameter GMM and a 50k-weight VAE. With
+    ``penalty_entries`` the mean runs over that many weight entries drawn at random each step: an unbiased
+    estimate of the same penalty at a fraction of its cost for big targets (null: every entry).
+
+    Gradients flow through sampling wherever the family reparameterizes: Y_j is a differentiable function of
+    H(X)'s weights (VAE: decoder of fixed noise; Gaussian: mu + sigma * eps; ...), so the penalty reaches H
+    through H(X), through Y_j, and through H(Y_j). Discrete choices (a GMM component, a geometric count) carry
+    no gradient; there the penalty reaches H through H(X) and H(Y_j) only.
+
+    The fitted weights are H over the whole training set (a streamed mean of h1, exact for any batch size or
+    order); batchnorm statistics are then recomputed under those weights. ``penalty_every = k`` is lazy
+    regularization (Karras et al. 2020, StyleGAN2 §3.1): the penalty runs on every k-th step only, weighted
+    k * lam, the same objective in expectation at about 1/k of the penalty's cost. lam = 0 is the paper's
+    "hypernetwork without penalty" ablation (App. J), registered as ``hyper_nopenalty``.
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    sample_generator = torch.Generator(device=device).manual_seed(seed + 1)
+    target = family.build().to(device)
+    data = torch.as_tensor(x, dtype=torch.float32, device=device)
+    features = family.hyper_features(data[:2])
+    hyper = HyperNetwork(target, features.flatten(1).shape[1], list(ple.hidden), ple.rank).to(device)
+    weight = None if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float32, device=device)
+    optimizer = adam(hyper.parameters(), train.lr, device)
+    dims = float(np.prod(data.shape[1:]))
+    lam, m, every = ple.lam, ple.m, ple.penalty_every
+
+    started = time.perf_counter()
+    nll = penalty = torch.tensor(float("nan"))
+    target.train()
+    step = 0
+    for _ in range(train.epochs):
+        for idx in minibatches(len(data), train.batch_size, generator):
+            step += 1
+            idx = idx.to(device)
+            batch = data[idx]
+            with mixed_precision(device, train.precision):
+                e_x = hyper.embed(family.hyper_features(batch))
+                weights = hyper.emit(e_x)
+                nll = weighted_mean(family.nll(target, batch, weights), None if weight is None else weight[idx]) / dims
+                loss = nll
+                if lam > 0 and step % every == 0:
+                    entries = None
+                    if ple.penalty_entries is not None and ple.penalty_entries < hyper.num_emitted:
+                        entries = torch.randint(hyper.num_emitted, (ple.penalty_entries,),
+                                                generator=generator).to(device)
+                    penalty = sum(
+                        hyper.distance(hyper.embed(family.hyper_features(
+                            family.sample(target, len(batch), sample_generator, weights=weights))), e_x, entries)
+                        for _ in range(m)) / m
+                    loss = nll + lam * every * penalty
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    with torch.no_grad():
+        final = {k: v.detach() for k, v in hyper.emit(hyper.streamed_embedding(family.hyper_features(data))).items()}
+    recalibrate_batchnorm(target, final, data, lambda module, w, batch: family.nll(module, batch, w))
+    target.eval()
+    info = {"train_loss": float(nll.detach()), "train_penalty": float(penalty.detach()),
+            "fit_seconds": time.perf_counter() - started, "hyper_weights": sum(p.numel() for p in hyper.parameters())}
+    return FittedTorchModel(family, target, final, info=info, hyper=hyper)
+
+
+# The hypernetwork trained by likelihood alone (PLE with lam = 0; paper App. J): the control that differs from
+# ple by the penalty only. ``fixed`` makes lam 0 in its settings, so its resume hash ignores params' ple.lam.
+ESTIMATORS.register("hyper_nopenalty", settings=HYPER_SETTINGS, fixed={"ple.lam": 0.0})(fit_ple)

@@ -1,0 +1,193 @@
+"""One generation of one lineage, as one plain function: :func:`run_generation`.
+
+    dataset[k] --fit(estimator, weights)--> model[k] --sample(n)--> synthetic[k+1] --next dataset--> dataset[k+1]
+                                               '--score(vs held-out real)--> metrics[k]
+
+The lineage flow (``flows.loop``) calls it with Prefect tasks as its steps, the benchmarks with the plain
+functions: the same body either way. A :class:`Lineage` holds what every generation of one lineage shares: its
+effective params, its parts (family, estimator, loop mode, mitigation), the real data and the scorer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.estimators import ESTIMATORS, fit
+from models.families import FittedTorchModel, TorchFamily, build_family
+from tasks import as_task
+from tasks.datasets import Dataset, RealData, read_parquet, write_parquet
+from tasks.layout import REAL_TRAIN, StudyPaths, dataset_name, generation_files
+from tasks.mitigations import MITIGATIONS, Mitigation
+from tasks.modes import MODES, LoopMode
+from tasks.params import (LineageParams, Params, digest, lineage_params, lineage_recipe, lineage_seed, score_recipe,
+                          section)
+from tasks.seeds import FIT, SAMPLE, SCORE, derive_seed
+from tasks.storage import file_digest, write_atomic, write_json_atomic
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Lineage:
+    """Everything the generations of one lineage share."""
+
+    spec: LineageParams
+    params: Params  # the study's params with this lineage's overrides: what its parts read
+    paths: StudyPaths
+    real: RealData
+    scorer: Any
+    family: TorchFamily
+    device: torch.device
+    recipe: dict[str, Any]  # what decides its datasets and models (its hash is the resume key)
+    score_hash: str  # what decides its metrics
+    mode: LoopMode | None = None
+    mitigation: Mitigation | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def folder(self) -> Path:
+        return self.paths.lineage(self.spec.name)
+
+    @property
+    def seed(self) -> int:
+        return lineage_seed(self.params, self.spec)
+
+
+def open_lineage(study: Params, name: str, paths: StudyPaths, real: RealData, scorer, device) -> Lineage:
+    spec = study.lineage(name)
+    p = lineage_params(study, spec)
+    lineage = Lineage(spec, p, paths, real, scorer, build_family(p.model.family, real.train.shape, p.model), device,
+                      lineage_recipe(study, spec), digest(score_recipe(p)))
+    lineage.mode = MODES.get(p.loop.mode)(lineage)
+    lineage.mitigation = MITIGATIONS.get(spec.mitigation)(lineage)
+    return lineage
+
+
+# --- the steps ---------------------------------------------------------------------------------------------------
+
+
+def fit_model(lineage: Lineage, data: Dataset, seed: int, sample_weight: np.ndarray | None = None) -> FittedTorchModel:
+    """Train the lineage's family on ``data`` with its estimator and the settings it declares."""
+    entry = ESTIMATORS.entry(lineage.spec.estimator)
+    sections = {path.rsplit(".", 1)[-1]: section(lineage.params, path) for path in entry.settings}
+    return fit(entry.name, lineage.family, data.pixels, seed=seed, device=lineage.device, sample_weight=sample_weight,
+               **sections)
+
+
+def load_model(family: TorchFamily, tensors: dict[str, torch.Tensor], device: torch.device) -> FittedTorchModel:
+    return FittedTorchModel(family, family.build().to(device)).load_tensors(
+        {k: v.to(device) for k, v in tensors.items()})
+
+
+def sample_synthetic(model: FittedTorchModel, n: int, seed: int, lineage: str, generation: int, source: str,
+                     temperature: float = 1.0) -> Dataset:
+    """n samples of ``model`` as a synthetic dataset; ``generation`` is the index of the dataset they enter."""
+    return Dataset.synthetic(model.sample(n, seed, temperature), lineage, generation, source)
+
+
+def score_model(scorer, model: FittedTorchModel, seed: int) -> tuple[np.ndarray, dict[str, float]]:
+    """Model k's samples (for its picture) and metrics, from the scorer of the family's kind."""
+    return scorer.evaluate(model, seed)
+
+
+def save_generation(folder: Path, k: int, tensors: dict[str, torch.Tensor], next_dataset: Dataset,
+                    picture: Callable[[Path], None], metrics: dict[str, float], recipe: dict[str, Any],
+                    score_hash: str, trained_on: dict[str, str], info: dict[str, Any]) -> dict[str, Any]:
+    """Write generation k atomically, manifest last: a killed run leaves it either finished or not begun.
+    ``picture(path)`` draws the generation's PNG (a sample grid, or a histogram against the truth)."""
+    files = generation_files(k)
+    outputs = {
+        files["dataset"]: write_atomic(folder / files["dataset"], lambda tmp: write_parquet(next_dataset, tmp)),
+        files["model"]: write_atomic(folder / files["model"], lambda tmp: save_file(tensors, str(tmp))),
+        files["samples"]: write_atomic(folder / files["samples"], picture),
+    }
+    manifest = {
+        "generation": k, "recipe_hash": digest(recipe), "recipe": recipe, "score_hash": score_hash,
+        "trained_on": trained_on, "outputs": outputs, "metrics": metrics, "info": info,
+        # DVC's content address of each file (md5), the link MLflow runs carry back to DVC
+        "md5": {name: file_digest(folder / name, "md5") for name in outputs},
+        "rows": {"trained_on": info.get("rows_trained_on"), "produced": len(next_dataset)},
+    }
+    write_json_atomic(folder / files["manifest"], manifest)
+    return manifest
+
+
+@dataclass(frozen=True)
+class Steps:
+    """The steps of a generation: plain functions, or the same functions as Prefect tasks."""
+
+    fit: Callable = fit_model
+    sample: Callable = sample_synthetic
+    score: Callable = score_model
+    save: Callable = save_generation
+
+
+PLAIN = Steps()
+TASKS = Steps(*(as_task(fn) for fn in (fit_model, sample_synthetic, score_model, save_generation)))
+
+
+# --- one generation ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    k: int
+    model: FittedTorchModel
+    manifest: dict[str, Any]
+    next_dataset: Dataset  # dataset k+1
+    next_path: Path  # where it was written
+
+
+def trained_on_record(lineage: Lineage, path: Path) -> dict[str, str]:
+    return {"path": str(path.relative_to(lineage.paths.root)), "sha256": file_digest(path),
+            "md5": file_digest(path, "md5")}
+
+
+def dataset_path(lineage: Lineage, k: int) -> Path:
+    """Where dataset k is: the real training set for k = 0, else in the lineage's folder."""
+    return lineage.paths.real / REAL_TRAIN if k == 0 else lineage.folder / dataset_name(k)
+
+
+def run_generation(lineage: Lineage, k: int, dataset: Dataset, steps: Steps = PLAIN) -> Generation:
+    """Generation k: weights (mitigation), fit (estimator), sample (mode's count), score, next dataset (mitigation,
+    by default the mode), save (files, then the manifest)."""
+    lin = lineage
+    weights, weight_info = lin.mitigation.training_weights(k, dataset)
+    model = steps.fit(lin, dataset, derive_seed(lin.seed, k, FIT), weights)
+    synthetic = steps.sample(model, lin.mode.synthetic_rows(), derive_seed(lin.seed, k, SAMPLE), lin.name, k + 1,
+                             lin.params.data.source, lin.params.loop.temperature)
+    samples, metrics = steps.score(lin.scorer, model, derive_seed(lin.seed, k, SCORE))
+    metrics.update(lin.scorer.dataset_metrics(dataset), **weight_info)
+    next_dataset, next_info = lin.mitigation.next_dataset(k, dataset, synthetic, metrics)
+    metrics.update(next_info)
+    manifest = steps.save(lin.folder, k, model.tensors(), next_dataset,
+                          lambda path, s=samples: lin.scorer.picture(s, path), metrics, lin.recipe, lin.score_hash,
+                          trained_on_record(lin, dataset_path(lin, k)), {**model.info, "rows_trained_on": len(dataset)})
+    return Generation(k, model, manifest, next_dataset, dataset_path(lin, k + 1))
+
+
+def rescore_manifest(folder: Path, manifest: dict[str, Any], metrics: dict[str, float], score_hash: str) -> dict:
+    manifest = {**manifest, "metrics": metrics, "score_hash": score_hash}
+    write_json_atomic(folder / generation_files(manifest["generation"])["manifest"], manifest)
+    return manifest
+
+
+def load_generation_model(folder: Path, k: int) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / generation_files(k)["model"]))
+
+
+def load_generation_dataset(folder: Path, k: int) -> Dataset:
+    return read_parquet(folder / dataset_name(k))

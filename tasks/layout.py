@@ -1,0 +1,81 @@
+"""Where a study's files live: every path and file name madloop writes is spelled here, and only here.
+
+Under the project root (``data/`` is DVC's, ``reports/`` is git's)::
+
+    data/studies/<study>/real/          train.parquet (dataset 0), test.parquet, manifest.json
+    data/studies/<study>/<lineage>/     dataset-001.parquet ...  the datasets generations 1.. train on
+                                        model-000.safetensors ... generation k's model weights
+                                        samples-000.png ...       a grid of its samples
+                                        gen-000.json ...          manifest: params hash, sha256s, metrics
+    data/cache/                         the domain classifier, keyed by the hash of its training data
+    reports/<study>/                    generations.csv (DVC plots), metrics.json (DVC metrics), summary.md,
+                                        lineages.csv / lineages.md (recipes ranked)
+    .madloop/trash/<time>/              whatever was replaced or quarantined, never deleted
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+REAL = "real"  # the real data's folder: not a lineage name
+REAL_TRAIN, REAL_TEST, REAL_MANIFEST = "train.parquet", "test.parquet", "manifest.json"
+GENERATIONS_CSV, METRICS_JSON, SUMMARY_MD = "generations.csv", "metrics.json", "summary.md"
+RANKING_CSV, RANKING_MD = "lineages.csv", "lineages.md"
+TIMING_JSON = "timing.json"
+RESULTS_MD = "RESULTS.md"
+
+
+def dataset_name(k: int) -> str:
+    """Dataset k: the one generation k trains on (0 is the real training set)."""
+    return f"dataset-{k:03d}.parquet"
+
+
+def generation_files(k: int) -> dict[str, str]:
+    """What generation k writes: the dataset generation k+1 trains on, its model, picture and manifest."""
+    return {"dataset": dataset_name(k + 1), "model": f"model-{k:03d}.safetensors",
+            "samples": f"samples-{k:03d}.png", "manifest": f"gen-{k:03d}.json"}
+
+
+MANIFEST_GLOB = "gen-*.json"
+
+
+@dataclass(frozen=True)
+class StudyPaths:
+    root: Path
+    study: str
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data" / "studies" / self.study
+
+    @property
+    def real(self) -> Path:
+        return self.data / REAL
+
+    @property
+    def real_manifest(self) -> Path:
+        return self.real / REAL_MANIFEST
+
+    def lineage(self, name: str) -> Path:
+        return self.data / name
+
+    @property
+    def reports(self) -> Path:
+        return reports_folder(self.root, self.study)
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "data" / "cache"
+
+    @property
+    def trash(self) -> Path:
+        return self.root / ".madloop" / "trash"
+
+
+def reports_folder(root: Path, name: str) -> Path:
+    return root / "reports" / name
+
+
+def studies_folder(root: Path) -> Path:
+    return root / "data" / "studies"

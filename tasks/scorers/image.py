@@ -1,0 +1,185 @@
+"""The image scorer: torch-fidelity metrics on the domain classifier's features (or Inception's, when the user
+has its weights), plus the fairness view of the paper; each metric is a plug-in of ``tasks.metrics``."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, PositiveInt, model_validator
+
+from models.classifier import DomainClassifier, load_classifier, predict, save_classifier, train_classifier
+from models.fidelity import CLASSIFIER_EXTRACTOR, INCEPTION_EXTRACTOR
+from models.registry import Settings
+from tasks.datasets import Dataset, RealData, evaluation_reference
+from tasks.metrics import IMAGE_METRICS, image_metrics_in_order
+from tasks.scorers import SCORERS, Column, Scorer
+from tasks.storage import write_atomic
+
+
+class ClassifierSettings(Settings):
+    """The domain classifier: FID features and labels for generated images, trained once per training split."""
+
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 128
+    lr: float = Field(1e-3, gt=0.0)
+    channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64], min_length=2, max_length=2)
+    feature_dim: PositiveInt = 64
+
+
+class ImageScoreSettings(Settings):
+    samples: PositiveInt = 1000  # fresh samples drawn from each model for scoring
+    feature_extractor: Literal["classifier", "inception"] = "classifier"
+    inception_weights: str | None = None  # local torch-fidelity Inception weights (never downloaded)
+    kid_subset_size: PositiveInt = 1000
+    prc_neighborhood: PositiveInt = 3
+    min_class_samples: PositiveInt = 10  # fewer generated images of a class than this: its FID is NaN
+
+    @model_validator(mode="after")
+    def inception_needs_weights(self) -> "ImageScoreSettings":
+        if self.feature_extractor == "inception" and not self.inception_weights:
+            raise ValueError("inception_weights: required when score.feature_extractor is 'inception' "
+                             "(a local torch-fidelity Inception weights file; madloop never downloads it)")
+        return self
+
+
+def data_fingerprint(data: Dataset) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(data.pixels).tobytes())
+    h.update(np.ascontiguousarray(data.label).tobytes())
+    return h.hexdigest()
+
+
+def classifier_path(cache_dir: Path, train_full: Dataset, p) -> Path:
+    """Cache key: the bytes of the data it is trained on and every classifier knob."""
+    key = hashlib.sha256(f"{data_fingerprint(train_full)}|{p.classifier.model_dump_json()}|{p.seed}".encode())
+    return cache_dir / f"classifier-{key.hexdigest()[:20]}.safetensors"
+
+
+def ensure_classifier(real: RealData, p, cache_dir: Path, device: torch.device) -> tuple[Path, float]:
+    """Train the domain classifier once per training set (reused from the cache after that); its test accuracy."""
+    path = classifier_path(cache_dir, real.train_full, p)
+    if path.is_file():
+        try:
+            model = load_classifier(path, device)
+        except Exception:  # unreadable cache entry: train again (the cache is derived data)
+            path.unlink()
+        else:
+            return path, accuracy(model, real.test)
+    c = p.classifier
+    model = train_classifier(real.train_full.pixels, real.train_full.label, real.num_classes, epochs=c.epochs,
+                             batch_size=c.batch_size, lr=c.lr, seed=p.seed, channels=c.channels,
+                             feature_dim=c.feature_dim, device=device)
+    write_atomic(path, lambda tmp: save_classifier(model, tmp))
+    return path, accuracy(model, real.test)
+
+
+def accuracy(model: DomainClassifier, test: Dataset) -> float:
+    return float((predict(model, test.pixels) == test.label).mean())
+
+
+def save_sample_grid(pixels: np.ndarray, path: Path, n: int = 64) -> None:
+    from torchvision.utils import make_grid, save_image
+
+    images = torch.as_tensor(pixels[:n])
+    scale = max(1, 96 // images.shape[-1])  # 8x8 digits are unreadable at 1:1
+    images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    save_image(make_grid(images, nrow=8, padding=2, pad_value=0.5), str(path), format="png")
+
+
+@SCORERS.register("image", settings={"classifier": ClassifierSettings, "score": ImageScoreSettings})
+@dataclass
+class ImageScorer(Scorer):
+    """FID, KID, precision, recall and the fairness view of 1,000 fresh samples against held-out real images."""
+
+    kind = "image"
+    rank_by = "fid"
+
+    classifier: DomainClassifier
+    extractor: str
+    extractor_weights: str
+    reference: np.ndarray  # held-out rows of the study's two classes at the training imbalance
+    class_reference: dict[int, np.ndarray]  # every held-out row of the majority / the minority class
+    majority: int
+    minority: int
+    kid_subset_size: int
+    prc_neighborhood: int
+    min_class_samples: int
+    samples: int
+    device: torch.device
+
+    @classmethod
+    def settings(cls):
+        out = dict(super().settings())
+        for entry in IMAGE_METRICS.entries():
+            out.update(entry.settings)
+        return out
+
+    @classmethod
+    def columns(cls, family=None) -> list[Column]:
+        return [column for metric in image_metrics_in_order() for column in metric.columns] + \
+            [Column("minority_share_train")]
+
+    @classmethod
+    def build(cls, p, real: RealData, cache_dir: Path, device: torch.device) -> tuple["ImageScorer", str]:
+        classifier_file, acc = ensure_classifier(real, p, cache_dir, device)
+        note = f"domain classifier accuracy {acc:.3f} on the {len(real.test)}-image test split"
+        return cls.from_classifier(p, real, classifier_file, device), note
+
+    @classmethod
+    def from_classifier(cls, p, real: RealData, classifier_file: Path, device: torch.device) -> "ImageScorer":
+        s, d = p.score, p.data
+        if s.feature_extractor == "inception":
+            extractor, weights = INCEPTION_EXTRACTOR, s.inception_weights
+        else:
+            extractor, weights = CLASSIFIER_EXTRACTOR, str(classifier_file)
+        reference = evaluation_reference(real.test, d, p.seed)
+        return cls(classifier=load_classifier(classifier_file, device), extractor=extractor,
+                   extractor_weights=weights, reference=reference.pixels,
+                   class_reference={c: real.test.pixels[real.test.label == c] for c in (d.majority, d.minority)},
+                   majority=d.majority, minority=d.minority, kid_subset_size=s.kid_subset_size,
+                   prc_neighborhood=s.prc_neighborhood, min_class_samples=s.min_class_samples, samples=s.samples,
+                   device=device)
+
+    @property
+    def extractor_kwargs(self) -> dict:
+        return dict(extractor=self.extractor, weights_path=self.extractor_weights, device=self.device)
+
+    def label(self, pixels: np.ndarray) -> np.ndarray:
+        return predict(self.classifier, pixels)
+
+    def minority_share(self, data: Dataset) -> float:
+        """Share of minority rows: true labels where known, the classifier's call for synthetic rows."""
+        labels = np.where(data.label >= 0, data.label, -1)
+        unknown = labels < 0
+        if unknown.any():
+            labels[unknown] = self.label(data.pixels[unknown])
+        return float((labels == self.minority).mean()) if len(labels) else math.nan
+
+    def evaluate(self, model, seed: int) -> tuple[np.ndarray, dict[str, float]]:
+        samples = model.sample(self.samples, seed)
+        return samples, self.score(samples, seed)
+
+    def score(self, samples: np.ndarray, seed: int) -> dict[str, float]:
+        labels = self.label(samples)
+        metrics: dict[str, float] = {}
+        for metric in image_metrics_in_order():
+            metrics.update(metric.compute(self, samples, labels, seed))
+        return metrics
+
+    def dataset_metrics(self, data: Dataset) -> dict[str, float]:
+        return {"minority_share_train": self.minority_share(data)}
+
+    def picture(self, samples: np.ndarray, path: Path) -> None:
+        save_sample_grid(samples, path)
+
+    @staticmethod
+    def describe(metrics: dict[str, float]) -> str:
+        return (f"fid {metrics['fid']:.3g}  precision {metrics['precision']:.3f}  recall {metrics['recall']:.3f}  "
+                f"minority share {metrics['minority_share']:.3f} (trained on {metrics['minority_share_train']:.3f})"
+                f"  r_fair {metrics['r_fair']:.3g}")
