@@ -89,10 +89,22 @@ def as_floats(metrics: dict[str, float]) -> dict[str, float]:
     return {k: math.nan if v is None else float(v) for k, v in metrics.items()}
 
 
+def training_metrics(info: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """(name, value, step) of what the fit reported: its scalar summaries (step 0) and, for estimators that keep
+    one (the hypernetworks), the per-epoch history (step = epoch): how much of the loss the penalty is."""
+    out = [(f"train.{k}", float(v), 0) for k, v in info.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "rows_trained_on"]
+    for name, values in (info.get("history") or {}).items():
+        out += [(f"train.{name}_per_epoch", float(v), epoch) for epoch, v in enumerate(values)
+                if v is not None and math.isfinite(v)]
+    return out
+
+
 def record_generation(client: MlflowClient, exp_id: str, parent_id: str, lineage: str, generation: int,
                       metrics: dict[str, float], params: dict[str, Any], tags: dict[str, str],
-                      artifacts: list[Path]) -> str:
-    """Log generation k once: a nested run with params, tags and artifacts, and metrics at step k on both."""
+                      artifacts: list[Path], training: list[tuple[str, float, int]] = ()) -> str:
+    """Log generation k once: a nested run with params, tags, artifacts and the fit's own metrics (``training``:
+    (name, value, step)), and the scores at step k on both it and the lineage's parent run."""
     values = as_floats(metrics)  # FID of a class with no samples is NaN: logged, so every step has every metric
     run_id = None
     for run in find_runs(client, exp_id, f"tags.`mlflow.parentRunId` = '{parent_id}' and "
@@ -110,6 +122,9 @@ def record_generation(client: MlflowClient, exp_id: str, parent_id: str, lineage
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
             client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
         client.log_batch(run_id, metrics=[Metric(k, v, now, generation) for k, v in values.items()])
+        fitted = [Metric(k, v, now, step) for k, v, step in training]
+        for start in range(0, len(fitted), 1000):
+            client.log_batch(run_id, metrics=fitted[start:start + 1000])
         for path in artifacts:
             client.log_artifact(run_id, str(path))
         client.set_terminated(run_id, "FINISHED")
@@ -173,7 +188,7 @@ def log_generation(uri: str, exp_id: str, parent_id: str, lineage: str, manifest
         "madloop.manifest": str((folder / f"gen-{k:03d}.json").relative_to(project_root)),
     }
     return record_generation(client_for(uri), exp_id, parent_id, lineage, k, manifest["metrics"],
-                             {**params, "generation": k}, tags, [*grid, model])
+                             {**params, "generation": k}, tags, [*grid, model], training_metrics(manifest["info"]))
 
 
 @retry_when_locked

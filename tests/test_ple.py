@@ -156,3 +156,77 @@ def test_lazy_penalty_runs_on_every_kth_step_only():
     assert all(torch.equal(never.tensors()[k], control.tensors()[k]) for k in control.tensors())
     assert np.isfinite(lazy.info["train_penalty"])
     assert any(not torch.allclose(lazy.tensors()[k], control.tensors()[k]) for k in control.tensors())
+
+
+def penalty_case():
+    """A VAE target, a hypernetwork moved off its initialization, a batch X and H(X)."""
+    target, hyper = make_hyper(rank=8)
+    family = FAMILIES.get("vae")((1, 8, 8), VAESettings(hidden=[32, 16], latent_dim=4))
+    target.train()
+    x = torch.rand(16, 1, 8, 8)
+    e_x = hyper.embed(family.hyper_features(x))
+    return family, target, hyper, e_x, hyper.emit(e_x)
+
+
+def test_penalty_is_the_mean_absolute_difference_of_emitted_weights():
+    """Eq. 5's penalty, per unit: (1/m) sum_j mean|H(Y_j) - H(X)|, computed here from the full emitted weight
+    dicts (biases included) and compared with the estimator's (which evaluates only the linear part)."""
+    from models.estimators.ple import penalty
+
+    family, target, hyper, e_x, weights = penalty_case()
+    value = penalty(family, target, hyper, e_x, weights, 16, 3, torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(5)
+    flat = lambda w: torch.cat([t.reshape(-1) for t in w.values()])  # noqa: E731
+    manual = sum((flat(hyper(family.hyper_features(family.sample(target, 16, generator, weights=weights))))
+                  - flat(weights)).abs().mean() for _ in range(3)) / 3
+    assert value.item() == pytest.approx(manual.item(), rel=1e-5) and value.item() > 0
+
+
+def test_penalty_gradient_flows_through_the_synthetic_samples():
+    """The heads' biases b cancel in H(Y_j) - H(X), so the penalty reaches b only through Y_j = f(H(X)) (Y_j
+    depend on the emitted weights, which contain b). Detaching Y_j must cut exactly that path."""
+    from models.estimators.ple import penalty
+
+    family, target, hyper, e_x, weights = penalty_case()
+    penalty(family, target, hyper, e_x, weights, 16, 2, torch.Generator().manual_seed(1)).backward()
+    through_samples = hyper.bias.grad.abs().sum().item()
+    assert through_samples > 0
+
+    class Detached:  # the same family, with the samples cut off from the weights
+        def sample(self, *args, **kwargs):
+            return family.sample(*args, **kwargs).detach()
+
+        def hyper_features(self, y):
+            return family.hyper_features(y)
+
+    family, target, hyper, e_x, weights = penalty_case()
+    penalty(Detached(), target, hyper, e_x, weights, 16, 2, torch.Generator().manual_seed(1)).backward()
+    assert hyper.bias.grad is None or hyper.bias.grad.abs().sum().item() == 0
+    assert hyper.h1[0].weight.grad.abs().sum().item() > 0  # the other paths (H(X), H(Y_j)) still carry it
+
+
+def test_switching_the_penalty_on_changes_nothing_but_the_penalty():
+    """The penalty draws from random streams of its own: at lambda = 1e-30 training is the lambda = 0 control step
+    for step (same data order, same noise); lambda = 0.5 moves the weights."""
+    family = FAMILIES.get("vae")((1, 8, 8), VAESettings(hidden=[32], latent_dim=4))
+    x = torch.rand(128, 1, 8, 8).round().numpy()
+    train = dict(epochs=10, batch_size=64, lr=3e-3)
+    ple = dict(hidden=[16, 16], rank=4, penalty_every=1, penalty_entries=256)
+    fits = {lam: fit("ple", family, x, seed=0, train=train, ple={**ple, "lam": lam}).tensors()
+            for lam in (0.0, 1e-30, 0.5)}
+    tiny_gap = max((fits[0.0][k] - fits[1e-30][k]).abs().max().item() for k in fits[0.0])
+    real_gap = max((fits[0.0][k] - fits[0.5][k]).abs().max().item() for k in fits[0.0])
+    assert tiny_gap < 1e-6 < 1e-3 < real_gap, (tiny_gap, real_gap)
+
+
+def test_hypernetwork_fits_report_the_penalty_share_per_epoch():
+    family = FAMILIES.get("vae")((1, 8, 8), VAESettings(hidden=[32], latent_dim=4))
+    x = torch.rand(128, 1, 8, 8).round().numpy()
+    model = fit("ple", family, x, seed=0, train=dict(epochs=4), ple=dict(hidden=[16], rank=2, penalty_every=1))
+    history = model.info["history"]
+    assert len(history["nll"]) == len(history["penalty"]) == 4 and all(v > 0 for v in history["penalty"])
+    lam = 0.1
+    assert model.info["penalty_share"] == pytest.approx(
+        lam * history["penalty"][-1] / (history["nll"][-1] + lam * history["penalty"][-1]))
+    control = fit("hyper_nopenalty", family, x, seed=0, train=dict(epochs=4), ple=dict(hidden=[16], rank=2))
+    assert control.info["penalty_share"] == 0.0 and all(np.isnan(control.info["history"]["penalty"]))

@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
 from models.families import FittedTorchModel, TorchFamily
+from models.hypernet import recalibrate_batchnorm
 from models.registry import Registry, Settings
 
 Estimator = Callable[..., FittedTorchModel]
@@ -34,6 +35,9 @@ class TrainSettings(Settings):
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 1e-3
     precision: str = Field("fp32", pattern=r"^(fp32|bf16)$")  # bf16: autocast forward passes (weights stay fp32)
+    # After training, recompute every batchnorm's statistics exactly over the training set under the final
+    # weights. Every estimator does the same, so no estimator is favoured by its batchnorm statistics.
+    recalibrate_batchnorm: bool = True
 
 
 def section_values(cls: type[Settings], given: BaseModel | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -89,6 +93,14 @@ def weighted_mean(per_sample: torch.Tensor, sample_weight: torch.Tensor | None) 
     if sample_weight is None:
         return per_sample.mean()
     return (per_sample * sample_weight).sum() / sample_weight.sum()
+
+
+def finish_batchnorm(family: TorchFamily, module: torch.nn.Module, weights, data: torch.Tensor,
+                     train: TrainSettings) -> None:
+    """Batchnorm statistics after training, the same rule for every estimator (``train.recalibrate_batchnorm``):
+    exact averages over the training set under the final weights, or the running averages training left."""
+    if train.recalibrate_batchnorm:
+        recalibrate_batchnorm(module, weights, data, lambda m, w, batch: family.nll(m, batch, w))
 
 
 def timed(fit_fn, x, **kwargs) -> FittedTorchModel:

@@ -7,7 +7,8 @@ import time
 import numpy as np
 import torch
 
-from models.estimators import ESTIMATORS, TrainSettings, adam, minibatches, mixed_precision, timed, weighted_mean
+from models.estimators import (ESTIMATORS, TrainSettings, adam, finish_batchnorm, minibatches, mixed_precision, timed,
+                               weighted_mean)
 from models.families import FittedTorchModel, TorchFamily
 
 
@@ -35,6 +36,7 @@ def fit_mle(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, seed: i
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    finish_batchnorm(family, module, None, data, train)
     module.eval()
     info = {"train_loss": float(loss.detach()), "fit_seconds": time.perf_counter() - started}
     return FittedTorchModel(family, module, info=info)

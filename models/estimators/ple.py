@@ -3,15 +3,17 @@ and the same hypernetwork with lambda = 0, the control that isolates the penalty
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 import torch
 from pydantic import Field, PositiveInt
 
-from models.estimators import ESTIMATORS, TrainSettings, adam, minibatches, mixed_precision, weighted_mean
+from models.estimators import (ESTIMATORS, TrainSettings, adam, finish_batchnorm, minibatches, mixed_precision,
+                               weighted_mean)
 from models.families import FittedTorchModel, TorchFamily
-from models.hypernet import HyperNetwork, recalibrate_batchnorm
+from models.hypernet import HyperNetwork
 from models.registry import Settings
 
 
@@ -50,14 +52,19 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, ple: PL
     no gradient; there the penalty reaches H through H(X) and H(Y_j) only.
 
     The fitted weights are H over the whole training set (a streamed mean of h1, exact for any batch size or
-    order); batchnorm statistics are then recomputed under those weights. ``penalty_every = k`` is lazy
+    order); batchnorm statistics are then recomputed under those weights (``train.recalibrate_batchnorm``, the
+    same rule MLE follows). ``info["history"]`` holds the mean NLL and penalty of every epoch, and
+    ``info["penalty_share"]`` the penalty's share of the last epoch's objective. ``penalty_every = k`` is lazy
     regularization (Karras et al. 2020, StyleGAN2 §3.1): the penalty runs on every k-th step only, weighted
     k * lam, the same objective in expectation at about 1/k of the penalty's cost. lam = 0 is the paper's
     "hypernetwork without penalty" ablation (App. J), registered as ``hyper_nopenalty``.
     """
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the target's initialization (H's biases start there) and h1's
+    order_generator = torch.Generator().manual_seed(seed)  # minibatch order: the same for every lambda
+    # The penalty's randomness (synthetic sets, sampled weight entries) has streams of its own, so switching the
+    # penalty on changes nothing else: at lambda -> 0 PLE is the lambda = 0 control, step for step.
     sample_generator = torch.Generator(device=device).manual_seed(seed + 1)
+    entry_generator = torch.Generator().manual_seed(seed + 2)
     target = family.build().to(device)
     data = torch.as_tensor(x, dtype=torch.float32, device=device)
     features = family.hyper_features(data[:2])
@@ -65,14 +72,15 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, ple: PL
     weight = None if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float32, device=device)
     optimizer = adam(hyper.parameters(), train.lr, device)
     dims = float(np.prod(data.shape[1:]))
-    lam, m, every = ple.lam, ple.m, ple.penalty_every
+    every = ple.penalty_every
 
     started = time.perf_counter()
-    nll = penalty = torch.tensor(float("nan"))
+    history: dict[str, list[float]] = {"nll": [], "penalty": []}
     target.train()
     step = 0
     for _ in range(train.epochs):
-        for idx in minibatches(len(data), train.batch_size, generator):
+        nll_sum, penalty_sum, steps, penalty_steps = torch.zeros(()), torch.zeros(()), 0, 0
+        for idx in minibatches(len(data), train.batch_size, order_generator):
             step += 1
             idx = idx.to(device)
             batch = data[idx]
@@ -81,27 +89,49 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, ple: PL
                 weights = hyper.emit(e_x)
                 nll = weighted_mean(family.nll(target, batch, weights), None if weight is None else weight[idx]) / dims
                 loss = nll
-                if lam > 0 and step % every == 0:
+                if ple.lam > 0 and step % every == 0:
                     entries = None
                     if ple.penalty_entries is not None and ple.penalty_entries < hyper.num_emitted:
                         entries = torch.randint(hyper.num_emitted, (ple.penalty_entries,),
-                                                generator=generator).to(device)
-                    penalty = sum(
-                        hyper.distance(hyper.embed(family.hyper_features(
-                            family.sample(target, len(batch), sample_generator, weights=weights))), e_x, entries)
-                        for _ in range(m)) / m
-                    loss = nll + lam * every * penalty
+                                                generator=entry_generator).to(device)
+                    value = penalty(family, target, hyper, e_x, weights, len(batch), ple.m, sample_generator, entries)
+                    loss = nll + ple.lam * every * value  # lazy: every k-th step, k times the weight
+                    penalty_sum, penalty_steps = penalty_sum + value.detach().float().cpu(), penalty_steps + 1
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            nll_sum, steps = nll_sum + nll.detach().float().cpu(), steps + 1
+        history["nll"].append(float(nll_sum) / max(steps, 1))
+        history["penalty"].append(float(penalty_sum) / penalty_steps if penalty_steps else math.nan)
 
     with torch.no_grad():
         final = {k: v.detach() for k, v in hyper.emit(hyper.streamed_embedding(family.hyper_features(data))).items()}
-    recalibrate_batchnorm(target, final, data, lambda module, w, batch: family.nll(module, batch, w))
+    finish_batchnorm(family, target, final, data, train)
     target.eval()
-    info = {"train_loss": float(nll.detach()), "train_penalty": float(penalty.detach()),
-            "fit_seconds": time.perf_counter() - started, "hyper_weights": sum(p.numel() for p in hyper.parameters())}
+    last_penalty = next((v for v in reversed(history["penalty"]) if math.isfinite(v)), math.nan)
+    info = {"train_loss": history["nll"][-1] if history["nll"] else math.nan, "train_penalty": last_penalty,
+            # how much of the objective the penalty is, in the last epoch: lam * penalty / (nll + lam * penalty)
+            "penalty_share": (ple.lam * last_penalty / (history["nll"][-1] + ple.lam * last_penalty)
+                              if math.isfinite(last_penalty) and history["nll"] else 0.0),
+            "fit_seconds": time.perf_counter() - started, "hyper_weights": sum(p.numel() for p in hyper.parameters()),
+            "history": history}
     return FittedTorchModel(family, target, final, info=info, hyper=hyper)
+
+
+def penalty(family: TorchFamily, target: torch.nn.Module, hyper: HyperNetwork, e_x: torch.Tensor,
+            weights: dict[str, torch.Tensor], size: int, m: int, generator: torch.Generator,
+            entries: torch.Tensor | None = None) -> torch.Tensor:
+    """(1/m) sum_j mean|H(Y_j) - H(X)| with Y_j ~ model(H(X)), ``size`` points each (Eq. 5's penalty, per unit).
+
+    ``e_x`` is mean_i h1(x_i) of the batch X and ``weights`` = H(X). Y_j is drawn through the family's
+    reparameterized sampler, so the penalty's gradient reaches H through H(X) (``e_x``), through Y_j (a function
+    of ``weights``) and through H(Y_j). The heads' biases cancel in H(Y_j) - H(X): only the linear part is
+    evaluated, over every emitted weight or the sampled ``entries`` (an unbiased estimate of the same mean)."""
+    total = 0.0
+    for _ in range(m):
+        y = family.sample(target, size, generator, weights=weights)
+        total = total + hyper.distance(hyper.embed(family.hyper_features(y)), e_x, entries)
+    return total / m
 
 
 # The hypernetwork trained by likelihood alone (PLE with lam = 0; paper App. J): the control that differs from
