@@ -106,3 +106,17 @@ def test_table1_and_fig2_run_the_loop_and_summarize(project, prefect_server):
     timing = json.loads((project / "reports" / "fig2" / "timing.json").read_text())
     assert (timing["generations"], timing["generations_reused"]) == (4, 4)
     assert "a resumed run: 4 of its 4 generations were finished by an earlier run" in run_time(timing)
+
+
+def test_paired_comparison_finds_a_real_shift_and_not_noise():
+    from tasks.stats import interval, paired
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 1, 12)
+    shifted = paired(base + 0.5 + rng.normal(0, 0.1, 12), base)
+    assert shifted.p < 1e-6 and shifted.low < 0.5 < shifted.high
+    noise = paired(base + rng.normal(0, 0.1, 12), base)
+    assert noise.p > 0.01 and noise.low < 0 < noise.high
+    assert paired([1.0, np.nan], [0.0, 2.0]).n == 1
+    mean, low, high = interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and low < 2.0 < high and high - 2.0 == pytest.approx(2.0 - low)
