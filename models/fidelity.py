@@ -13,6 +13,7 @@ import math
 import numpy as np
 import torch
 import torch_fidelity
+from torch_fidelity import metric_fid, metric_kid, metric_prc
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.helpers import vassert
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
@@ -75,38 +76,102 @@ class ImageSet(torch.utils.data.Dataset):
         return self.data[i]
 
 
-def fidelity_kwargs(extractor: str, weights_path: str, device: torch.device) -> dict:
-    return dict(feature_extractor=extractor, feature_extractor_weights_path=str(weights_path),
-                cuda=device.type == "cuda", verbose=False, cache=False, save_cpu_ram=True)
+class Features:
+    """The feature extractor torch-fidelity would use for FID (its registered extractor, its FID layer), run once
+    per image set: every metric below is then computed from features with torch-fidelity's own functions."""
+
+    def __init__(self, extractor: str, weights_path: str, device: torch.device, batch_size: int = 1000):
+        from torch_fidelity.utils import create_feature_extractor
+
+        self.rgb = extractor == INCEPTION_EXTRACTOR
+        self.layer = FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
+        self.cuda, self.batch_size = device.type == "cuda", batch_size
+        self.model = create_feature_extractor(extractor, [self.layer], cuda=self.cuda,
+                                              feature_extractor_weights_path=str(weights_path), verbose=False)
+
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
+        from torch_fidelity.utils import get_featuresdict_from_dataset
+
+        features = get_featuresdict_from_dataset(ImageSet(images, self.rgb), self.model, self.batch_size, self.cuda,
+                                                 True, False)
+        return features[self.layer].double()
+
+
+def weighted_statistics(features: torch.Tensor, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """FID's Gaussian statistics (mean, covariance) of features whose rows carry weights (numpy's weighted mean and
+    ``cov(aweights=...)``), in the form torch-fidelity's ``fid_statistics_to_metric`` takes."""
+    f = features.cpu().numpy()
+    return {"mu": np.average(f, axis=0, weights=weights), "sigma": np.cov(f, rowvar=False, aweights=weights)}
+
+
+def fid_from_features(generated: torch.Tensor, reference: torch.Tensor,
+                      reference_weights: np.ndarray | None = None) -> float:
+    """torch-fidelity's FID between two feature sets; NaN when either has fewer than 2 rows. With
+    ``reference_weights`` the reference's statistics weight its rows (e.g. to a class mix)."""
+    if min(len(generated), len(reference)) < 2:
+        return math.nan
+    ref = metric_fid.fid_features_to_statistics(reference) if reference_weights is None else \
+        weighted_statistics(reference, reference_weights)
+    return metric_fid.fid_statistics_to_metric(metric_fid.fid_features_to_statistics(generated), ref,
+                                               verbose=False)[torch_fidelity.KEY_METRIC_FID]
+
+
+def kid_from_features(generated: torch.Tensor, reference: torch.Tensor, subset_size: int,
+                      seed: int) -> tuple[float, float]:
+    """torch-fidelity's KID (mean, std over subsets), subsets as large as both sets allow; NaN below 2 rows."""
+    size = min(subset_size, len(generated), len(reference))
+    if size < 2:
+        return math.nan, math.nan
+    out = metric_kid.kid_features_to_metric(generated, reference, kid_subset_size=size, rng_seed=seed, verbose=False)
+    return out[torch_fidelity.KEY_METRIC_KID_MEAN], out[torch_fidelity.KEY_METRIC_KID_STD]
+
+
+def fidelity_from_features(generated: torch.Tensor, reference: torch.Tensor, *, kid_subset_size: int,
+                           prc_neighborhood: int, seed: int, bootstrap: int = 100, max_prc_subsets: int = 10,
+                           reference_weights: np.ndarray | None = None) -> dict[str, float]:
+    """FID, KID, precision and recall of generated vs reference features, each with a standard error.
+
+    ``reference_weights`` (summing to 1) make the reference a mixture: FID compares with the weighted statistics,
+    KID with a weighted draw of reference rows; precision and recall, which compare supports (k-NN manifolds),
+    use every reference row as it is.
+
+    Precision (quality: share of generated samples inside the reference's k-NN manifold) and recall (diversity:
+    share of reference samples inside the generated manifold; Kynkäänniemi et al. 2019, torch-fidelity's prc)
+    compare equal-size sets, as the k-NN radii shrink with a set's size: the generated samples are cut into up to
+    ``max_prc_subsets`` disjoint subsets as large as the reference, and the reported value is the mean over
+    subsets, with the standard error of that mean. FID's standard error is the bootstrap standard deviation over
+    ``bootstrap`` resamples of the generated samples (the reference is the same for every model scored, so its
+    own noise does not enter comparisons between models). ``kid_std`` is torch-fidelity's spread over its KID
+    subsets."""
+    rng = np.random.default_rng([seed, 11])
+    order = torch.as_tensor(rng.permutation(len(generated)))
+    size = len(reference)
+    subsets = max(1, min(max_prc_subsets, len(generated) // max(size, 1)))
+    prc = [metric_prc.prc_features_to_metric(generated[order[i * size:(i + 1) * size]], reference,
+                                             prc_neighborhood=min(prc_neighborhood, size - 1), save_cpu_ram=True,
+                                             verbose=False) for i in range(subsets)]
+    precision = np.array([out[torch_fidelity.KEY_METRIC_PRECISION] for out in prc])
+    recall = np.array([out[torch_fidelity.KEY_METRIC_RECALL] for out in prc])
+    sem = lambda v: float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan  # noqa: E731
+    kid_reference = reference if reference_weights is None else reference[torch.as_tensor(
+        rng.choice(len(reference), len(reference), p=reference_weights))]
+    kid, kid_std = kid_from_features(generated, kid_reference, kid_subset_size, seed)
+    draws = [fid_from_features(generated[torch.as_tensor(rng.integers(0, len(generated), len(generated)))], reference,
+                               reference_weights) for _ in range(bootstrap)]
+    return {"fid": fid_from_features(generated, reference, reference_weights),
+            "fid_se": float(np.std(draws, ddof=1)) if bootstrap > 1
+            else math.nan, "kid": kid, "kid_std": kid_std,
+            "precision": float(precision.mean()), "precision_se": sem(precision),
+            "recall": float(recall.mean()), "recall_se": sem(recall)}
 
 
 def image_metrics(generated: np.ndarray, reference: np.ndarray, *, extractor: str, weights_path: str,
                   device: torch.device, kid_subset_size: int = 1000, prc_neighborhood: int = 3,
                   seed: int = 0) -> dict[str, float]:
-    """FID, KID (mean and std), precision and recall of ``generated`` against ``reference`` images.
-
-    Precision is the share of generated samples inside the reference manifold (quality), recall the share of
-    reference samples inside the generated manifold (diversity), with k-NN manifolds (Kynkäänniemi et al. 2019,
-    torch-fidelity's ``prc``). The k-NN radii shrink as a set grows, so precision and recall compare equal-size
-    sets: a random subset of the generated images as large as the reference. FID and KID use every image.
-    """
-    rgb = extractor == INCEPTION_EXTRACTOR
-    common = fidelity_kwargs(extractor, weights_path, device)
-    reference_set = ImageSet(reference, rgb)
-    metrics = torch_fidelity.calculate_metrics(
-        input1=ImageSet(generated, rgb), input2=reference_set, fid=True, kid=True,
-        kid_subset_size=min(kid_subset_size, len(generated), len(reference)), rng_seed=seed, **common)
-    subset = np.random.default_rng(seed).permutation(len(generated))[:len(reference)]
-    prc = torch_fidelity.calculate_metrics(
-        input1=ImageSet(generated[subset], rgb), input2=reference_set, prc=True,
-        prc_neighborhood=min(prc_neighborhood, len(subset) - 1, len(reference) - 1), **common)
-    return {
-        "fid": metrics[torch_fidelity.KEY_METRIC_FID],
-        "kid": metrics[torch_fidelity.KEY_METRIC_KID_MEAN],
-        "kid_std": metrics[torch_fidelity.KEY_METRIC_KID_STD],
-        "precision": prc[torch_fidelity.KEY_METRIC_PRECISION],
-        "recall": prc[torch_fidelity.KEY_METRIC_RECALL],
-    }
+    """:func:`fidelity_from_features` of two image sets (pixels in [0, 1])."""
+    features = Features(extractor, weights_path, device)
+    return fidelity_from_features(features(generated), features(reference), kid_subset_size=kid_subset_size,
+                                  prc_neighborhood=prc_neighborhood, seed=seed)
 
 
 def fid(generated: np.ndarray, reference: np.ndarray, *, extractor: str, weights_path: str,
@@ -114,11 +179,8 @@ def fid(generated: np.ndarray, reference: np.ndarray, *, extractor: str, weights
     """FID alone; NaN when either side has fewer than ``min_samples`` images (undefined covariance)."""
     if min(len(generated), len(reference)) < max(2, min_samples):
         return math.nan
-    rgb = extractor == INCEPTION_EXTRACTOR
-    metrics = torch_fidelity.calculate_metrics(
-        input1=ImageSet(generated, rgb), input2=ImageSet(reference, rgb), fid=True,
-        **fidelity_kwargs(extractor, weights_path, device))
-    return metrics[torch_fidelity.KEY_METRIC_FID]
+    features = Features(extractor, weights_path, device)
+    return fid_from_features(features(generated), features(reference))
 
 
 def fairness_ratio(fid_majority: float, fid_minority: float) -> float:

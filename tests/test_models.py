@@ -98,3 +98,22 @@ def test_scorer_fairness_view(digits):
     assert 0.4 < metrics["minority_share"] < 0.6
     assert metrics["r_fair"] == pytest.approx(metrics["fid_minority"] / metrics["fid_majority"])
     assert fairness_ratio(2.0, 6.0) == 3.0
+
+
+def test_scores_use_every_held_out_image_with_standard_errors(digits):
+    """The reference is every held-out image of the two classes; FID weights it to the training mix, so images
+    drawn at that mix score lower than the same number drawn balanced; every fidelity score has its noise."""
+    p, real, path, _ = digits
+    scorer = ImageScorer.from_classifier(p, real, path, CPU)
+    held_out = np.isin(real.test.label, [3, 6])
+    assert len(scorer.reference) == held_out.sum() > 80 and scorer.reference_weights.sum() == pytest.approx(1.0)
+    train = real.train_full
+    at_mix = np.concatenate([train.pixels[train.label == 3][:100], train.pixels[train.label == 6][:20]])
+    balanced = np.concatenate([train.pixels[train.label == 3][:60], train.pixels[train.label == 6][:60]])
+    mix, even = scorer.score(at_mix, seed=0), scorer.score(balanced, seed=0)
+    assert mix["fid"] < even["fid"]  # R_I = 5: the 5:1 set is what a perfect model of dataset 0 generates
+    for metrics in (mix, even):
+        assert metrics["fid_se"] > 0 and 0 <= metrics["precision"] <= 1  # one 91-image subset: no precision_se
+        assert np.isfinite(metrics["kid_majority"]) and np.isfinite(metrics["kid_minority"])
+    few = scorer.score(train.pixels[train.label == 3][:100], seed=0)
+    assert math.isnan(few["kid_minority"]) and math.isnan(few["fid_minority"])

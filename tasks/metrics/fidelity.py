@@ -1,8 +1,11 @@
-"""FID, KID, precision and recall (torch-fidelity) of the samples against the held-out reference."""
+"""FID, KID, precision and recall (torch-fidelity) of the samples against every held-out image of the study's two
+classes, with their standard errors (``models.fidelity.fidelity_from_features`` says how each is estimated). FID
+and KID weight the reference to the training class mix (R_I : 1), so a perfect model of dataset 0 scores near 0;
+precision and recall compare supports and use every reference image."""
 
 from __future__ import annotations
 
-from models.fidelity import image_metrics
+from models.fidelity import fidelity_from_features
 from tasks.metrics import IMAGE_METRICS, ImageMetric
 from tasks.scorers import Column
 
@@ -16,9 +19,10 @@ class Fidelity(ImageMetric):
                Column("kid", headline=True, better="lower"),
                Column("precision", headline=True, summary=True, better="higher"),
                Column("recall", headline=True, summary=True, rank=True, better="higher"),
-               Column("kid_std"))
+               Column("fid_se"), Column("precision_se"), Column("recall_se"), Column("kid_std"))
 
     @classmethod
     def compute(cls, scorer, samples, labels, seed):
-        return image_metrics(samples, scorer.reference, kid_subset_size=scorer.kid_subset_size,
-                             prc_neighborhood=scorer.prc_neighborhood, seed=seed, **scorer.extractor_kwargs)
+        return fidelity_from_features(scorer.features_of(samples), scorer.reference_features,
+                                      kid_subset_size=scorer.kid_subset_size, prc_neighborhood=scorer.prc_neighborhood,
+                                      seed=seed, bootstrap=scorer.bootstrap, reference_weights=scorer.reference_weights)

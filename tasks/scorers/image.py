@@ -14,7 +14,7 @@ import torch
 from pydantic import Field, PositiveInt, model_validator
 
 from models.classifier import DomainClassifier, load_classifier, predict, save_classifier, train_classifier
-from models.fidelity import CLASSIFIER_EXTRACTOR, INCEPTION_EXTRACTOR
+from models.fidelity import CLASSIFIER_EXTRACTOR, INCEPTION_EXTRACTOR, Features
 from models.registry import Settings
 from tasks.datasets import Dataset, RealData, evaluation_reference
 from tasks.metrics import IMAGE_METRICS, image_metrics_in_order
@@ -30,6 +30,7 @@ class ClassifierSettings(Settings):
     lr: float = Field(1e-3, gt=0.0)
     channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64], min_length=2, max_length=2)
     feature_dim: PositiveInt = 64
+    arch: Literal["cnn", "resnet"] = "cnn"  # resnet: residual blocks, for 28x28 (closer to the paper's ResNet-18)
 
 
 class ImageScoreSettings(Settings):
@@ -38,7 +39,8 @@ class ImageScoreSettings(Settings):
     inception_weights: str | None = None  # local torch-fidelity Inception weights (never downloaded)
     kid_subset_size: PositiveInt = 1000
     prc_neighborhood: PositiveInt = 3
-    min_class_samples: PositiveInt = 10  # fewer generated images of a class than this: its FID is NaN
+    min_class_samples: PositiveInt = 10  # fewer generated images of a class than this: its FID and KID are NaN
+    bootstrap: int = Field(100, ge=0)  # resamples of the generated images for FID's standard error (0: none)
 
     @model_validator(mode="after")
     def inception_needs_weights(self) -> "ImageScoreSettings":
@@ -74,13 +76,21 @@ def ensure_classifier(real: RealData, p, cache_dir: Path, device: torch.device) 
     c = p.classifier
     model = train_classifier(real.train_full.pixels, real.train_full.label, real.num_classes, epochs=c.epochs,
                              batch_size=c.batch_size, lr=c.lr, seed=p.seed, channels=c.channels,
-                             feature_dim=c.feature_dim, device=device)
+                             feature_dim=c.feature_dim, arch=c.arch, device=device)
     write_atomic(path, lambda tmp: save_classifier(model, tmp))
     return path, accuracy(model, real.test)
 
 
 def accuracy(model: DomainClassifier, test: Dataset) -> float:
     return float((predict(model, test.pixels) == test.label).mean())
+
+
+def class_mix_weights(labels: np.ndarray, majority: int, minority: int, ratio: float) -> np.ndarray:
+    """Row weights that make a set of majority and minority rows a mixture in the training proportions
+    (R_I : 1), whatever their counts: what a perfect model of dataset 0 would generate."""
+    share = {majority: ratio / (ratio + 1), minority: 1 / (ratio + 1)}
+    counts = {c: (labels == c).sum() for c in share}
+    return np.array([share[c] / counts[c] for c in labels.tolist()])
 
 
 def save_sample_grid(pixels: np.ndarray, path: Path, n: int = 64) -> None:
@@ -95,23 +105,27 @@ def save_sample_grid(pixels: np.ndarray, path: Path, n: int = 64) -> None:
 @SCORERS.register("image", settings={"classifier": ClassifierSettings, "score": ImageScoreSettings})
 @dataclass
 class ImageScorer(Scorer):
-    """FID, KID, precision, recall and the fairness view of 1,000 fresh samples against held-out real images."""
+    """FID, KID, precision, recall and the fairness view of fresh samples against held-out real images, all from
+    one feature extraction per image set (the registered extractor's FID layer; torch-fidelity's functions)."""
 
     kind = "image"
     rank_by = "fid"
 
     classifier: DomainClassifier
-    extractor: str
-    extractor_weights: str
-    reference: np.ndarray  # held-out rows of the study's two classes at the training imbalance
-    class_reference: dict[int, np.ndarray]  # every held-out row of the majority / the minority class
+    features: Features  # the feature extractor (see :meth:`features_of`)
+    reference: np.ndarray  # every held-out row of the study's two classes
+    reference_features: torch.Tensor
+    reference_weights: np.ndarray  # per row: the training class mix (R_I : 1) spread over each class's rows
+    class_reference_features: dict[int, torch.Tensor]  # every held-out row of the majority / the minority class
     majority: int
     minority: int
     kid_subset_size: int
     prc_neighborhood: int
     min_class_samples: int
     samples: int
+    bootstrap: int
     device: torch.device
+    _cache: tuple = (None, None)
 
     @classmethod
     def settings(cls):
@@ -123,32 +137,39 @@ class ImageScorer(Scorer):
     @classmethod
     def columns(cls, family=None) -> list[Column]:
         return [column for metric in image_metrics_in_order() for column in metric.columns] + \
-            [Column("minority_share_train")]
+            [Column("minority_share_train"), Column("reference_size")]
 
     @classmethod
     def build(cls, p, real: RealData, cache_dir: Path, device: torch.device) -> tuple["ImageScorer", str]:
         classifier_file, acc = ensure_classifier(real, p, cache_dir, device)
-        note = f"domain classifier accuracy {acc:.3f} on the {len(real.test)}-image test split"
-        return cls.from_classifier(p, real, classifier_file, device), note
+        scorer = cls.from_classifier(p, real, classifier_file, device)
+        note = (f"domain classifier accuracy {acc:.3f} on the {len(real.test)}-image test split; scores against "
+                f"{len(scorer.reference)} held-out images of classes {scorer.majority} and {scorer.minority}")
+        return scorer, note
 
     @classmethod
     def from_classifier(cls, p, real: RealData, classifier_file: Path, device: torch.device) -> "ImageScorer":
         s, d = p.score, p.data
         if s.feature_extractor == "inception":
-            extractor, weights = INCEPTION_EXTRACTOR, s.inception_weights
+            features = Features(INCEPTION_EXTRACTOR, s.inception_weights, device)
         else:
-            extractor, weights = CLASSIFIER_EXTRACTOR, str(classifier_file)
-        reference = evaluation_reference(real.test, d, p.seed)
-        return cls(classifier=load_classifier(classifier_file, device), extractor=extractor,
-                   extractor_weights=weights, reference=reference.pixels,
-                   class_reference={c: real.test.pixels[real.test.label == c] for c in (d.majority, d.minority)},
+            features = Features(CLASSIFIER_EXTRACTOR, str(classifier_file), device)
+        reference = evaluation_reference(real.test, d)
+        return cls(classifier=load_classifier(classifier_file, device), features=features, reference=reference.pixels,
+                   reference_features=features(reference.pixels),
+                   reference_weights=class_mix_weights(reference.label, d.majority, d.minority, d.imbalance_ratio),
+                   class_reference_features={c: features(real.test.pixels[real.test.label == c])
+                                             for c in (d.majority, d.minority)},
                    majority=d.majority, minority=d.minority, kid_subset_size=s.kid_subset_size,
                    prc_neighborhood=s.prc_neighborhood, min_class_samples=s.min_class_samples, samples=s.samples,
-                   device=device)
+                   bootstrap=s.bootstrap, device=device)
 
-    @property
-    def extractor_kwargs(self) -> dict:
-        return dict(extractor=self.extractor, weights_path=self.extractor_weights, device=self.device)
+    def features_of(self, pixels: np.ndarray) -> torch.Tensor:
+        """Features of an image set, extracted once: the metrics of one ``score`` call share them."""
+        key = (pixels.__array_interface__["data"][0], pixels.shape)
+        if self._cache[0] != key:
+            self._cache = (key, self.features(pixels))
+        return self._cache[1]
 
     def label(self, pixels: np.ndarray) -> np.ndarray:
         return predict(self.classifier, pixels)
@@ -173,7 +194,7 @@ class ImageScorer(Scorer):
         return metrics
 
     def dataset_metrics(self, data: Dataset) -> dict[str, float]:
-        return {"minority_share_train": self.minority_share(data)}
+        return {"minority_share_train": self.minority_share(data), "reference_size": float(len(self.reference))}
 
     def picture(self, samples: np.ndarray, path: Path) -> None:
         save_sample_grid(samples, path)
