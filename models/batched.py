@@ -39,7 +39,14 @@ def expand(params: dict[str, torch.Tensor], extra_dims: int = 2) -> dict[str, to
 
 
 class SetEstimator(nn.Module):
-    """H over a batch of datasets: x [B, n, 1] -> the family's raw parameters, each [B, *shape]."""
+    """H over a batch of datasets: x [B, n, 1] -> the family's natural parameters, each [B, *shape].
+
+    H is made equivariant to the family's symmetry (``ScalarFamily.roles``): each dataset is standardized by its
+    own statistics before h1 (location-scale families: mean and standard deviation; scale families: the mean
+    |x|; Pareto: the mean log x; no transform for a probability), and the outputs are mapped back (a location
+    becomes m + s v, a scale s v, a rate v / s). The MLEs share this equivariance, so H trained with lambda = 0
+    can learn them, and no estimator profits from where the truth sits in its training box: H sees the same
+    standardized data whatever the truth's scale and location."""
 
     def __init__(self, family: ScalarFamily, hidden: list[int], head_hidden: list[int]):
         super().__init__()
@@ -50,18 +57,46 @@ class SetEstimator(nn.Module):
         self.h1 = mlp([features, *hidden])
         self.h2 = mlp([hidden[-1], *head_hidden, sum(self.sizes)])
 
+    def standardize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(standardized data, shift m, scale s), m and s of shape [..., 1, 1] (per dataset)."""
+        family = self.family[0]
+        roles = set(family.roles.values())
+        zero = torch.zeros_like(x[..., :1, :])
+        if "location" in roles:
+            m, s = x.mean(dim=-2, keepdim=True), x.std(dim=-2, keepdim=True).clamp_min(1e-6)
+            return (x - m) / s, m, s
+        if roles & {"scale", "rate"} and family.log_space:
+            log_x = torch.log(x.clamp_min(1.0))
+            s = log_x.mean(dim=-2, keepdim=True).clamp_min(1e-6)
+            return torch.exp(log_x / s), zero, s
+        if roles & {"scale", "rate"}:
+            s = x.abs().mean(dim=-2, keepdim=True).clamp_min(1e-12)
+            return x / s, zero, s
+        return x, zero, torch.ones_like(zero)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         family = self.family[0]
-        pooled = self.h1(family.point_features(x)).mean(dim=-2)
-        flat = self.h2(pooled)
-        out = {}
+        z, m, s = self.standardize(x)
+        flat = self.h2(self.h1(family.point_features(z)).mean(dim=-2))
+        raw = {}
         for name, chunk in zip(self.names, flat.split(self.sizes, dim=-1)):
             shape = family.raw_shapes[name]
-            out[name] = chunk.reshape(*chunk.shape[:-1], *shape) if shape else chunk[..., 0]
-        return out
+            raw[name] = chunk.reshape(*chunk.shape[:-1], *shape) if shape else chunk[..., 0]
+        natural = family.natural_from(raw)  # of the standardized data
+        m, s = m[..., 0, 0], s[..., 0, 0]
+        back = {"location": lambda v: m + s * v, "scale": lambda v: s * v, "rate": lambda v: v / s}
+        return {name: back.get(family.roles.get(name), lambda v: v)(value) for name, value in natural.items()}
 
-    def natural(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.family[0].natural_from(self(x))
+
+def unconstrained(family: ScalarFamily, natural: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """H's outputs in the coordinates the penalty compares: locations as they are, scales and rates as logs,
+    probabilities as logits."""
+    out = {}
+    for name, value in natural.items():
+        role = family.roles.get(name, "scale")
+        out[name] = value if role == "location" else torch.logit(value.clamp(1e-6, 1 - 1e-6)) \
+            if role == "probability" else torch.log(value.clamp_min(1e-12))
+    return out
 
 
 def sample_prior(family: ScalarFamily, batch: int, spread: float, generator: torch.Generator) -> dict:
@@ -103,22 +138,23 @@ def train_amortized_ple(family: ScalarFamily, n: int, *, lam: float, m: int, ste
                         hidden: list[int], head_hidden: list[int], spread: float, penalty: str, seed: int,
                         progress=None) -> SetEstimator:
     """Train H on datasets of size n drawn over the prior box: loss = NLL(X; H(X)) per point
-    + lam/m sum_j mean|H(Y_j) - H(X)| over H's raw outputs, Y_j ~ family(H(X)) reparameterized (Eq. 5)."""
+    + lam/m sum_j mean|H(Y_j) - H(X)| over H's outputs in unconstrained coordinates (:func:`unconstrained`),
+    Y_j ~ family(H(X)) reparameterized (Eq. 5); a cosine learning-rate schedule over ``steps``."""
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # the training datasets: the same for every lambda
+    penalty_generator = torch.Generator().manual_seed(seed + 1)  # the synthetic sets: the penalty's own stream
     model = SetEstimator(family, hidden, head_hidden)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     for step in range(steps):
         with torch.no_grad():
             x = draw(family, sample_prior(family, batch, spread, generator), n, generator)
-        raw_x = model(x)
-        natural_x = family.natural_from(raw_x)
+        natural_x = model(x)
         loss = family.nll_natural(expand(natural_x), x).mean()
         if lam > 0:
-            y = draw(family, natural_x, n, generator, sets=m)  # [B, m, n, 1]
-            raw_y = flat_raw(model(y), 2)  # [B, m, P]
-            loss = loss + lam * penalty_term(raw_y, flat_raw(raw_x, 1), penalty)
+            y = draw(family, natural_x, n, penalty_generator, sets=m)  # [B, m, n, 1]
+            h_y = flat_raw(unconstrained(family, model(y)), 2)  # [B, m, P]
+            loss = loss + lam * penalty_term(h_y, flat_raw(unconstrained(family, natural_x), 1), penalty)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -131,7 +167,7 @@ def train_amortized_ple(family: ScalarFamily, n: int, *, lam: float, m: int, ste
 @torch.no_grad()
 def apply_estimator(model: SetEstimator, x: np.ndarray) -> dict[str, np.ndarray]:
     """H on S datasets at once: x [S, n] -> natural parameters, each [S] (GMM-like vectors: [S, K])."""
-    natural = model.natural(torch.as_tensor(x, dtype=torch.float32)[..., None])
+    natural = model(torch.as_tensor(x, dtype=torch.float32)[..., None])
     return {k: v.double().numpy() for k, v in natural.items()}
 
 
@@ -157,17 +193,26 @@ class BatchedMLP(nn.Module):
 
 
 def fit_gmm_ple_batch(family: ScalarFamily, x: np.ndarray, *, lam: float, m: int, steps: int, batch: int, lr: float,
-                      hidden: list[int], head_hidden: list[int], seed: int, progress=None) -> dict[str, np.ndarray]:
+                      hidden: list[int], head_hidden: list[int], seed: int, finish_steps: int = 0,
+                      finish_lr: float = 1e-3, tol: float = 1e-5, progress=None) -> dict[str, np.ndarray]:
     """PLE of a 1-D GMM for S datasets at once, one hypernetwork per dataset (§5.2): x [S, n] -> natural
-    parameters of each fit ([S, K] each). Minibatches of ``batch`` points; synthetic sets share that size."""
-    generator = torch.Generator().manual_seed(seed)
+    parameters of each fit ([S, K] each), and each fit's diagnostics.
+
+    ``steps`` minibatch steps (``batch`` points; synthetic sets share that size) with a cosine learning-rate
+    schedule from ``lr``, then ``finish_steps`` full-batch steps at ``finish_lr`` (every point, a deterministic
+    NLL term): what the minibatch noise leaves undone. The convergence check: a fit has converged when its
+    full-batch objective changed by less than ``tol`` (relative) over the last tenth of the finish
+    (``converged``, 1/0 per seed, and ``final_change``). The penalty's synthetic sets and the minibatches draw
+    from random streams of their own, so lambda changes nothing else."""
+    generator = torch.Generator().manual_seed(seed)  # initialization and minibatches: the same for every lambda
+    penalty_generator = torch.Generator().manual_seed(seed + 1)
     data = torch.as_tensor(x, dtype=torch.float32)[..., None]  # [S, n, 1]
     copies, n = data.shape[:2]
     k = family.raw_shapes["means"][0]
     h1 = BatchedMLP(copies, [1, *hidden], generator)
     h2 = BatchedMLP(copies, [hidden[-1], *head_hidden, 3 * k], generator)
     optimizer = torch.optim.Adam([*h1.parameters(), *h2.parameters()], lr=lr, fused=True)
-    size = min(batch, n)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=finish_lr)
 
     def estimate(points: torch.Tensor) -> torch.Tensor:  # [S, b, 1] -> raw [S, 3K]
         return h2(h1(points).mean(dim=1, keepdim=True))[:, 0]
@@ -176,26 +221,44 @@ def fit_gmm_ple_batch(family: ScalarFamily, x: np.ndarray, *, lam: float, m: int
         means, variances, logits = raw.split(k, dim=-1)
         return family.natural_from({"means": means, "variances": variances, "logits": logits})
 
-    for step in range(steps):
-        idx = torch.stack([torch.randperm(n, generator=generator)[:size] for _ in range(copies)]) \
-            if size < n else None
-        points = data if idx is None else torch.gather(data, 1, idx[..., None])
+    def objective(points: torch.Tensor) -> torch.Tensor:  # per seed [S]
         raw_x = estimate(points)
         params = natural(raw_x)
-        loss = family.nll_natural(expand(params), points).mean(dim=1).sum()  # summed over seeds: independent
+        loss = family.nll_natural(expand(params), points).mean(dim=1)
         if lam > 0:
             penalty = 0.0
             for _ in range(m):
-                u = torch.rand(copies, size, 1, generator=generator).clamp(1e-7, 1 - 1e-7)
-                y = family.sample_natural(expand(params), u, generator)
-                penalty = penalty + (estimate(y) - raw_x).abs().mean(dim=-1).sum()
+                u = torch.rand(copies, points.shape[1], 1, generator=penalty_generator).clamp(1e-7, 1 - 1e-7)
+                y = family.sample_natural(expand(params), u, penalty_generator)
+                penalty = penalty + (estimate(y) - raw_x).abs().mean(dim=-1)
             loss = loss + lam * penalty / m
+        return loss
+
+    size = min(batch, n)
+    history = []
+    for step in range(steps + finish_steps):
+        if step == steps:
+            for group in optimizer.param_groups:
+                group["lr"] = finish_lr
+        full = step >= steps or size >= n
+        points = data if full else torch.gather(
+            data, 1, torch.stack([torch.randperm(n, generator=generator)[:size] for _ in range(copies)])[..., None])
+        loss = objective(points)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.sum().backward()  # summed over seeds: independent problems
         optimizer.step()
+        if step < steps:
+            schedule.step()
+        else:
+            history.append(loss.detach())
         if progress is not None:
-            progress(step + 1, steps)
+            progress(step + 1, steps + finish_steps)
     with torch.no_grad():
         # The fit is H over the whole dataset (a streamed mean would be the same: h1 is per point).
         params = natural(estimate(data))
-    return {name: value.double().numpy() for name, value in params.items()}
+    out = {name: value.double().numpy() for name, value in params.items()}
+    if len(history) >= 10:
+        window = max(1, len(history) // 10)
+        change = ((history[-1] - history[-1 - window]).abs() / history[-1].abs().clamp_min(1e-12)).double().numpy()
+        out.update(final_change=change, converged=(change < tol).astype(np.float64))
+    return out

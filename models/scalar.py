@@ -53,6 +53,10 @@ class RawParameters(nn.Module):
 class ScalarFamily(TorchFamily):
     kind = "scalar"
     raw_shapes: dict[str, tuple[int, ...]] = {}
+    # What each natural parameter is: "location", "scale", "rate" (1 / scale) or "probability". It fixes the
+    # family's symmetry (models.batched makes the data-driven estimator equivariant to it) and its training box.
+    roles: dict[str, str] = {}
+    log_space = False  # the symmetry acts on log x (Pareto: x -> x^c maps b to b / c)
 
     truth_fields: tuple[str, ...] | None = None  # the settings that are the true distribution (None: all of them)
 
@@ -115,14 +119,18 @@ class ScalarFamily(TorchFamily):
         return self.point_features(x).flatten(1)
 
     def prior_box(self, spread: float) -> dict[str, tuple[float, float, str]]:
-        """Ranges of each natural parameter for amortized training: (low, high, 'log' | 'linear')."""
-        box = {}
-        for name, value in self.true_natural().items():
-            if name in ("mean", "loc"):
-                scale = next(v for k, v in self.true_natural().items() if k in ("std", "scale"))
+        """Ranges of each natural parameter around the truth (amortized training, per-seed truths): scales and
+        rates x/÷ ``spread`` (log-uniform), locations +- ``spread`` true scales, probabilities in the logit box
+        +- log(spread) around the truth's logit (linear in p between its ends)."""
+        box, truth = {}, self.true_natural()
+        for name, value in truth.items():
+            role = self.roles.get(name, "scale")
+            if role == "location":
+                scale = next(truth[k] for k, r in self.roles.items() if r == "scale")
                 box[name] = (value - spread * scale, value + spread * scale, "linear")
-            elif name == "p":
-                box[name] = (0.02, 0.98, "linear")
+            elif role == "probability":
+                lo, hi = (1 / (1 + math.exp(-(logit(value) + d))) for d in (-math.log(spread), math.log(spread)))
+                box[name] = (lo, hi, "linear")
             else:
                 box[name] = (value / spread, value * spread, "log")
         return box

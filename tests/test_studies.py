@@ -8,7 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from flows.studies import paper_study, run_time
+import pandas as pd
+
+from flows.studies import paper_study, run_time, write_results
 from flows.studies.fig4 import run_lineages
 from models.families.analytic import Gaussian, Uniform
 from tasks.stats import summarize
@@ -18,8 +20,9 @@ from tests.conftest import tiny
 def test_mle_uniform_shrinks_by_n_over_n_plus_1_per_generation_and_ple_does_not():
     family = Uniform.of(a=1.0)
     n, seeds, generations = 20, 4000, 6
-    mle = run_lineages(family, lambda x: family.closed_mle(x, 0), n, seeds, generations, seed=0)["a"]
-    ple = run_lineages(family, lambda x: family.closed_ple(x, 0), n, seeds, generations, seed=0)["a"]
+    truth = {"a": np.full(seeds, 1.0)}
+    mle = run_lineages(family, lambda x: family.closed_mle(x, 0), n, truth, generations, seed=0)["a"]
+    ple = run_lineages(family, lambda x: family.closed_ple(x, 0), n, truth, generations, seed=0)["a"]
     for g in range(generations):
         expected = (n / (n + 1)) ** (g + 1)  # E[max of n uniforms on [0, a]] = a n/(n+1), compounded
         assert mle[g].mean() == pytest.approx(expected, abs=4 * mle[g].std() / np.sqrt(seeds))
@@ -30,11 +33,12 @@ def test_mle_uniform_shrinks_by_n_over_n_plus_1_per_generation_and_ple_does_not(
 def test_mle_gaussian_variance_shrinks_by_n_minus_1_over_n_per_generation():
     family = Gaussian.of(mean=0.0, std=1.0)
     n, seeds, generations = 10, 6000, 5
-    var = run_lineages(family, lambda x: family.closed_mle(x, 0), n, seeds, generations, seed=1)["std"] ** 2
+    truth = {"mean": np.zeros(seeds), "std": np.ones(seeds)}
+    var = run_lineages(family, lambda x: family.closed_mle(x, 0), n, truth, generations, seed=1)["std"] ** 2
     for g in range(generations):
         expected = ((n - 1) / n) ** (g + 1)
         assert var[g].mean() == pytest.approx(expected, abs=4 * var[g].std() / np.sqrt(seeds))
-    closed = run_lineages(family, lambda x: family.closed_ple(x, 0), n, seeds, generations, seed=1)["std"] ** 2
+    closed = run_lineages(family, lambda x: family.closed_ple(x, 0), n, truth, generations, seed=1)["std"] ** 2
     assert abs(closed[-1].mean() - 1.0) < 4 * closed[-1].std() / np.sqrt(seeds)
 
 
@@ -52,26 +56,39 @@ def read(path):
 
 
 
+TINY_LOOP = {"train": {"epochs": 3}, "classifier": {"epochs": 2}, "score": {"samples": 80, "kid_subset_size": 40,
+                                                                            "bootstrap": 10},
+             "model": {"vae": {"hidden": [32, 16], "latent_dim": 4}}}
+
+
 @pytest.mark.slow
 def test_fig4_and_fig3_write_their_csv_png_and_mlflow_runs(project, prefect_server):
     params = tiny(studies={"fig4": {"distributions": ["uniform", "exponential"], "seeds": 60, "generations": 4,
                                     "steps": 30, "m": 10, "batch": 16},
                            "fig3": {"minority_weights": [0.2], "sizes": [30], "seeds": 4, "steps": 20, "m": 2,
-                                    "kl_samples": 2000, "em_max_iter": 500}})
+                                    "finish_steps": 10, "kl_samples": 2000, "em_max_iter": 500,
+                                    "sweep_weights": [0.2], "sweep_sizes": [30], "lams": [0.0, 1.0]}})
     paper_study("fig4", params=params, root=str(project))
-    rows = read(project / "reports" / "fig4" / "fig4.csv")
-    assert {"distribution", "parameter", "estimator", "generation", "mean", "sem", "median", "truth"} <= set(rows[0])
+    folder = project / "reports" / "fig4"
+    rows = read(folder / "fig4.csv")
+    assert {"distribution", "parameter", "estimator", "generation", "mean", "sem", "median", "normalized",
+            "target"} <= set(rows[0])
     assert {(r["distribution"], r["estimator"]) for r in rows} == {
         ("uniform", "mle"), ("uniform", "ple_closed"), ("exponential", "mle"), ("exponential", "ple"),
-        ("exponential", "hyper_nopenalty")}
+        ("exponential", "hyper_nopenalty"), ("exponential", "ple_lam1_mean")}
     assert len([r for r in rows if r["distribution"] == "uniform" and r["estimator"] == "mle"]) == 4
-    assert (project / "reports" / "fig4" / "fig4.png").stat().st_size > 10_000
-    assert read(project / "reports" / "fig4" / "fig4_calibration.csv")
+    assert (folder / "fig4.png").stat().st_size > 10_000
+    seeds = pd.read_parquet(folder / "fig4_seeds.parquet")
+    assert len(seeds) == 60 * (2 + 4) and seeds.truth.nunique() > 100  # a truth per seed (and per distribution)
+    mle = seeds[(seeds.distribution == "uniform") & (seeds.estimator == "mle")]
+    assert (mle["last"] <= mle["truth"]).all()  # max(X) never exceeds its (shrinking) truth
 
     paper_study("fig3", params=params, root=str(project))
     cells = read(project / "reports" / "fig3" / "fig3.csv")
     assert len(cells) == 1 and float(cells[0]["kl_mle"]) >= 0 and float(cells[0]["kl_ple"]) >= 0
+    assert float(cells[0]["kl_control"]) >= 0 and 0 <= float(cells[0]["ple_converged_share"]) <= 1
     assert float(cells[0]["kl_diff"]) == pytest.approx(float(cells[0]["kl_mle"]) - float(cells[0]["kl_ple"]))
+    assert {float(r["lam"]) for r in read(project / "reports" / "fig3" / "fig3_lambda.csv")} == {0.0, 0.1, 1.0}
     assert (project / "reports" / "fig3" / "fig3.png").is_file()
 
     from mlflow.tracking import MlflowClient
@@ -80,32 +97,86 @@ def test_fig4_and_fig3_write_their_csv_png_and_mlflow_runs(project, prefect_serv
     runs = client.search_runs([client.get_experiment_by_name("fig4").experiment_id])
     run = next(r for r in runs if r.info.run_name == "uniform/mle")
     assert len(client.get_metric_history(run.info.run_id, "mean.a")) == 4
+    results = write_results(project).read_text()
+    assert "## Fig. 4" in results and "## Fig. 3" in results and "verdict: **" in results
 
 
 @pytest.mark.slow
-def test_table1_and_fig2_run_the_loop_and_summarize(project, prefect_server):
-    params = tiny(studies={"table1": {"ratios": [1, 4], "seeds": [0], "estimators": ["mle", "ple"]},
-                           "fig2": {"generations": 2, "seeds": [0, 1], "estimators": ["mle"]}})
+def test_table1_and_fig2_run_the_loop_with_controls_and_verdicts(project, prefect_server):
+    params = tiny(studies={
+        "table1": {"ratios": [1, 4], "seeds": [0, 1], "estimators": ["mle", "ple", "hyper_nopenalty"],
+                   "lam_ratio": 4, "lams": [0.0, 1.0], "params": TINY_LOOP},
+        "fig2": {"generations": 2, "seeds": [0, 1], "estimators": ["mle", "ple", "hyper_nopenalty"],
+                 "params": TINY_LOOP}},
+        train__epochs=999)  # the loop studies read their own params, not the top-level sections
     paper_study("table1", params=params, root=str(project))
-    summary = read(project / "reports" / "table1" / "table1.csv")
-    assert {(float(s["ratio"]), s["estimator"]) for s in summary} == {(1, "mle"), (1, "ple"), (4, "mle"), (4, "ple")}
+    folder = project / "reports" / "table1"
+    summary = read(folder / "table1.csv")
+    assert {(float(s["ratio"]), s["estimator"]) for s in summary} == {
+        (r, e) for r in (1, 4) for e in ("mle", "ple", "hyper_nopenalty")} | {(4, "ple-lam1")}
     shares = {float(s["ratio"]): float(s["minority_share_train"]) for s in summary}
     assert shares[1] == pytest.approx(0.5, abs=0.02) and shares[4] == pytest.approx(0.2, abs=0.02)
-    assert "| R_I |" in (project / "reports" / "table1" / "table1.md").read_text()
+    assert "| R_I |" in (folder / "table1.md").read_text()
     assert (project / "data" / "studies" / "table1-ri4" / "ple-s0.dvc").is_file()  # the loop's datasets, in DVC
+    manifest = json.loads((project / "data" / "studies" / "table1-ri4" / "ple-lam1-s1" / "gen-000.json").read_text())
+    assert manifest["recipe"]["ple.lam"] == 1.0 and manifest["recipe"]["train.epochs"] == 3
+    uses = read(folder / "uses_input.csv")[0]
+    assert float(uses["relative_weight_distance"]) > 0  # H emits other weights for other inputs
 
     paper_study("fig2", params=params, root=str(project))
     fig2 = read(project / "reports" / "fig2" / "fig2.csv")
-    assert sorted((s["estimator"], s["generation"], s["runs"]) for s in fig2) == [("mle", "0", "2"), ("mle", "1", "2")]
+    assert sorted((s["estimator"], s["generation"], s["runs"]) for s in fig2) == [
+        (e, g, "2") for e in ("hyper_nopenalty", "mle", "ple") for g in ("0", "1")]
     assert (project / "reports" / "fig2" / "fig2.png").is_file()
+    assert (project / "reports" / "fig2" / "samples.png").is_file()
     timing = json.loads((project / "reports" / "fig2" / "timing.json").read_text())
-    assert (timing["generations"], timing["generations_reused"]) == (4, 0)
+    assert (timing["generations"], timing["generations_reused"]) == (12, 0)
     assert "resumed" not in run_time(timing)
 
     paper_study("fig2", params=params, root=str(project))  # again: every generation is already finished
     timing = json.loads((project / "reports" / "fig2" / "timing.json").read_text())
-    assert (timing["generations"], timing["generations_reused"]) == (4, 4)
-    assert "a resumed run: 4 of its 4 generations were finished by an earlier run" in run_time(timing)
+    assert (timing["generations"], timing["generations_reused"]) == (12, 12)
+    assert "a resumed run: 12 of its 12 generations were finished by an earlier run" in run_time(timing)
+    results = write_results(project).read_text()
+    for heading in ("## Table 1", "## Fig. 2", "PLE degrades more slowly than MLE", "Lambda sweep",
+                    "Does H use its input?"):
+        assert heading in results
+
+
+def test_vectorized_em_reaches_scikit_learns_likelihood():
+    from models.families.gmm import GaussianMixture1D, em_batch
+
+    family = GaussianMixture1D.of(minority_weight=0.2, em_tol=1e-10, em_max_iter=20000)
+    rng = np.random.default_rng(3)
+    x = np.stack([family.draw(family.true_estimates(), 200, rng) for _ in range(6)])
+    ours = em_batch(x, tol=1e-10, max_iter=20000)
+
+    def loglik(means, variances, weights, points):
+        means, variances, weights = (np.asarray(a, dtype=np.float64) for a in (means, variances, weights))
+        comp = np.log(weights) - 0.5 * np.log(2 * np.pi * variances) - 0.5 * (points[:, None] - means) ** 2 / variances
+        return np.logaddexp.reduce(comp, axis=1).mean()
+
+    for s in range(6):
+        reference = family.closed_mle(x[s], s)
+        assert loglik(ours["means"][s], ours["variances"][s], ours["weights"][s], x[s]) == pytest.approx(
+            loglik(reference["means"], reference["variances"], reference["weights"], x[s]), abs=1e-6)
+
+
+def test_fig4_theory_matches_the_closed_forms_it_describes():
+    from flows.studies.fig4 import draw_truths, normalize, theory
+
+    n, generations, seeds = 20, 10, 4000
+    family = Uniform.of()
+    truths = draw_truths(family, seeds, 3.0, np.random.default_rng(0))
+    for name, estimate in (("mle", lambda x: family.closed_mle(x, 0)),
+                           ("ple_closed", lambda x: family.closed_ple(x, 0))):
+        history = normalize(family, "a", run_lineages(family, estimate, n, truths, generations, seed=1)["a"], truths)
+        predicted = {r["generation"]: r for r in theory(n, n, generations)
+                     if r["distribution"] == "uniform" and r["estimator"] == name}
+        for g in (0, generations - 1):
+            se = history[g].std() / np.sqrt(seeds)
+            assert history[g].mean() == pytest.approx(predicted[g]["mean"], abs=4 * se)
+            assert np.median(history[g]) == pytest.approx(predicted[g]["median"], rel=0.02)
 
 
 def test_paired_comparison_finds_a_real_shift_and_not_noise():
@@ -120,3 +191,20 @@ def test_paired_comparison_finds_a_real_shift_and_not_noise():
     assert paired([1.0, np.nan], [0.0, 2.0]).n == 1
     mean, low, high = interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and low < 2.0 < high and high - 2.0 == pytest.approx(2.0 - low)
+
+
+def test_verdict_rules_fail_when_they_should():
+    from flows.studies import verdict_from
+    from tasks.stats import paired
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(0, 1, 8)
+    better = [paired(base + 1 + rng.normal(0, 0.1, 8), base) for _ in range(3)]
+    noise = [paired(base + rng.normal(0, 0.5, 8), base) for _ in range(3)]
+    worse = [paired(base - 1 + rng.normal(0, 0.1, 8), base) for _ in range(3)]
+    assert verdict_from(better) == "reproduced" and verdict_from(worse, "negative") == "reproduced"
+    assert verdict_from(worse) == "not reproduced" and verdict_from(better, "negative") == "not reproduced"
+    assert verdict_from(better[:1] + worse[:2]) == "not reproduced"  # a claim contradicted in most conditions
+    assert verdict_from(better[:2] + worse[:1]) == "partly"  # confirmed in most, contradicted in one
+    assert verdict_from(noise) in ("partly", "not reproduced")
+    assert verdict_from([paired([1.0], [0.0])]) == "not tested"

@@ -15,16 +15,19 @@ import json
 import math
 import platform
 import time
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from prefect import flow, get_run_logger
+from pydantic import Field, NonNegativeInt, model_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from models.registry import Registry
+from models.families import FAMILIES
+from models.registry import Registry, Settings
 from tasks.layout import RESULTS_MD, TIMING_JSON, reports_folder, studies_folder
-from tasks.params import Params, flatten, validate
+from tasks.params import Params, ParamsError, flatten, validate
 from tasks.storage import write_atomic, write_json_atomic
 from tasks.tracking import log_study_run, tracking_uri
 
@@ -116,15 +119,97 @@ def run(name: str, p: Params, root: Path) -> dict[str, Any]:
 # --- helpers the loop studies share ------------------------------------------------------------------------------
 
 
-def loop_params(p: Params, study: str, estimators: list[str], seeds: list[int], generations: int,
-                **data: Any) -> dict[str, Any]:
-    """Params of a main-loop study with one lineage per (estimator, training seed): ``<estimator>-s<seed>``."""
-    sub = p.model_dump(mode="json")
-    sub["study"]["name"] = study
+# The paper's VAE (§5.1): "an encoder and decoder, each with 5 layers containing a fully connected layer with
+# batchnorm and leaky ReLU". The widths are not given; these are ours, sized for the data.
+PAPER_VAE_DIGITS = {"hidden": [256, 128, 128, 64, 32], "latent_dim": 8}  # 8x8 digits
+PAPER_VAE_MNIST = {"hidden": [512, 512, 256, 128, 64], "latent_dim": 16}  # 28x28: about 1.7M weights
+
+
+class LoopStudySettings(Settings):
+    """A study of the main loop. It carries its own params: ``params`` applies over madloop's built-in defaults,
+    not over the top-level sections of params.yaml, so an experiment on the default study (``dvc exp run -S
+    train.epochs=20``) never changes the paper's evidence; only ``seed`` (the data split) is shared."""
+
+    seeds: list[NonNegativeInt] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    estimators: list[str] = Field(default_factory=lambda: ["mle", "ple", "hyper_nopenalty"], min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)  # e.g. {model: {vae: {hidden: [...]}}, train: {...}}
+
+    @model_validator(mode="after")
+    def valid_params(self) -> "LoopStudySettings":
+        if _checking.get():  # validating a study's params validates a whole Params again: check one level only
+            return self
+        token = _checking.set(True)
+        try:
+            p = validate({**self.params, "lineages": [{"name": e, "estimator": e} for e in self.estimators]})
+        except ParamsError as err:
+            raise ValueError(f"params: {str(err).removeprefix('invalid params: ')}") from None
+        finally:
+            _checking.reset(token)
+        if FAMILIES.get(p.model.family).kind != "image":
+            raise ValueError(f"params: a loop study needs an image family, got {p.model.family!r}")
+        return self
+
+
+_checking: ContextVar[bool] = ContextVar("checking_study_params", default=False)
+
+
+def study_params(p: Params, settings: LoopStudySettings, name: str, lineages: list[dict[str, Any]],
+                 generations: int, **data: Any) -> dict[str, Any]:
+    """Params of one run of a loop study: the study's own ``params`` over the defaults, the project's seed,
+    device and bookkeeping (tracking, dvc, plugins), the given lineages and data overrides."""
+    sub = validate({**settings.params, "plugins": p.plugins}).model_dump(mode="json")
+    sub.update(seed=p.seed, device=p.device, tracking=p.tracking.model_dump(mode="json"),
+               dvc=p.dvc.model_dump(mode="json"), lineages=lineages)
+    sub["study"]["name"] = name
     sub["loop"]["generations"] = generations
     sub["data"].update(data)
-    sub["lineages"] = [{"name": f"{e}-s{s}", "estimator": e, "seed": s} for e in estimators for s in seeds]
     return sub
+
+
+def seed_lineages(estimators: list[str], seeds: list[int], **extra: dict[str, Any]) -> list[dict[str, Any]]:
+    """One lineage per (estimator, training seed), ``<estimator>-s<seed>``; ``extra``: name -> recipe (with
+    ``estimator`` and ``set``) for further lineages, one per seed as well."""
+    out = [{"name": f"{e}-s{s}", "estimator": e, "seed": s} for e in estimators for s in seeds]
+    out += [{**recipe, "name": f"{name}-s{s}", "seed": s, "group": name} for name, recipe in extra.items()
+            for s in seeds]
+    return out
+
+
+# --- claims and verdicts ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Claim:
+    """One claim of the paper, the rule that decides it (stated before the numbers), the evidence, the verdict."""
+
+    claim: str
+    rule: str
+    evidence: str
+    verdict: str  # reproduced | partly | not reproduced | not tested
+
+    def markdown(self) -> list[str]:
+        return [f"- **{self.claim}** — verdict: **{self.verdict}**", f"  - Rule: {self.rule}",
+                f"  - Evidence: {self.evidence}"]
+
+
+def verdict_from(comparisons: list, direction: str = "positive") -> str:
+    """The verdict of one claim tested once per condition (a ``tasks.stats.Comparison`` each, a - b, where the
+    claim says ``direction`` of the difference): reproduced when the 95% interval lies on the claimed side in at
+    least half the conditions and on the other side in none; partly when the mean is on the claimed side in at
+    least half; not reproduced otherwise (or when nothing could be tested)."""
+    tested = [c for c in comparisons if c.n >= 2 and math.isfinite(c.low)]
+    if direction != "positive":  # the claim says a < b: test b - a > 0
+        tested = [replace(c, mean=-c.mean, low=-c.high, high=-c.low) for c in tested]
+    if not tested:
+        return "not tested"
+    confirmed = sum(c.low > 0 for c in tested)
+    against = sum(c.high < 0 for c in tested)
+    leaning = sum(c.mean > 0 for c in tested)
+    if confirmed * 2 >= len(tested) and against == 0:
+        return "reproduced"
+    if leaning * 2 >= len(tested):
+        return "partly"
+    return "not reproduced"
 
 
 def loop_generations(project: Path, studies: list[str], started_at: float) -> dict[str, int]:

@@ -59,6 +59,7 @@ class Uniform(ScalarFamily):
     """U[0, a]. MLE max(X) (biased by -a/(n+1)); closed-form PLE (n+1)/n max(X) (App. E.4)."""
 
     name, raw_shapes, has_closed_ple = "uniform", {"a": ()}, True
+    roles = {"a": "scale"}
 
 
     def point_features(self, x):
@@ -97,6 +98,7 @@ class Gaussian(ScalarFamily):
     variance (App. F.3)."""
 
     name, raw_shapes, has_closed_ple = "gaussian", {"mean": (), "std": ()}, True
+    roles = {"mean": "location", "std": "scale"}
 
 
     def point_features(self, x):
@@ -132,6 +134,7 @@ class Laplace(ScalarFamily):
     """Laplace(mu, b). MLE: median and mean absolute deviation from it (App. H.3)."""
 
     name, raw_shapes = "laplace", {"loc": (), "scale": ()}
+    roles = {"loc": "location", "scale": "scale"}
 
 
     def point_features(self, x):
@@ -166,6 +169,7 @@ class Geometric(ScalarFamily):
     """Geometric(p) on {1, 2, ...}. MLE p = n / sum x. Samples are discrete: no gradient flows through them."""
 
     name, raw_shapes = "geometric", {"p": ()}
+    roles = {"p": "probability"}
 
 
     def point_features(self, x):
@@ -200,6 +204,7 @@ class Exponential(ScalarFamily):
     """Exponential(rate). MLE rate = n / sum x (biased up by n/(n-1))."""
 
     name, raw_shapes = "exponential", {"rate": ()}
+    roles = {"rate": "rate"}
 
 
     def point_features(self, x):
@@ -236,6 +241,8 @@ class Pareto(ScalarFamily):
     """
 
     name, raw_shapes = "pareto", {"b": ()}
+    roles = {"b": "rate"}
+    log_space = True  # log x is exponential with rate b: the symmetry acts on log x
 
 
     def natural_from(self, raw):
