@@ -204,9 +204,8 @@ def run_command(args) -> int:
     from flows.server import prefect_api
 
     started = time.perf_counter()
-    with prefect_api():
-        rows = run_study(p, root, args.lineage, args.overwrite, wait=args.wait,
-                         on_wait=lambda line: print(f"madloop: {line}", file=sys.stderr, flush=True))
+    rows = run_study(p, root, args.lineage, args.overwrite, wait=args.wait, api=prefect_api,
+                     on_wait=lambda line: print(f"madloop: {line}", file=sys.stderr, flush=True))
     if not args.quiet:
         print_table(p, rows)
         print(f"\nfinished in {time.perf_counter() - started:.0f} s. Compare lineages:\n"

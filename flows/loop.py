@@ -11,6 +11,7 @@ Both take params as a plain dict (what a deployment or the CLI passes) and a pro
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -170,11 +171,13 @@ def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite
 
 
 def run_study(p: Params, root: Path, lineages: list[str] | None = None, overwrite: bool = False,
-              wait: bool = False, on_wait=print):
-    """Validate against the world first (no Prefect run is started for bad input), then run the flow, holding the
-    study's lock throughout (``wait``: wait for another run of the study to end instead of refusing to start)."""
+              wait: bool = False, on_wait=print, api=nullcontext):
+    """Validate against the world first (no Prefect run, and with ``api`` no Prefect server, is started for bad
+    input), then run the flow, holding the study's lock throughout (``wait``: wait for another run of the study to
+    end instead of refusing to start)."""
     check_names(p, root)
     with study_lock(StudyPaths(root.resolve(), p.study.name).lock, p.study.name, wait=wait, on_wait=on_wait):
         preflight(p, root, lineages, overwrite)
-        return self_consuming_loop(params=p.model_dump(mode="json"), root=str(root), lineages=lineages,
-                                   overwrite=False)
+        with api():
+            return self_consuming_loop(params=p.model_dump(mode="json"), root=str(root), lineages=lineages,
+                                       overwrite=False)
