@@ -83,8 +83,11 @@ class Lineage:
 def open_lineage(study: Params, name: str, paths: StudyPaths, real: RealData, scorer, device) -> Lineage:
     spec = study.lineage(name)
     p = lineage_params(study, spec)
+    score = score_recipe(p)
+    if getattr(scorer, "fingerprint", ""):  # the weights its features come from (a retrained classifier: re-score)
+        score["scorer.fingerprint"] = scorer.fingerprint
     lineage = Lineage(spec, p, paths, real, scorer, build_family(p.model.family, real.train.shape, p.model), device,
-                      lineage_recipe(study, spec), digest(score_recipe(p)))
+                      lineage_recipe(study, spec), digest(score))
     lineage.mode = MODES.get(p.loop.mode)(lineage)
     lineage.mitigation = MITIGATIONS.get(spec.mitigation)(lineage)
     return lineage

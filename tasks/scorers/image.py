@@ -159,6 +159,7 @@ class ImageScorer(Scorer):
     samples: int
     bootstrap: int
     device: torch.device
+    fingerprint: str = ""  # sha256 of the feature extractor's weights: a retrained classifier means new scores
     _cache: tuple = (None, None)
 
     @classmethod
@@ -184,10 +185,9 @@ class ImageScorer(Scorer):
     @classmethod
     def from_classifier(cls, p, real: RealData, classifier_file: Path, device: torch.device) -> "ImageScorer":
         s, d = p.score, p.data
-        if s.feature_extractor == "inception":
-            features = Features(INCEPTION_EXTRACTOR, s.inception_weights, device)
-        else:
-            features = Features(CLASSIFIER_EXTRACTOR, str(classifier_file), device)
+        weights = s.inception_weights if s.feature_extractor == "inception" else str(classifier_file)
+        features = Features(INCEPTION_EXTRACTOR if s.feature_extractor == "inception" else CLASSIFIER_EXTRACTOR,
+                            weights, device)
         reference = evaluation_reference(real.test, d)
         return cls(classifier=load_classifier(classifier_file, device), features=features, reference=reference.pixels,
                    reference_features=features(reference.pixels),
@@ -196,7 +196,7 @@ class ImageScorer(Scorer):
                                              for c in (d.majority, d.minority)},
                    majority=d.majority, minority=d.minority, kid_subset_size=s.kid_subset_size,
                    prc_neighborhood=s.prc_neighborhood, min_class_samples=s.min_class_samples, samples=s.samples,
-                   bootstrap=s.bootstrap, device=device)
+                   bootstrap=s.bootstrap, device=device, fingerprint=file_digest(Path(weights)))
 
     def features_of(self, pixels: np.ndarray) -> torch.Tensor:
         """Features of an image set, extracted once: the metrics of one ``score`` call share them."""
