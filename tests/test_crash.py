@@ -57,7 +57,8 @@ def snapshot(root: Path) -> dict:
     reports = root / "reports" / "crash"
     rows = list(csv.DictReader(io.StringIO((reports / "generations.csv").read_text())))
     out["generations.csv"] = [{k: v for k, v in row.items() if k != "fit_seconds"} for row in rows]
-    out["metrics.json"] = json.loads((reports / "metrics.json").read_text())
+    out["metrics.json"] = {name: {k: v for k, v in last.items() if k != "fit_seconds"}
+                           for name, last in json.loads((reports / "metrics.json").read_text()).items()}
     out["summary.md"] = (reports / "summary.md").read_text()
     return out
 
@@ -155,7 +156,7 @@ def test_dvc_add_records_each_generation_as_it_finishes(reference):
 KILL_POINTS = {
     # the manifest of generation 1 is written to its temporary file, not renamed: its other files have no manifest
     "between-temp-write-and-rename": {"point": "replace", "match": "gen-001.json"},
-    "inside-dvc-add": {"point": "dvc_commit", "match": "crash/mle", "nth": 2},  # generation 1's add
+    "inside-dvc-add": {"point": "dvc_dump", "match": "mle.dvc", "nth": 2},  # generation 1's add
     "inside-mlflow-upload": {"point": "artifact", "match": "model-001"},  # generation 1's picture is up, not its model
     "inside-report-write": {"point": "replace", "match": "summary.md"},  # generations.csv and metrics.json written
 }

@@ -7,7 +7,8 @@ and then SIGKILLs its own process (exactly there: no race with a test polling fr
 ``go`` exists. Points:
 
 - ``replace``: ``os.replace(src, dst)``, between an atomic write's temporary file and its rename (dst matched);
-- ``dvc_commit``: DVC's ``Output.commit``, inside ``dvc add`` after hashing, before the cache and the .dvc file;
+- ``dvc_dump``: DVC's ``Stage.dump``, inside ``dvc add``: the files are hashed and in the cache, the .dvc file
+  (matched) is not written;
 - ``artifact``: MLflow's local artifact upload of a file (its path matched), inside the MLflow logging of a
   generation: the nested run exists, its params are logged, this artifact is not.
 """
@@ -46,17 +47,17 @@ def _install() -> None:
             return original(src, dst, *args, **kwargs)
 
         os.replace = replace
-    elif point == "dvc_commit":
-        from dvc.output import Output
+    elif point == "dvc_dump":
+        from dvc.stage import Stage
 
-        original_commit = Output.commit
+        original_dump = Stage.dump
 
-        def commit(self, *args, **kwargs):
-            if match in str(self):
-                _hit(f"dvc commit {self}")
-            return original_commit(self, *args, **kwargs)
+        def dump(self, *args, **kwargs):
+            if match in str(self.path):
+                _hit(f"dvc dump {self.path}")
+            return original_dump(self, *args, **kwargs)
 
-        Output.commit = commit
+        Stage.dump = dump
     elif point == "artifact":
         from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
