@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,9 +64,14 @@ def snapshot(root: Path) -> dict:
     return out
 
 
-def write_params(root: Path, params: dict = PARAMS) -> Path:
+def write_params(root: Path, params: dict = PARAMS, cache_from: Path | None = None) -> Path:
+    """The study's params.yaml in ``root``; with ``cache_from``, that project's classifier cache too (verified on
+    load like any cache entry), so a child run does not train it again."""
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params))
+    if cache_from is not None:
+        shutil.copytree(cache_from / "data" / "cache", root / "data" / "cache", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.lock"))
     return path
 
 
@@ -165,7 +171,7 @@ KILL_POINTS = {
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_a_run_killed_at_a_write_point_resumes_to_what_an_uninterrupted_run_makes(point, reference, project,
                                                                                   subprocess_env, tmp_path):
-    write_params(project)
+    write_params(project, cache_from=reference["root"])
     marker = tmp_path / "marker"
     proc = madloop(project, subprocess_env, hook={**KILL_POINTS[point], "marker": str(marker)})
     out, _ = proc.communicate(timeout=600)
@@ -247,8 +253,9 @@ def test_every_kind_of_corrupt_file_is_detected_kept_aside_and_redone(reference,
 
 # --- two runs of one study ---------------------------------------------------------------------------------------
 
-def test_a_second_run_of_a_study_is_refused_or_waits_and_never_mixes(project, subprocess_env, tmp_path, capsys):
-    write_params(project)
+def test_a_second_run_of_a_study_is_refused_or_waits_and_never_mixes(reference, project, subprocess_env, tmp_path,
+                                                                     capsys):
+    write_params(project, cache_from=reference["root"])
     go = tmp_path / "go"
     first = madloop(project, subprocess_env, hook={"point": "replace", "match": "gen-000.json", "action": "pause",
                                                    "marker": str(tmp_path / "paused"), "go": str(go)})
@@ -297,7 +304,7 @@ def test_the_temporary_prefect_server_dies_with_a_killed_run(project, subprocess
     env = {**subprocess_env, "PREFECT_HOME": str(tmp_path / "prefect-home"),
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
     env.pop("PREFECT_API_URL")  # no server configured: the run starts its own
-    proc = madloop(project, env, hook={"point": "replace", "match": "gen-000.json", "action": "pause",
+    proc = madloop(project, env, hook={"point": "replace", "match": "real/manifest.json", "action": "pause",
                                        "marker": str(tmp_path / "paused"), "go": str(tmp_path / "never")})
     try:
         deadline = time.time() + 600

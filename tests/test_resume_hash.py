@@ -16,7 +16,7 @@ dynamic_ratio lineages) fails here.
 
 Probe lineages: one per estimator, loop mode and mitigation the image family supports (two generations, as some
 parts act from generation 1 on: a classifier labels synthetic rows only once there are any), and for each 1-D family
-one per estimator it supports (modes and mitigations are the same code whatever the family).
+one per estimator it supports, one generation (modes and mitigations are the same code whatever the family).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from tests.kit import open_study, run_lineage
 
 pytestmark = pytest.mark.slow
 
-GENERATIONS = 2
+GENERATIONS = {"image": 2, "scalar": 1}  # image: mitigations act from generation 1 on; 1-D probes are estimators only
 # Keys no other valid value can be given in a probe, and why that is fine.
 UNCHANGEABLE = {
     "lineages": "the probe's lineages themselves",
@@ -187,15 +187,16 @@ def test_every_key_redoes_rescores_or_reuses_exactly_what_it_shapes(family, raw,
             assert {"x-group", "x-importance"} <= set(verdicts[key]["redone"]), (key, verdicts[key])
         assert "e-mle" in verdicts["score.samples"]["rescored"] and "e-mle" in verdicts["device"]["reused"]
 
+    generations = GENERATIONS[FAMILIES.get(family).kind]
     study = open_study(raw, tmp_path)
-    reference = {name: run_lineage(study, name, GENERATIONS) for name in base}
+    reference = {name: run_lineage(study, name, generations) for name in base}
     for name, group in groups.items():
         for verdict, values in group.items():
             if not values:
                 continue
             variant = with_values(raw, {**values, "study.name": f"{name}-{verdict}"})
             assert hashes(variant)[name][0] == base[name][0], (name, verdict)  # together, still the same recipe
-            again = run_lineage(open_study(variant, tmp_path), name, GENERATIONS)
+            again = run_lineage(open_study(variant, tmp_path), name, generations)
             score_too = verdict == "reused"
             assert outputs(again, score_too) == outputs(reference[name], score_too), (
                 f"lineage {name}: changing {sorted(values)} (not in its recipe) changed its outputs")
