@@ -251,6 +251,48 @@ def test_every_kind_of_corrupt_file_is_detected_kept_aside_and_redone(reference,
     rerun("manifest.json was edited or is corrupt", "when it was trained")
 
 
+def test_rescoring_updates_mlflow_too(reference, project, prefect_server):
+    run_study(validate(PARAMS), project)
+    rescored = tiny(study__name="crash", score__samples=120)
+    run_study(validate(rescored), project)
+    parents, children = mlflow_runs(project)
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    for k in range(GENERATIONS):
+        manifest = read_manifest(folder(project) / f"gen-{k:03d}.json")
+        kept = {name: sha for name, sha in manifest["outputs"].items() if not name.endswith(".png")}
+        assert kept == {n: s for n, s in reference["snapshot"][k]["outputs"].items() if n in kept}  # not retrained
+        assert manifest["metrics"]["fid"] != reference["snapshot"][k]["metrics"]["fid"]  # re-scored
+        child = next(c for c in children if c.data.tags["madloop.generation"] == str(k))
+        assert child.data.metrics["fid"] == pytest.approx(manifest["metrics"]["fid"])
+        history = [m for m in client.get_metric_history(parents[0].info.run_id, "fid") if m.step == k]
+        assert max(history, key=lambda m: m.timestamp).value == pytest.approx(manifest["metrics"]["fid"])
+    assert len(children) == GENERATIONS  # the old scores' runs were replaced, not kept beside
+
+
+# --- what a person sees when it fails ----------------------------------------------------------------------------
+
+def test_a_failure_is_one_line_and_exit_1_and_ctrl_c_is_exit_130(project, subprocess_env, tmp_path):
+    write_params(project, tiny(study__name="crash", train__lr=1e12))
+    failed = madloop(project, subprocess_env)
+    out, _ = failed.communicate(timeout=600)
+    assert failed.returncode == 1, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("madloop: lineage 'mle', generation 0: training diverged") and "--debug" in last, last
+
+    write_params(project)
+    proc = madloop(project, subprocess_env, hook={"point": "replace", "match": "gen-000.json", "action": "pause",
+                                                  "marker": str(tmp_path / "paused"), "go": str(tmp_path / "never")})
+    deadline = time.time() + 600
+    while not (tmp_path / "paused").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith("madloop: interrupted"), out[-3000:]
+
+
 # --- two runs of one study ---------------------------------------------------------------------------------------
 
 def test_a_second_run_of_a_study_is_refused_or_waits_and_never_mixes(reference, project, subprocess_env, tmp_path,

@@ -13,6 +13,7 @@ from models.families import FittedTorchModel
 from tasks.generation import TrainingDivergedError, open_lineage, run_generation
 from tasks.mitigations import MITIGATIONS
 from tasks.seeds import SCORE, derive_seed
+from tasks.storage import json_safe
 from tests.conftest import tiny
 from tests.kit import open_study, run_lineage
 
@@ -80,3 +81,15 @@ def test_every_mitigations_weights_reach_the_fit_and_change_it(root, recording_e
         assert got.std() > 0, m  # and it is not uniform, so it changes the fit:
         changed = [k for k, t in generation.model.tensors().items() if not torch.equal(t, plain.model.tensors()[k])]
         assert changed, m
+
+
+def test_scores_follow_the_samples_not_what_was_scored_before(root):
+    """Features are extracted once per sample set; a new set in the same memory (the next model's samples often
+    are) must get its own."""
+    study = open_study(tiny(study__name="cache"), root)
+    rng = np.random.default_rng(0)
+    samples = rng.random((80, 1, 8, 8), dtype=np.float32)
+    other = rng.random((80, 1, 8, 8), dtype=np.float32) ** 3
+    first = json_safe(study.scorer.score(samples, 0))  # NaN == NaN as strings
+    samples[:] = other  # the same buffer, other images
+    assert json_safe(study.scorer.score(samples, 0)) == json_safe(study.scorer.score(other.copy(), 0)) != first

@@ -171,3 +171,16 @@ def test_a_saved_model_loads_and_samples_the_same(estimator, family_name, tmp_pa
     loaded = load_model(family, load_file(str(tmp_path / "model.safetensors")), torch.device("cpu"))
     assert np.array_equal(loaded.sample(50, seed=3), before)
     assert not np.array_equal(loaded.sample(50, seed=4), before)  # the samples do depend on the seed
+
+
+# --- MLflow: studies that share an experiment stay apart ---------------------------------------------------------
+
+def test_studies_sharing_an_experiment_get_lineage_runs_of_their_own(tmp_path):
+    from tasks.tracking import open_lineage
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = {study: open_lineage(uri, "shared", "mle", "same-recipe-hash", {"study": study}, tmp_path)[1]
+            for study in ("s1", "s2")}
+    assert runs["s1"] != runs["s2"]  # the same lineage params in two studies: not merged
+    again = open_lineage(uri, "shared", "mle", "same-recipe-hash", {"study": "s1"}, tmp_path)[1]
+    assert again == runs["s1"]  # a study resuming finds its own run

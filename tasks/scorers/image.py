@@ -200,7 +200,9 @@ class ImageScorer(Scorer):
 
     def features_of(self, pixels: np.ndarray) -> torch.Tensor:
         """Features of an image set, extracted once: the metrics of one ``score`` call share them."""
-        key = (pixels.__array_interface__["data"][0], pixels.shape)
+        # Keyed by content: a memory address is reused by the next sample set of the same shape, which then got
+        # the previous model's features and scores (hashing costs milliseconds; extracting features, seconds).
+        key = (pixels.shape, hashlib.blake2b(np.ascontiguousarray(pixels).tobytes(), digest_size=16).digest())
         if self._cache[0] != key:
             self._cache = (key, self.features(pixels))
         return self._cache[1]
