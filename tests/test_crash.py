@@ -29,9 +29,9 @@ from flows.loop import lineage_loop, run_study, self_consuming_loop
 from tasks import as_task
 from tasks.layout import StudyPaths
 from tasks.params import validate
-from tasks.recovery import clean_up_dead_runs, study_flow_runs
+from tasks.recovery import clean_up_dead_runs
 from tasks.resume import StaleOutputsError
-from tasks.storage import file_digest, json_safe, read_manifest, write_manifest
+from tasks.storage import json_safe, read_manifest, write_manifest
 from tasks.versioning import dvc_add, tracked_md5s
 from tests.conftest import REPO, git_dvc_repo, tiny
 
