@@ -28,8 +28,8 @@ from tasks.params import Params, digest, flatten, lineage_recipe, validate
 from tasks.realdata import prepare_real_data_task
 from tasks.recovery import clean_up_dead_runs
 from tasks.reports import lineage_rows, write_reports_task
-from tasks.resume import (LineageState, StaleOutputsError, check_names, inspect_lineage, preflight, quarantine_from,
-                          real_train_data)
+from tasks.resume import (LineageState, StaleOutputsError, check_names, check_world, inspect_lineage, preflight,
+                          quarantine_from, real_train_data)
 from tasks.scorers import build_scorer
 from tasks.seeds import SCORE, derive_seed
 from tasks.tracking import close_lineage, log_generation, tracking_uri
@@ -176,6 +176,7 @@ def run_study(p: Params, root: Path, lineages: list[str] | None = None, overwrit
     input), then run the flow, holding the study's lock throughout (``wait``: wait for another run of the study to
     end instead of refusing to start)."""
     check_names(p, root)
+    check_world(p, root.resolve(), lineages)  # before the lock file is made: bad input leaves nothing behind
     with study_lock(StudyPaths(root.resolve(), p.study.name).lock, p.study.name, wait=wait, on_wait=on_wait):
         preflight(p, root, lineages, overwrite)
         with api():

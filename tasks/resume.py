@@ -139,11 +139,9 @@ class Plan:
     lineages: list[LineageParams]
 
 
-def preflight(p: Params, root: Path, lineages: list[str] | None = None, overwrite: bool = False) -> Plan:
-    """Check params against the world (the data source, the DVC repo, outputs made under other params) and, with
-    ``overwrite``, move stale outputs to the trash. Raises ParamsError naming the problem; does no work."""
-    root = root.resolve()
-    paths = StudyPaths(root, p.study.name)
+def check_world(p: Params, root: Path, lineages: list[str] | None = None) -> list[LineageParams]:
+    """What params ask of this machine and project, checked without writing anything: the lineages, the device,
+    the tracking URI from the environment, the data source, the DVC repo. Returns the chosen lineages."""
     chosen = [p.lineage(name) for name in lineages] if lineages else list(p.lineages)
     for lineage in chosen:
         if lineage.name == REAL:
@@ -162,6 +160,15 @@ def preflight(p: Params, root: Path, lineages: list[str] | None = None, overwrit
             find_dvc_root(root)
         except NotADvcRepoError as err:
             raise ParamsError(f"dvc.track: {err}") from None
+    return chosen
+
+
+def preflight(p: Params, root: Path, lineages: list[str] | None = None, overwrite: bool = False) -> Plan:
+    """Check params against the world (:func:`check_world`, and outputs made under other params) and, with
+    ``overwrite``, move stale outputs to the trash. Raises ParamsError naming the problem; does no other work."""
+    root = root.resolve()
+    paths = StudyPaths(root, p.study.name)
+    chosen = check_world(p, root, lineages)
 
     stale: dict[Path, list[str]] = {}
     if paths.real_manifest.is_file():

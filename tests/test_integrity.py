@@ -184,3 +184,14 @@ def test_studies_sharing_an_experiment_get_lineage_runs_of_their_own(tmp_path):
     assert runs["s1"] != runs["s2"]  # the same lineage params in two studies: not merged
     again = open_lineage(uri, "shared", "mle", "same-recipe-hash", {"study": "s1"}, tmp_path)[1]
     assert again == runs["s1"]  # a study resuming finds its own run
+
+
+@pytest.mark.parametrize("override", ["device=cuda:99", "study.name=fig4", "tracking.uri=foo://bar",
+                                      "loop.generations=true"])
+def test_the_cli_refuses_hostile_values_before_writing_anything(override, project, capsys):
+    from flows.cli import main as cli
+
+    assert cli(["run", "--set", "lineages=[mle]", "--set", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"madloop: invalid params: {override.split('=')[0]}:"), err
+    assert not (project / "data").exists() and not (project / "mlflow.db").exists()
