@@ -121,7 +121,7 @@ def tracking_uri_problem(uri: str) -> str | None:
     from urllib.parse import urlparse
 
     scheme = uri if uri in ("databricks", "databricks-uc", "uc") else urlparse(uri).scheme.lower().split("+")[0]
-    if len(scheme) == 1:  # a Windows drive letter: a local path
+    if len(scheme) == 1 or scheme in MLFLOW_SCHEMES:  # one letter: a Windows drive, a local path
         return None
     known = {*MLFLOW_SCHEMES, *(point.name for point in entry_points(group="mlflow.tracking_store"))}
     if scheme not in known:
