@@ -119,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 2 bad input or the study is locked by another run (nothing was done), 1 a failure while
     working (one line; ``--debug`` for the traceback), 130 interrupted (Ctrl-C)."""
     args = build_parser().parse_args(argv)
+    import warnings
+
     from tasks.lock import StudyLockedError
+
+    if not args.debug:  # "madloop: <what happened>", not the source line that warned
+        warnings.formatwarning = lambda message, category, *_: f"madloop: {category.__name__}: {message}\n"
     from tasks.params import ParamsError
 
     try:

@@ -46,8 +46,8 @@ def collect_rows(p: Params, paths: StudyPaths, lineages: list[LineageParams]) ->
             try:
                 manifest = read_manifest(path)
             except CorruptOutputError as err:
-                warnings.warn(f"{err}: lineage {lineage.name} is shown up to generation {k - 1} (the next run "
-                              f"redoes generation {k})")
+                warnings.warn(f"{err}; lineage {lineage.name}: generation {k} and later are left out (the next run "
+                              "redoes them)")
                 break
             if k >= p.loop.generations or manifest.get("recipe_hash") != recipe_hash:
                 break
