@@ -28,6 +28,8 @@ def add_params_args(parser: argparse.ArgumentParser) -> None:
                              "e.g. --set train.epochs=2 --set lineages=[mle]")
     parser.add_argument("--root", default=".", metavar="DIR",
                         help="project root: where data/, reports/ and mlflow.db live (default: .)")
+    parser.add_argument("--debug", action="store_true",
+                        help="on a failure, print the full traceback (default: one line saying what failed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="outputs made under other params are moved to .madloop/trash/ and redone "
                           "(without it, such outputs stop the run before any work)")
     run.add_argument("--quiet", action="store_true", help="no table at the end")
+    run.add_argument("--wait", action="store_true",
+                     help="when another run of the same study is in progress, wait for it to end instead of stopping "
+                          "(exit code 2)")
 
     show = commands.add_parser("show", help="print the per-generation table of a study's finished generations")
     add_params_args(show)
@@ -111,47 +116,101 @@ def print_table(p, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad input or the study is locked by another run (nothing was done), 1 a failure while
+    working (one line; ``--debug`` for the traceback), 130 interrupted (Ctrl-C)."""
     args = build_parser().parse_args(argv)
-    from tasks.params import ParamsError, load
+    import warnings
 
-    root = Path(args.root).resolve()
+    from tasks.lock import StudyLockedError
+
+    if not args.debug:  # "madloop: <what happened>", not the source line that warned
+        warnings.formatwarning = lambda message, category, *_: f"madloop: {category.__name__}: {message}\n"
+    from tasks.params import ParamsError
+
     try:
-        p = load(resolve_params_file(args), args.overrides)
-        if args.command == "params":
-            import yaml
-
-            print(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False), end="")
-            return 0
-        if args.command == "show":
-            from tasks.layout import StudyPaths
-            from tasks.reports import collect_rows
-
-            print_table(p, collect_rows(p, StudyPaths(root, p.study.name), p.lineages))
-            return 0
-        if args.command == "study":
-            if args.name == "results":
-                from flows.studies import write_results
-
-                print(f"wrote {write_results(root)}")
-                return 0
-            from flows.studies import run as run_paper_study
-
-            timing = run_paper_study(args.name, p, root)
-            print(f"{args.name}: finished in {timing['seconds']} s ({timing['machine']}); see reports/{args.name}/")
-            return 0
-        if args.command == "serve":
-            from flows.deploy import serve_study
-
-            serve_study(p, resolve_params_file(args), args.overrides, root, cron=args.cron, interval=args.interval,
-                        lineages=args.lineage, fan_out_to=args.fan_out, name=args.name)
-            return 0
-        from flows.loop import run_study
-
-        started = time.perf_counter()
-        rows = run_study(p, root, args.lineage, args.overwrite)
-    except ParamsError as err:
+        return run_command(args)
+    except (ParamsError, StudyLockedError) as err:
         print(f"madloop: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("madloop: interrupted; the next run resumes at the first unfinished generation", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        print(f"madloop: {one_line(err)} (--debug prints the traceback)", file=sys.stderr)
+        return 1
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line: madloop's own errors say everything in their message; others are named."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    ours = type(err).__module__.split(".")[0] in ("tasks", "flows", "models")
+    return text if ours and text else f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def quiet_tracebacks() -> None:
+    """Prefect's console log shows failures without their tracebacks (they still reach the Prefect API's log);
+    ``--debug`` keeps them."""
+    import logging
+
+    def strip(record: logging.LogRecord) -> bool:
+        if record.exc_info or record.exc_text:
+            record.msg, record.args = record.getMessage(), None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+    for name in ("prefect", ""):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler).__name__ == "PrefectConsoleHandler":
+                handler.addFilter(strip)
+
+
+def run_command(args) -> int:
+    from tasks.params import load
+
+    root = Path(args.root).resolve()
+    p = load(resolve_params_file(args), args.overrides)
+    if args.command == "params":
+        import yaml
+
+        print(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    if args.command == "show":
+        from tasks.layout import StudyPaths
+        from tasks.reports import collect_rows
+
+        print_table(p, collect_rows(p, StudyPaths(root, p.study.name), p.lineages))
+        return 0
+    if args.command == "study" and args.name == "results":
+        from flows.studies import write_results
+
+        print(f"wrote {write_results(root)}")
+        return 0
+    import flows.loop  # noqa: F401  (configures Prefect's logging)
+
+    if not args.debug:
+        quiet_tracebacks()
+    if args.command == "study":
+        from flows.server import prefect_api
+        from flows.studies import run as run_paper_study
+
+        with prefect_api():
+            timing = run_paper_study(args.name, p, root)
+        print(f"{args.name}: finished in {timing['seconds']} s ({timing['machine']}); see reports/{args.name}/")
+        return 0
+    if args.command == "serve":
+        from flows.deploy import serve_study
+
+        serve_study(p, resolve_params_file(args), args.overrides, root, cron=args.cron, interval=args.interval,
+                    lineages=args.lineage, fan_out_to=args.fan_out, name=args.name)
+        return 0
+    from flows.loop import run_study
+    from flows.server import prefect_api
+
+    started = time.perf_counter()
+    rows = run_study(p, root, args.lineage, args.overwrite, wait=args.wait, api=prefect_api,
+                     on_wait=lambda line: print(f"madloop: {line}", file=sys.stderr, flush=True))
     if not args.quiet:
         print_table(p, rows)
         print(f"\nfinished in {time.perf_counter() - started:.0f} s. Compare lineages:\n"

@@ -26,7 +26,7 @@ from prefect.types.entrypoint import EntrypointType
 from flows.fanout import check_deployment
 from flows.loop import lineage_loop, self_consuming_loop
 from tasks.params import Params, ParamsError, load
-from tasks.resume import StaleOutputsError, preflight
+from tasks.resume import StaleOutputsError, check_names, preflight
 
 SERVED_LINEAGES = "lineage/served"  # the lineage deployment `madloop serve --fan-out` serves itself
 
@@ -77,6 +77,7 @@ def serve_study(p: Params, params_file: Path | None, overrides: list[str], root:
                           "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
     if interval is not None and interval <= 0:
         raise ParamsError(f"--interval: expected a positive number of seconds (got {interval:g})")
+    check_names(p, root)
     try:  # bad params, a missing DVC repo or stale outputs fail now, not at 3 a.m.
         preflight(p, root, lineages)
     except StaleOutputsError as err:

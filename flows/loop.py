@@ -11,6 +11,7 @@ Both take params as a plain dict (what a deployment or the CLI passes) and a pro
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,18 @@ from tasks import as_task
 from tasks.generation import (TASKS, Lineage, load_generation_dataset, load_generation_model, load_model, open_lineage,
                               rescore_manifest, resolve_device, run_generation)
 from tasks.layout import StudyPaths
+from tasks.lock import study_lock
 from tasks.params import Params, digest, flatten, lineage_recipe, validate
 from tasks.realdata import prepare_real_data_task
+from tasks.recovery import clean_up_dead_runs
 from tasks.reports import lineage_rows, write_reports_task
-from tasks.resume import LineageState, StaleOutputsError, inspect_lineage, preflight, quarantine_from, real_train_sha
+from tasks.resume import (LineageState, StaleOutputsError, check_names, check_world, inspect_lineage, preflight,
+                          quarantine_from, real_train_data)
 from tasks.scorers import build_scorer
 from tasks.seeds import SCORE, derive_seed
 from tasks.tracking import close_lineage, log_generation, tracking_uri
 from tasks.tracking import open_lineage as open_lineage_run
-from tasks.versioning import dvc_add
+from tasks.versioning import dvc_add, find_dvc_root
 
 build_scorer_task = as_task(build_scorer)
 log_generation_task = as_task(log_generation, retries=2)
@@ -73,7 +77,7 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".",
     real = prepare_real_data_task(p, paths)
     scorer, scorer_note = build_scorer_task(p, real, paths.cache, device)
     lin = open_lineage(p, lineage, paths, real, scorer, device)
-    state = LineageState(**verified) if verified else inspect_lineage(lin.folder, lin.recipe, real_train_sha(paths))
+    state = LineageState(**verified) if verified else inspect_lineage(lin.folder, lin.recipe, real_train_data(paths))
     generations = lin.params.loop.generations
     start = resume_point(lin, state, logger)
     if start:
@@ -126,10 +130,19 @@ def self_consuming_loop(params: dict[str, Any] | None = None, root: str = ".", l
     Lineages run here, one after another, as subflows. With ``lineage_deployment`` ("lineage/gpu") each one runs
     as its own flow run of that deployment instead, all at once, on the workers of its work pool (flows.fanout).
     """
-    logger = get_run_logger()
     p = validate(params)
+    with study_lock(StudyPaths(Path(root).resolve(), p.study.name).lock, p.study.name):
+        return run_locked_study(p, root, lineages, overwrite, lineage_deployment)
+
+
+def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite: bool,
+                     lineage_deployment: str | None) -> list[dict[str, Any]]:
+    logger = get_run_logger()
     plan = preflight(p, Path(root), lineages, overwrite)
     paths = plan.paths
+    for line in clean_up_dead_runs(p, paths, [self_consuming_loop.name, lineage_loop.name],
+                                   find_dvc_root(paths.root) if p.dvc.track else None):
+        logger.info(line)
     device = resolve_device(p.device)
     real = prepare_real_data_task(p, paths)
     _, scorer_note = build_scorer_task(p, real, paths.cache, device)
@@ -144,7 +157,7 @@ def self_consuming_loop(params: dict[str, Any] | None = None, root: str = ".", l
         fan_out(lineage_deployment, p, [spec.name for spec in plan.lineages], paths.root)
     else:
         rows = []
-        train_sha = real_train_sha(paths)
+        train_sha = real_train_data(paths)
         # In-process lineages send no heartbeats of their own: the study's flow run, in the same process, already
         # does (a crash stops both), and joining each one's heartbeat thread, which sleeps in 1 s steps, held up
         # the end of its lineage by up to 1 s (docs/performance.md).
@@ -157,8 +170,15 @@ def self_consuming_loop(params: dict[str, Any] | None = None, root: str = ".", l
     return write_reports_task(p, paths, p.lineages, rows if everyone else None)
 
 
-def run_study(p: Params, root: Path, lineages: list[str] | None = None, overwrite: bool = False):
-    """Validate against the world first (no Prefect run is started for bad input), then run the flow."""
-    preflight(p, root, lineages, overwrite)
-    return self_consuming_loop(params=p.model_dump(mode="json"), root=str(root), lineages=lineages,
-                               overwrite=False)
+def run_study(p: Params, root: Path, lineages: list[str] | None = None, overwrite: bool = False,
+              wait: bool = False, on_wait=print, api=nullcontext):
+    """Validate against the world first (no Prefect run, and with ``api`` no Prefect server, is started for bad
+    input), then run the flow, holding the study's lock throughout (``wait``: wait for another run of the study to
+    end instead of refusing to start)."""
+    check_names(p, root)
+    check_world(p, root.resolve(), lineages)  # before the lock file is made: bad input leaves nothing behind
+    with study_lock(StudyPaths(root.resolve(), p.study.name).lock, p.study.name, wait=wait, on_wait=on_wait):
+        preflight(p, root, lineages, overwrite)
+        with api():
+            return self_consuming_loop(params=p.model_dump(mode="json"), root=str(root), lineages=lineages,
+                                       overwrite=False)

@@ -33,9 +33,14 @@ PLUGIN_GROUP = "madloop.plugins"
 
 class Settings(BaseModel):
     """A strict params section: unknown keys are errors, assignments are validated. ``not_hashed`` names the
-    fields that change no output (``data.download``), so no resume hash holds them."""
+    fields that change no output (``data.download``), so no resume hash holds them.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Every part's settings inherit the value rules: numbers are finite (``.inf`` and ``.nan`` are refused, as no
+    knob means anything at infinity and NaN would travel into weights and manifests), and types are strict (``true``
+    is not the integer 1, ``2.5`` is not an integer, ``"3"`` is not a number), so a typo in params.yaml is an error
+    rather than a silent conversion."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
     not_hashed: ClassVar[frozenset[str]] = frozenset()
 
 

@@ -19,6 +19,7 @@ Metadata: ``madloop.shape`` (JSON [C, H, W]), ``madloop.source`` (digits, mnist,
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -71,6 +72,18 @@ class Dataset:
     def concat(parts: list["Dataset"]) -> "Dataset":
         return replace(parts[0], **{f: np.concatenate([getattr(p, f) for p in parts])
                                     for f in ("pixels", "label", "origin", "generation", "lineage")})
+
+
+def data_digest(data: Dataset) -> str:
+    """sha256 of a dataset's content as it is in memory (every column, its shape and source): what a manifest
+    records as the data a model was fitted on, and what a dataset read back from its Parquet file must match."""
+    h = hashlib.sha256(json.dumps([data.source, list(data.shape), len(data)]).encode())
+    h.update(np.ascontiguousarray(data.pixels, dtype=np.float32).tobytes())
+    for column in (data.label, data.generation):
+        h.update(np.ascontiguousarray(column, dtype=np.int64).tobytes())
+    for column in (data.origin, data.lineage):
+        h.update("\x1f".join("\x00" if v is None else str(v) for v in column).encode())
+    return h.hexdigest()
 
 
 # --- Parquet ------------------------------------------------------------------------------------------------

@@ -21,20 +21,34 @@ from safetensors.torch import load_file, save_file
 from models.estimators import ESTIMATORS, fit
 from models.families import FittedTorchModel, TorchFamily, build_family
 from tasks import as_task
-from tasks.datasets import Dataset, RealData, read_parquet, write_parquet
+from tasks.datasets import Dataset, RealData, data_digest, read_parquet, write_parquet
 from tasks.layout import REAL_TRAIN, StudyPaths, dataset_name, generation_files
 from tasks.mitigations import MITIGATIONS, Mitigation
 from tasks.modes import MODES, LoopMode
-from tasks.params import (LineageParams, Params, digest, lineage_params, lineage_recipe, lineage_seed, score_recipe,
-                          section)
+from tasks.params import (LineageParams, Params, ParamsError, digest, lineage_params, lineage_recipe, lineage_seed,
+                          score_recipe, section)
 from tasks.seeds import FIT, SAMPLE, SCORE, derive_seed
-from tasks.storage import file_digest, write_atomic, write_json_atomic
+from tasks.storage import CorruptOutputError, file_digest, read_manifest, write_atomic, write_manifest
+
+
+class TrainingDivergedError(RuntimeError):
+    """A fit produced non-finite weights or samples: nothing of its generation is saved."""
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device for params ``device``; one that this machine does not have is a params error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is not None and device.index >= count or count == 0:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device"
+            raise ParamsError(f"invalid params: device: {name!r} is not available here ({have}; torch "
+                              f"{torch.__version__}): use device: auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ParamsError(f"invalid params: device: {name!r} is not available here: use device: auto or cpu")
+    return device
 
 
 @dataclass
@@ -69,8 +83,11 @@ class Lineage:
 def open_lineage(study: Params, name: str, paths: StudyPaths, real: RealData, scorer, device) -> Lineage:
     spec = study.lineage(name)
     p = lineage_params(study, spec)
+    score = score_recipe(p)
+    if getattr(scorer, "fingerprint", ""):  # the weights its features come from (a retrained classifier: re-score)
+        score["scorer.fingerprint"] = scorer.fingerprint
     lineage = Lineage(spec, p, paths, real, scorer, build_family(p.model.family, real.train.shape, p.model), device,
-                      lineage_recipe(study, spec), digest(score_recipe(p)))
+                      lineage_recipe(study, spec), digest(score))
     lineage.mode = MODES.get(p.loop.mode)(lineage)
     lineage.mitigation = MITIGATIONS.get(spec.mitigation)(lineage)
     return lineage
@@ -121,8 +138,8 @@ def save_generation(folder: Path, k: int, tensors: dict[str, torch.Tensor], next
         "md5": {name: file_digest(folder / name, "md5") for name in outputs},
         "rows": {"trained_on": info.get("rows_trained_on"), "produced": len(next_dataset)},
     }
-    write_json_atomic(folder / files["manifest"], manifest)
-    return manifest
+    manifest["data"] = {files["dataset"]: data_digest(next_dataset)}  # its content, for the next generation's check
+    return write_manifest(folder / files["manifest"], manifest)
 
 
 @dataclass(frozen=True)
@@ -151,9 +168,23 @@ class Generation:
     next_path: Path  # where it was written
 
 
-def trained_on_record(lineage: Lineage, path: Path) -> dict[str, str]:
-    return {"path": str(path.relative_to(lineage.paths.root)), "sha256": file_digest(path),
-            "md5": file_digest(path, "md5")}
+def trained_on_record(lineage: Lineage, k: int, dataset: Dataset) -> dict[str, str]:
+    """What model k was fitted on: the content sha256 of ``dataset`` as the fit gets it (in memory), and the file
+    it came from, with the sha256 and md5 its writer recorded (the link back to DVC)."""
+    path = dataset_path(lineage, k)
+    producer = lineage.paths.real_manifest if k == 0 else lineage.folder / generation_files(k - 1)["manifest"]
+    record = read_manifest(producer)
+    return {"path": str(path.relative_to(lineage.paths.root)), "sha256": record["outputs"][path.name],
+            "md5": record["md5"][path.name], "data_sha256": data_digest(dataset)}
+
+
+def check_finite(lineage: Lineage, k: int, what: str, tensors: dict[str, torch.Tensor]) -> None:
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise TrainingDivergedError(
+            f"lineage {lineage.name!r}, generation {k}: training diverged, {what} hold NaN or inf "
+            f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); nothing of generation {k} was saved "
+            f"(a smaller train.lr may help)")
 
 
 def dataset_path(lineage: Lineage, k: int) -> Path:
@@ -166,23 +197,25 @@ def run_generation(lineage: Lineage, k: int, dataset: Dataset, steps: Steps = PL
     by default the mode), save (files, then the manifest)."""
     lin = lineage
     weights, weight_info = lin.mitigation.training_weights(k, dataset)
+    trained_on = trained_on_record(lin, k, dataset)
     model = steps.fit(lin, dataset, derive_seed(lin.seed, k, FIT), weights)
+    check_finite(lin, k, "its weights", model.tensors())
     synthetic = steps.sample(model, lin.mode.synthetic_rows(), derive_seed(lin.seed, k, SAMPLE), lin.name, k + 1,
                              lin.params.data.source, lin.params.loop.temperature)
+    check_finite(lin, k, "its samples", {"samples": torch.as_tensor(synthetic.pixels)})
     samples, metrics = steps.score(lin.scorer, model, derive_seed(lin.seed, k, SCORE))
     metrics.update(lin.scorer.dataset_metrics(dataset), **weight_info)
     next_dataset, next_info = lin.mitigation.next_dataset(k, dataset, synthetic, metrics)
     metrics.update(next_info)
     manifest = steps.save(lin.folder, k, model.tensors(), next_dataset,
                           lambda path, s=samples: lin.scorer.picture(s, path), metrics, lin.recipe, lin.score_hash,
-                          trained_on_record(lin, dataset_path(lin, k)), {**model.info, "rows_trained_on": len(dataset)})
+                          trained_on, {**model.info, "rows_trained_on": len(dataset)})
     return Generation(k, model, manifest, next_dataset, dataset_path(lin, k + 1))
 
 
 def rescore_manifest(folder: Path, manifest: dict[str, Any], metrics: dict[str, float], score_hash: str) -> dict:
     manifest = {**manifest, "metrics": metrics, "score_hash": score_hash}
-    write_json_atomic(folder / generation_files(manifest["generation"])["manifest"], manifest)
-    return manifest
+    return write_manifest(folder / generation_files(manifest["generation"])["manifest"], manifest)
 
 
 def load_generation_model(folder: Path, k: int) -> dict[str, torch.Tensor]:
@@ -190,4 +223,10 @@ def load_generation_model(folder: Path, k: int) -> dict[str, torch.Tensor]:
 
 
 def load_generation_dataset(folder: Path, k: int) -> Dataset:
-    return read_parquet(folder / dataset_name(k))
+    """Dataset k (k >= 1) from its file, checked against the content sha256 its producer's manifest recorded."""
+    data = read_parquet(folder / dataset_name(k))
+    recorded = read_manifest(folder / generation_files(k - 1)["manifest"])["data"][dataset_name(k)]
+    if data_digest(data) != recorded:
+        raise CorruptOutputError(f"{folder / dataset_name(k)} does not hold the data generation {k - 1} made "
+                                 "(its content sha256 differs from its manifest's)")
+    return data

@@ -2,12 +2,13 @@
 
 Under the project root (``data/`` is DVC's, ``reports/`` is git's)::
 
+    data/studies/<study>/.madloop.lock  the study lock (one writer per study: tasks.lock)
     data/studies/<study>/real/          train.parquet (dataset 0), test.parquet, manifest.json
     data/studies/<study>/<lineage>/     dataset-001.parquet ...  the datasets generations 1.. train on
                                         model-000.safetensors ... generation k's model weights
                                         samples-000.png ...       a grid of its samples
                                         gen-000.json ...          manifest: params hash, sha256s, metrics
-    data/cache/                         the domain classifier, keyed by the hash of its training data
+    data/cache/                         the domain classifier (and its manifest), keyed by the hash of its data
     reports/<study>/                    generations.csv (DVC plots), metrics.json (DVC metrics), summary.md,
                                         lineages.csv / lineages.md (recipes ranked)
     .madloop/trash/<time>/              whatever was replaced or quarantined, never deleted
@@ -15,6 +16,7 @@ Under the project root (``data/`` is DVC's, ``reports/`` is git's)::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,8 @@ GENERATIONS_CSV, METRICS_JSON, SUMMARY_MD = "generations.csv", "metrics.json", "
 RANKING_CSV, RANKING_MD = "lineages.csv", "lineages.md"
 TIMING_JSON = "timing.json"
 RESULTS_MD = "RESULTS.md"
+REPORT_FILES = (RESULTS_MD,)  # files directly under reports/: no study may be named like them
+STUDY_LOCK = ".madloop.lock"
 
 
 def dataset_name(k: int) -> str:
@@ -38,6 +42,16 @@ def generation_files(k: int) -> dict[str, str]:
 
 
 MANIFEST_GLOB = "gen-*.json"
+GENERATION_FILE = re.compile(r"^(dataset|model|samples|gen)-(\d{3,})\.")
+
+
+def generation_of(filename: str) -> int | None:
+    """The generation that writes a file of a lineage folder (dataset k+1 is generation k's), or None."""
+    match = GENERATION_FILE.match(filename)
+    if match is None:
+        return None
+    k = int(match.group(2))
+    return k - 1 if match.group(1) == "dataset" else k
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,10 @@ class StudyPaths:
         return self.data / name
 
     @property
+    def lock(self) -> Path:
+        return self.data / STUDY_LOCK
+
+    @property
     def reports(self) -> Path:
         return reports_folder(self.root, self.study)
 
@@ -70,7 +88,11 @@ class StudyPaths:
 
     @property
     def trash(self) -> Path:
-        return self.root / ".madloop" / "trash"
+        return trash_folder(self.root)
+
+
+def trash_folder(root: Path) -> Path:
+    return root / ".madloop" / "trash"
 
 
 def reports_folder(root: Path, name: str) -> Path:

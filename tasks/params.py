@@ -99,6 +99,36 @@ class TrackingParams(Section):
     uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI, when set, wins
     experiment: str | None = None  # MLflow experiment; null = study.name
 
+    @field_validator("uri")
+    @classmethod
+    def known_scheme(cls, value: str) -> str:
+        problem = tracking_uri_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+# The stores MLflow itself builds from a URI (mlflow.tracking._tracking_service.utils), plus any that an installed
+# MLflow plug-in registers; "" is a local path.
+MLFLOW_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc",
+                  "uc")
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """Why MLflow could not open ``uri`` (an unknown scheme), or None. Checked before any work: MLflow itself
+    finds out only when the first run is logged, after training."""
+    from importlib.metadata import entry_points
+    from urllib.parse import urlparse
+
+    scheme = uri if uri in ("databricks", "databricks-uc", "uc") else urlparse(uri).scheme.lower().split("+")[0]
+    if len(scheme) == 1 or scheme in MLFLOW_SCHEMES:  # one letter: a Windows drive, a local path
+        return None
+    known = {*MLFLOW_SCHEMES, *(point.name for point in entry_points(group="mlflow.tracking_store"))}
+    if scheme not in known:
+        return (f"unsupported scheme {scheme!r} in {uri!r} (MLflow stores: "
+                f"{', '.join(s + '://' for s in sorted(known) if s)} or a local path)")
+    return None
+
 
 class DvcParams(Section):
     track: bool = True  # dvc add every generation's outputs (needs a DVC repo at the project root)
@@ -286,6 +316,21 @@ def schema(plugins: list[str] = ()) -> type[ParamsBase]:
 # --- loading -------------------------------------------------------------------------------------------------
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """YAML as DVC reads params.yaml (YAML 1.2): ``1e-3`` is a number, not the string PyYAML's YAML 1.1 makes
+    of it (which the strict schema would refuse)."""
+
+
+Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=Yaml12Loader)
+
+
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -303,16 +348,25 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key.strip()):
         raise ParamsError(f"--set {text!r}: expected dotted.key=value, e.g. train.epochs=2")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ParamsError(f"--set {key}: value {raw!r} is not valid YAML ({err.problem})") from None
     return key.strip(), value
 
 
+def is_type_tag(part: Any) -> bool:
+    """A union member's tag in a pydantic error location (``data.majority.int``), not a key."""
+    return isinstance(part, str) and (part in ("int", "str", "float", "bool", "none", "list", "dict") or "[" in part
+                                      or part.startswith(("constrained-", "function-", "lax-", "strict-")))
+
+
 def format_validation_error(err: ValidationError) -> str:
-    problems = []
+    problems: list[str] = []
+    union_keys: dict[str, int] = {}  # key -> index of its problem, so a union's members make one problem
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        parts = [p for p in e["loc"] if not is_type_tag(p)]
+        union = len(parts) < len(e["loc"])
+        loc = ".".join(str(p) for p in parts)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (see params.yaml for every key)"
@@ -324,6 +378,12 @@ def format_validation_error(err: ValidationError) -> str:
             msg = rest.strip()
         shown = "" if e["type"] in ("extra_forbidden", "missing") or e["type"] == "value_error" else \
             f" (got {e.get('input')!r})"
+        if union and loc in union_keys:  # "should be a valid integer" or "... string": one problem
+            i = union_keys[loc]
+            problems[i] = problems[i].removesuffix(shown) + f", or {msg[0].lower()}{msg[1:]}{shown}"
+            continue
+        if union:
+            union_keys[loc] = len(problems)
         problems.append(f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}")
     return "invalid params: " + "; ".join(problems)
 
@@ -349,7 +409,7 @@ def load_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, An
         if not path.is_file():
             raise ParamsError(f"params file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ParamsError(f"params file {path} is not valid YAML: {err}") from None
         if not isinstance(raw, dict):

@@ -8,6 +8,7 @@ which the summaries show and what ranks the recipes come from the study's scorer
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 from tasks import as_task
@@ -16,7 +17,7 @@ from tasks.params import LineageParams, Params, digest, lineage_recipe
 from tasks.resume import manifests
 from tasks.scorers import Column, scorer_class
 from tasks.stats import summarize
-from tasks.storage import read_json, write_atomic, write_csv_atomic, write_json_atomic
+from tasks.storage import CorruptOutputError, read_manifest, write_atomic, write_csv_atomic, write_json_atomic
 
 KEYS = ("lineage", "estimator", "generation")
 
@@ -35,13 +36,19 @@ def lineage_rows(lineage: LineageParams, finished: list[dict[str, Any]]) -> list
 
 
 def collect_rows(p: Params, paths: StudyPaths, lineages: list[LineageParams]) -> list[dict[str, Any]]:
-    """Every finished generation of every lineage made under these params, read from the manifests (the files they
-    list were verified when the run that made or resumed them started)."""
+    """Every finished generation of every lineage made under these params, read from the manifests, each checked
+    against its own checksum (the files they list were verified when the run that made or resumed them started).
+    A manifest that fails its check ends its lineage's rows, with a warning: the next run redoes it."""
     rows = []
     for lineage in lineages:
         recipe_hash, finished = digest(lineage_recipe(p, lineage)), []
         for k, path in manifests(paths.lineage(lineage.name)):
-            manifest = read_json(path)
+            try:
+                manifest = read_manifest(path)
+            except CorruptOutputError as err:
+                warnings.warn(f"{err}; lineage {lineage.name}: generation {k} and later are left out (the next run "
+                              "redoes them)")
+                break
             if k >= p.loop.generations or manifest.get("recipe_hash") != recipe_hash:
                 break
             finished.append(manifest)

@@ -1,8 +1,10 @@
 """What is already done, whether it can be trusted, and what to do about what cannot.
 
-Generation k of a lineage is finished when ``gen-k.json`` exists, was made under the same params (recipe hash),
-trained on the dataset the previous generation produced, and every file it lists still has the sha256 it
-recorded. Resuming starts at the first generation that is not.
+Generation k of a lineage is finished when ``gen-k.json`` exists and matches its own checksum, was made under the
+same params (recipe hash), trained on the data the previous generation produced (the sha256 of the dataset's
+content as the fit got it, against the one its producer recorded), and every file it lists still has the sha256 it
+recorded. Resuming starts at the first generation that is not; its files and everything after them (files
+without a manifest included) go to the trash before the generation is redone.
 
 Each run checks each lineage once: :func:`preflight`, before any work, reads the manifests' params hashes (outputs
 made under other params stop the run, or with ``--overwrite`` go to the trash); the study flow then verifies
@@ -11,17 +13,19 @@ every file once (:func:`inspect_lineage`) and hands the verified state to its in
 
 from __future__ import annotations
 
-import shutil
-import time
+import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.layout import REAL, REAL_TRAIN, StudyPaths, generation_files
-from tasks.params import LineageParams, Params, ParamsError, digest, flatten, lineage_recipe, real_data_recipe
+from tasks.layout import (REAL, REAL_TRAIN, REPORT_FILES, StudyPaths, generation_files, generation_of,
+                          reports_folder)
+from tasks.params import (LineageParams, Params, ParamsError, digest, flatten, lineage_recipe, real_data_recipe,
+                          tracking_uri_problem)
 from tasks.registries import SOURCES
-from tasks.storage import CorruptOutputError, read_json, verify
+from tasks import storage
+from tasks.storage import CorruptOutputError, read_manifest, verify
 
 
 class StaleOutputsError(ParamsError):
@@ -61,66 +65,68 @@ def recipe_diff(folder: Path, recipe: dict[str, Any]) -> list[str]:
     recipe_hash = digest(recipe)
     for _, path in manifests(folder):
         try:
-            manifest = read_json(path)
-        except (OSError, ValueError):
-            return []  # unreadable: corrupt, not stale (inspect_lineage reports it)
+            manifest = read_manifest(path)
+        except CorruptOutputError:
+            return []  # corrupt, not stale (inspect_lineage reports it)
         if manifest.get("recipe_hash") != recipe_hash:
             return param_diff(manifest.get("recipe", {}), recipe) or ["(params hash differs)"]
     return []
 
 
-def inspect_lineage(folder: Path, recipe: dict[str, Any], real_train_sha: str | None) -> LineageState:
+def inspect_lineage(folder: Path, recipe: dict[str, Any], real_train_data: str | None) -> LineageState:
     """Walk the manifests of a lineage folder, verifying every file: which generations are finished and
-    trustworthy."""
+    trustworthy. ``real_train_data``: the content sha256 of dataset 0 (None: not checked)."""
     state, recipe_hash = LineageState(), digest(recipe)
-    previous_sha = real_train_sha
+    previous = real_train_data
     for k, manifest_path in manifests(folder):
         try:
-            manifest = read_json(manifest_path)
-        except (OSError, ValueError) as err:
-            state.corrupt = f"{manifest_path} is unreadable ({err})"
+            manifest = read_manifest(manifest_path)
+        except CorruptOutputError as err:
+            state.corrupt = str(err)
             break
         if manifest.get("recipe_hash") != recipe_hash:
             state.stale = param_diff(manifest.get("recipe", {}), recipe) or ["(params hash differs)"]
             break
         try:
-            if previous_sha is not None and manifest["trained_on"]["sha256"] != previous_sha:
-                raise CorruptOutputError(f"{manifest_path} trained on a dataset that is no longer on disk "
-                                         "(its sha256 differs)")
+            if previous is not None and manifest["trained_on"].get("data_sha256") != previous:
+                raise CorruptOutputError(f"{manifest_path}: generation {k} trained on other data than dataset {k} "
+                                         "as it was made (its content sha256 differs)")
             verify(manifest_path, manifest["outputs"])
         except CorruptOutputError as err:
             state.corrupt = str(err)
             break
         state.finished.append(manifest)
-        previous_sha = manifest["outputs"][generation_files(k)["dataset"]]
+        previous = manifest["data"][generation_files(k)["dataset"]]
+    if not state.corrupt and not state.stale:
+        state.corrupt = unvouched_files(folder, state.next_generation)
     return state
+
+
+def unvouched_files(folder: Path, k: int) -> str | None:
+    """Why files of generation k or later are on disk although generation k has no manifest, or None."""
+    later = sorted({j for path in folder.glob("*") if (j := generation_of(path.name)) is not None and j >= k})
+    if not later:
+        return None
+    manifest = folder / generation_files(k)["manifest"]
+    if later != [k]:
+        return f"{manifest} is missing, but files of generations {later[0]}-{later[-1]} are on disk"
+    return f"generation {k} in {folder} was not finished (files without a manifest: a killed run)"
 
 
 def move_to_trash(paths: StudyPaths, targets: list[Path]) -> Path | None:
     """Keep what is replaced: move it under .madloop/trash/<timestamp>/ (same relative layout)."""
-    targets = [t for t in targets if t.exists()]
-    if not targets:
-        return None
-    bin_ = paths.trash / time.strftime("%Y%m%d-%H%M%S")
-    for target in targets:
-        dest = bin_ / target.relative_to(paths.root)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(target), str(dest))
-    return bin_
+    return storage.move_to_trash(paths.root, paths.trash, targets)
 
 
 def quarantine_from(paths: StudyPaths, folder: Path, k: int) -> Path | None:
     """Move generation k's outputs and everything after it out of the way (they cannot be trusted)."""
-    doomed = []
-    j = k
-    while any((folder / f).exists() for f in generation_files(j).values()):
-        doomed += [folder / f for f in generation_files(j).values()]
-        j += 1
+    doomed = sorted(path for path in folder.glob("*") if (j := generation_of(path.name)) is not None and j >= k)
     return move_to_trash(paths, doomed)
 
 
-def real_train_sha(paths: StudyPaths) -> str:
-    return read_json(paths.real_manifest)["outputs"][REAL_TRAIN]
+def real_train_data(paths: StudyPaths) -> str:
+    """The content sha256 of dataset 0, as the real data's (verified) manifest records it."""
+    return read_manifest(paths.real_manifest)["data"][REAL_TRAIN]
 
 
 # --- preflight: everything that can be wrong is found before any work -----------------------------------------
@@ -133,15 +139,19 @@ class Plan:
     lineages: list[LineageParams]
 
 
-def preflight(p: Params, root: Path, lineages: list[str] | None = None, overwrite: bool = False) -> Plan:
-    """Check params against the world (the data source, the DVC repo, outputs made under other params) and, with
-    ``overwrite``, move stale outputs to the trash. Raises ParamsError naming the problem; does no work."""
-    root = root.resolve()
-    paths = StudyPaths(root, p.study.name)
+def check_world(p: Params, root: Path, lineages: list[str] | None = None) -> list[LineageParams]:
+    """What params ask of this machine and project, checked without writing anything: the lineages, the device,
+    the tracking URI from the environment, the data source, the DVC repo. Returns the chosen lineages."""
     chosen = [p.lineage(name) for name in lineages] if lineages else list(p.lineages)
     for lineage in chosen:
         if lineage.name == REAL:
             raise ParamsError(f"lineages: {lineage.name!r} is reserved (the real data folder)")
+    from tasks.generation import resolve_device  # torch: only when checking against the world
+
+    resolve_device(p.device)
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if env_uri and tracking_uri_problem(env_uri):
+        raise ParamsError(f"MLFLOW_TRACKING_URI (it wins over tracking.uri): {tracking_uri_problem(env_uri)}")
     SOURCES.get(p.data.source).check(p.data, root)
     if p.dvc.track:
         from tasks.versioning import NotADvcRepoError, find_dvc_root
@@ -150,11 +160,23 @@ def preflight(p: Params, root: Path, lineages: list[str] | None = None, overwrit
             find_dvc_root(root)
         except NotADvcRepoError as err:
             raise ParamsError(f"dvc.track: {err}") from None
+    return chosen
+
+
+def preflight(p: Params, root: Path, lineages: list[str] | None = None, overwrite: bool = False) -> Plan:
+    """Check params against the world (:func:`check_world`, and outputs made under other params) and, with
+    ``overwrite``, move stale outputs to the trash. Raises ParamsError naming the problem; does no other work."""
+    root = root.resolve()
+    paths = StudyPaths(root, p.study.name)
+    chosen = check_world(p, root, lineages)
 
     stale: dict[Path, list[str]] = {}
     if paths.real_manifest.is_file():
-        old = read_json(paths.real_manifest)
-        if old.get("recipe_hash") != digest(real_data_recipe(p)):
+        try:
+            old = read_manifest(paths.real_manifest)
+        except CorruptOutputError:
+            old = None  # written again by the run (tasks.realdata), not stale
+        if old is not None and old.get("recipe_hash") != digest(real_data_recipe(p)):
             stale[paths.real] = param_diff(old.get("recipe", {}), real_data_recipe(p))
     for lineage in chosen:
         folder = paths.lineage(lineage.name)
@@ -187,3 +209,20 @@ def retire_mlflow_lineages(p: Params, paths: StudyPaths, names: list[str]) -> in
     if exp is None:
         return 0
     return sum(retire_lineage_runs(client, exp.experiment_id, p.study.name, name) for name in names)
+
+
+def check_names(p: Params, root: Path) -> None:
+    """A study a person runs (``madloop run``, a schedule) may not take a name that belongs to something else in the
+    project: a paper study's (its reports/<name>/ and MLflow experiment; its sub-studies are <name>-...), or a file
+    under reports/ (RESULTS.md). Paper study names are read from the params schema (``studies.<name>``)."""
+    studies = getattr(p, "studies", None)
+    papers = list(type(studies).model_fields) if studies is not None else []
+    for key, name in (("study.name", p.study.name), ("tracking.experiment", p.tracking.experiment)):
+        paper = next((s for s in papers if name is not None and (name == s or name.startswith(f"{s}-"))), None)
+        if paper:
+            raise ParamsError(f"invalid params: {key}: {name!r} belongs to the paper study {paper} (reports/{name}/ "
+                              f"and its MLflow experiment): choose another name")
+    report = reports_folder(root.resolve(), p.study.name)
+    if p.study.name.lower() in {f.lower() for f in REPORT_FILES} or (report.exists() and not report.is_dir()):
+        raise ParamsError(f"invalid params: study.name: reports/{p.study.name} is a file, not a study's folder: "
+                          "choose another name")

@@ -1,9 +1,11 @@
 """Atomic files and manifests: a generation is finished exactly when its manifest exists and verifies.
 
-Every output is written to a temporary file in the same folder and renamed into place, so a crash or kill
-leaves either the old file or the new one, never half a file. The manifest, written last, records the params
-hash the outputs were made under and the sha256 of each output; resuming trusts nothing the manifest does not
-vouch for.
+Every output is written to a temporary file in the same folder (``.<name>.<pid>-<random>.tmp``) and renamed into
+place, so a crash or kill leaves either the old file or the new one, never half a file; a kill between the two
+leaves the temporary file, which the next run of the study removes (:func:`remove_stray_temps`) and DVC ignores
+(``.dvcignore``). The manifest, written last, records the params hash the outputs were made under and the sha256
+of each output, and carries a checksum of its own content, so an edited or bit-rotten manifest is caught too;
+resuming trusts nothing the manifest does not vouch for.
 """
 
 from __future__ import annotations
@@ -11,15 +13,23 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
+import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+TEMP_SUFFIX = ".tmp"
+TEMP_PATTERN = f".*{TEMP_SUFFIX}"  # what .dvcignore must hold: every temporary file of an atomic write
+CHECKSUM = "checksum"  # the manifest's own sha256, over its canonical JSON without this key
+
+
 class CorruptOutputError(RuntimeError):
-    """An output's bytes no longer match the sha256 its manifest recorded."""
+    """An output's bytes no longer match the sha256 its manifest recorded, or a manifest is not what was written."""
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
@@ -34,7 +44,7 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -73,6 +83,99 @@ def write_csv_atomic(path: Path, rows: list[dict[str, Any]], columns: list[str] 
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+# --- manifests: JSON with a checksum of their own ---------------------------------------------------------------
+
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+MEASURED = ("metrics", "info")  # the sections of a manifest whose numbers may be undefined (FID of no samples)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float spelled as a string ("NaN", "Infinity"), so the file is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def from_json_safe(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return NON_FINITE.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: from_json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_json_safe(v) for v in obj]
+    return obj
+
+
+def content_checksum(body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write a manifest atomically, as strict JSON with the checksum of its content; return what was written."""
+    body = json.loads(json.dumps(json_safe({k: v for k, v in manifest.items() if k != CHECKSUM}), default=str))
+    written = {**body, CHECKSUM: content_checksum(body)}
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(written, indent=2, sort_keys=True, allow_nan=False)))
+    return read_back(written)
+
+
+def read_back(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest as the code uses it: undefined measurements as float NaN / inf again, no checksum."""
+    return {k: from_json_safe(v) if k in MEASURED else v for k, v in manifest.items() if k != CHECKSUM}
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A manifest, verified against its own checksum: an edited, truncated or bit-rotten one raises
+    :class:`CorruptOutputError` (so does one without a checksum, from before manifests had one)."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CorruptOutputError(f"{path} is unreadable ({err})") from None
+    if not isinstance(manifest, dict) or CHECKSUM not in manifest:
+        raise CorruptOutputError(f"{path} has no checksum (not written by this madloop, or cut short)")
+    body = {k: v for k, v in manifest.items() if k != CHECKSUM}
+    try:
+        actual = content_checksum(body)
+    except ValueError:  # a NaN or Infinity token: not what write_manifest writes
+        actual = ""
+    if actual != manifest[CHECKSUM]:
+        raise CorruptOutputError(f"{path} was edited or is corrupt: its content does not match its checksum")
+    return read_back(manifest)
+
+
+def move_to_trash(root: Path, trash: Path, targets: list[Path]) -> Path | None:
+    """Keep what is replaced or not trusted: move it under ``trash``/<timestamp>/, at its path relative to ``root``."""
+    targets = [t for t in targets if t.exists()]
+    if not targets:
+        return None
+    bin_ = trash / time.strftime("%Y%m%d-%H%M%S")
+    for target in targets:
+        dest = bin_ / target.relative_to(root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(target), str(dest))
+    return bin_
+
+
+# --- leftovers ----------------------------------------------------------------------------------------------------
+
+
+def remove_stray_temps(*folders: Path) -> list[Path]:
+    """Delete the temporary files that killed atomic writes left under ``folders`` (only ever call this while no
+    other process can be writing there: under the study lock)."""
+    removed = []
+    for folder in folders:
+        if folder.is_dir():
+            for path in folder.rglob(TEMP_PATTERN):
+                if path.is_file():
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+    return removed
 
 
 def verify(manifest_path: Path, outputs: dict[str, str]) -> None:

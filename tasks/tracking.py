@@ -6,7 +6,12 @@ link back to DVC), a PNG grid of samples and the model weights (safetensors).
 
 Recording is idempotent: a generation whose nested run already finished is not logged again, so resuming a
 killed study never duplicates runs, and a call retried after a "database is locked" error (lineages running in
-parallel processes share one sqlite store) does not either.
+parallel processes share one sqlite store) does not either. A generation re-scored under other score params
+replaces its nested run and logs its new scores on the parent (the latest value at a step is what MLflow shows).
+
+Parent runs carry the host and pid of the process running them, so a later run of the study marks the runs of a
+dead process KILLED instead of leaving them RUNNING forever (:func:`mark_dead_runs`). Studies that share an
+experiment (``tracking.experiment``) are kept apart: a lineage's parent run is found by lineage, recipe and study.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -22,6 +28,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 LINEAGE_TAG, RECIPE_TAG, GENERATION_TAG = "madloop.lineage", "madloop.recipe", "madloop.generation"
+SCORE_TAG, HOST_TAG, PID_TAG = "madloop.score_hash", "madloop.host", "madloop.pid"
 MAX_PARAMS_PER_BATCH = 100
 LOCKED_ATTEMPTS = 8
 F = TypeVar("F", bound=Callable[..., Any])
@@ -60,17 +67,54 @@ def find_runs(client: MlflowClient, exp_id: str, filter_string: str) -> list:
 
 def lineage_run(client: MlflowClient, exp_id: str, lineage: str, recipe: str, tags: dict[str, str],
                 run_name: str | None = None) -> str:
-    """The parent run of this lineage and recipe: reused when it exists (resume), created otherwise."""
+    """The parent run of this lineage and recipe in this study: reused when it exists (resume), created otherwise."""
+    study = f" and tags.study = '{tags['study']}'" if "study" in tags else ""
     runs = [r for r in find_runs(client, exp_id, f"tags.`{LINEAGE_TAG}` = '{lineage}' and "
-                                                  f"tags.`{RECIPE_TAG}` = '{recipe}'")
+                                                  f"tags.`{RECIPE_TAG}` = '{recipe}'{study}")
             if not r.data.tags.get("mlflow.parentRunId")]
+    owner = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
     if runs:
         run_id = runs[0].info.run_id
         client.update_run(run_id, status="RUNNING")
+        for key, value in owner.items():
+            client.set_tag(run_id, key, value)
         return run_id
     run = client.create_run(exp_id, run_name=run_name or lineage,
-                            tags={LINEAGE_TAG: lineage, RECIPE_TAG: recipe, **tags})
+                            tags={LINEAGE_TAG: lineage, RECIPE_TAG: recipe, **tags, **owner})
     return run.info.run_id
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def mark_dead_runs(uri: str, experiment: str, study: str) -> int:
+    """Mark KILLED the RUNNING lineage runs of ``study`` (and their RUNNING generation runs) whose process, on this
+    machine, is gone; runs of other machines are left to theirs. Returns how many were marked."""
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return 0
+    here, marked = socket.gethostname(), 0
+    for run in find_runs(client, exp.experiment_id, f"tags.study = '{study}' and attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get("mlflow.parentRunId") or tags.get(HOST_TAG, here) != here:
+            continue
+        pid = int(tags.get(PID_TAG, 0) or 0)
+        if pid == os.getpid() or (pid and process_alive(pid)):
+            continue
+        children = find_runs(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and "
+                                                        "attributes.status = 'RUNNING'")
+        for stale in [*children, run]:
+            client.set_terminated(stale.info.run_id, "KILLED")
+            marked += 1
+    return marked
 
 
 def retire_lineage_runs(client: MlflowClient, exp_id: str, study: str, lineage: str) -> int:
@@ -100,19 +144,25 @@ def training_metrics(info: dict[str, Any]) -> list[tuple[str, float, int]]:
     return out
 
 
+def same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
 def record_generation(client: MlflowClient, exp_id: str, parent_id: str, lineage: str, generation: int,
                       metrics: dict[str, float], params: dict[str, Any], tags: dict[str, str],
                       artifacts: list[Path], training: list[tuple[str, float, int]] = ()) -> str:
-    """Log generation k once: a nested run with params, tags, artifacts and the fit's own metrics (``training``:
-    (name, value, step)), and the scores at step k on both it and the lineage's parent run."""
+    """Log generation k once per score: a nested run with params, tags, artifacts and the fit's own metrics
+    (``training``: (name, value, step)), and the scores at step k on both it and the lineage's parent run. A nested
+    run of other scores (``tags[SCORE_TAG]``: the generation was re-scored) is replaced."""
     values = as_floats(metrics)  # FID of a class with no samples is NaN: logged, so every step has every metric
     run_id = None
     for run in find_runs(client, exp_id, f"tags.`mlflow.parentRunId` = '{parent_id}' and "
                                          f"tags.`{GENERATION_TAG}` = '{generation}'"):
-        if run.info.status == "FINISHED" and run_id is None:
+        current = run.data.tags.get(SCORE_TAG) == tags.get(SCORE_TAG)
+        if run.info.status == "FINISHED" and current and run_id is None:
             run_id = run.info.run_id
         else:
-            client.delete_run(run.info.run_id)  # a half-logged attempt of a killed run
+            client.delete_run(run.info.run_id)  # a half-logged attempt of a killed run, or of the old scores
     if run_id is None:
         run_id = client.create_run(exp_id, run_name=f"{lineage}-gen{generation:03d}",
                                    tags={"mlflow.parentRunId": parent_id, LINEAGE_TAG: lineage,
@@ -128,11 +178,17 @@ def record_generation(client: MlflowClient, exp_id: str, parent_id: str, lineage
         for path in artifacts:
             client.log_artifact(run_id, str(path))
         client.set_terminated(run_id, "FINISHED")
-    # The parent's curve gets step k once, even when a killed run got this far before.
-    logged = {m.step for key in list(values)[:1] for m in client.get_metric_history(parent_id, key)}
-    if generation not in logged:
+    # The parent's curve gets step k once per score, even when a killed run got this far before: the last value
+    # logged at step k is compared (a re-scored generation logs its new scores, which MLflow then shows).
+    latest: dict[str, float] = {}
+    for key in values:
+        for m in sorted(client.get_metric_history(parent_id, key), key=lambda m: m.timestamp):
+            if m.step == generation:
+                latest[key] = m.value
+    stale = {k: v for k, v in values.items() if k not in latest or not same(latest[k], v)}
+    if stale:
         now = int(time.time() * 1000)
-        client.log_batch(parent_id, metrics=[Metric(k, v, now, generation) for k, v in values.items()])
+        client.log_batch(parent_id, metrics=[Metric(k, v, now, generation) for k, v in stale.items()])
     client.set_tag(parent_id, "madloop.generations_done", str(max(generation + 1, 1)))
     return run_id
 
@@ -186,6 +242,7 @@ def log_generation(uri: str, exp_id: str, parent_id: str, lineage: str, manifest
         "dvc.produced.path": str(produced.relative_to(project_root)),
         "dvc.produced.md5": manifest["md5"][produced.name],
         "madloop.manifest": str((folder / f"gen-{k:03d}.json").relative_to(project_root)),
+        SCORE_TAG: manifest.get("score_hash", ""),
     }
     return record_generation(client_for(uri), exp_id, parent_id, lineage, k, manifest["metrics"],
                              {**params, "generation": k}, tags, [*grid, model], training_metrics(manifest["info"]))

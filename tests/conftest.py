@@ -28,7 +28,7 @@ def tiny(**overrides) -> dict:
         "train": {"epochs": 3, "batch_size": 64},
         "loop": {"generations": 2},
         "classifier": {"epochs": 2},
-        "score": {"samples": 80, "kid_subset_size": 40},
+        "score": {"samples": 80, "kid_subset_size": 40, "bootstrap": 10},
         "lineages": ["mle"],
     }
     for dotted, value in overrides.items():

@@ -38,7 +38,7 @@ from flows.deploy import scheduled_study
 from flows.loop import lineage_loop
 from tasks.layout import StudyPaths
 from tasks.params import lineage_recipe, validate
-from tasks.resume import inspect_lineage, real_train_sha
+from tasks.resume import inspect_lineage, real_train_data
 from tests.conftest import BIN, REPO, tiny
 
 slow = pytest.mark.slow  # the server tests; the checks at the end run in `pytest -m "not slow"` too
@@ -167,7 +167,7 @@ def assert_study_landed(project: Path, params: dict) -> None:
     study, lineages, generations = p.study.name, [spec.name for spec in p.lineages], p.loop.generations
     paths = StudyPaths(project, study)
     for name in lineages:
-        state = inspect_lineage(paths.lineage(name), lineage_recipe(p, p.lineage(name)), real_train_sha(paths))
+        state = inspect_lineage(paths.lineage(name), lineage_recipe(p, p.lineage(name)), real_train_data(paths))
         assert state.corrupt is None and not state.stale, (name, state)
         assert len(state.finished) == generations, name
         assert (paths.data / f"{name}.dvc").is_file()

@@ -1,6 +1,9 @@
+import types
+import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from tasks.params import ParamsError, digest, lineage_recipe, load, validate
 from tests.conftest import REPO
@@ -88,3 +91,112 @@ def test_a_lineage_overrides_any_key_for_itself_and_its_hash_follows():
     assert {k for k in recipes["ple"] if recipes["ple"][k] != recipes["ple-lam1"][k]} == {"ple.lam", "lineage.name"}
     louder = validate({"ple": {"lam": 5.0}, "lineages": ["hyper_nopenalty"]})
     assert digest(lineage_recipe(louder, louder.lineages[0])) == digest(recipes["hyper_nopenalty"])
+
+
+# --- hostile values: every number finite, every type strict, before any work ----------------------------------
+
+def typed_keys(kind: type) -> dict[str, bool]:
+    """Every dotted key of the composed schema that holds a ``kind`` (or a list of them: True), so a new part's
+    settings are covered without naming them here."""
+    from tasks.params import schema
+
+    def holds(annotation) -> bool:  # kind, or a union with it (kind | None)
+        if typing.get_origin(annotation) is typing.Annotated:  # PositiveInt
+            annotation = typing.get_args(annotation)[0]
+        union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        return annotation is kind or (union and kind in typing.get_args(annotation))
+
+    out: dict[str, bool] = {}
+
+    def walk(cls, prefix):
+        for name, info in cls.model_fields.items():
+            ann = info.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+            elif holds(ann):
+                out[f"{prefix}{name}"] = False
+            elif typing.get_origin(ann) is list and holds(typing.get_args(ann)[0]):
+                out[f"{prefix}{name}"] = True
+    walk(schema(), "")
+    return out
+
+
+def refused(key: str, is_list: bool, bad: str) -> str:
+    with pytest.raises(ParamsError) as err:
+        load(None, [f"{key}=[{bad}]" if is_list else f"{key}={bad}"])
+    return str(err.value)
+
+
+def test_every_float_knob_refuses_infinity_and_nan():
+    keys = typed_keys(float)
+    assert {"train.lr", "loop.temperature", "ple.lam", "data.imbalance_ratio", "model.gmm.means"} <= set(keys)
+    for key, is_list in keys.items():
+        for bad in (".inf", "-.inf", ".nan"):
+            message = refused(key, is_list, bad)
+            where = f"{key}.0" if is_list else key
+            assert f"{where}: Input should be a finite number" in message, (key, bad, message)
+
+
+def test_every_integer_knob_refuses_booleans_and_fractions():
+    keys = {k: v for k, v in typed_keys(int).items() if k not in ("data.majority", "data.minority")}  # int | str
+    assert {"loop.generations", "train.epochs", "seed", "ple.hidden"} <= set(keys)
+    for key, is_list in keys.items():
+        for bad in ("true", "2.5"):
+            message = refused(key, is_list, bad)
+            where = f"{key}.0" if is_list else key
+            assert f"{where}: Input should be a valid integer" in message, (key, bad, message)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("dvc.track=1", "dvc.track"),
+    ("train.lr=fast", "train.lr"),
+    ("train.epochs='5'", "train.epochs"),
+    ("data.majority=true", "data.majority"),
+    ("seed=99999999999999999999999", "seed"),
+    ("seed=-1", "seed"),
+    ("lineages=[{name: a, estimator: mle, seeds: [4294967296]}]", "lineages.0.seed"),
+    ("tracking.uri=foo://bar", "tracking.uri"),
+])
+def test_hostile_values_name_their_key_in_one_line(override, key):
+    with pytest.raises(ParamsError) as err:
+        load(None, [override])
+    message = str(err.value)
+    assert message.startswith(f"invalid params: {key}:") and "\n" not in message, message
+
+
+def test_numbers_read_as_yaml_1_2_like_dvc_does():
+    p = load(None, ["train.lr=1e-4", "ple.lam=2E-1", "model.gmm.em_tol=1.0e-8"])
+    assert p.train.lr == 1e-4 and p.ple.lam == 0.2 and p.model.gmm.em_tol == 1e-8
+
+
+def test_tracking_uris_of_every_mlflow_store_are_accepted():
+    for uri in ("sqlite:///mlflow.db", "postgresql+psycopg2://u@db/mlflow", "http://mlflow:5000", "/srv/mlruns",
+                "file:///srv/mlruns", "databricks"):
+        assert load(None, [f"tracking.uri={uri}"]).tracking.uri == uri
+
+
+def test_a_device_this_machine_lacks_is_a_params_error():
+    import torch
+
+    from tasks.generation import resolve_device
+
+    name = "cuda:99" if torch.cuda.is_available() else "cuda"
+    with pytest.raises(ParamsError, match=r"^invalid params: device: .* is not available here"):
+        resolve_device(name)
+    assert resolve_device("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("study.name=fig4", "study.name"),
+    ("study.name=table1-ri5", "study.name"),
+    ("study.name=RESULTS.md", "study.name"),
+    ("study.name=results.md", "study.name"),
+    ("tracking.experiment=fig2", "tracking.experiment"),
+])
+def test_names_that_belong_to_the_paper_or_the_reports_are_refused(override, key, tmp_path):
+    from tasks.resume import check_names
+
+    with pytest.raises(ParamsError) as err:
+        check_names(load(None, [override]), tmp_path)
+    assert str(err.value).startswith(f"invalid params: {key}:"), str(err.value)
+    check_names(load(None, ["study.name=fig4b", "tracking.experiment=mine"]), tmp_path)  # near misses are fine

@@ -19,6 +19,8 @@ def fit_ple_closed(family: TorchFamily, x: np.ndarray, *, seed: int, device: tor
     """PLE in closed form (uniform: (n+1)/n max, App. E.4; Gaussian: the unbiased variance, App. F.3)."""
     if not family.has_closed_ple:
         raise ValueError(f"no closed-form PLE is derived for the {family.name} family")
+    if sample_weight is not None:  # the closed forms would drop them: never silently
+        raise ValueError(f"the {family.name} family's closed-form PLE takes no per-row weights")
     return timed(family.fit_ple_closed, x, seed=seed, device=device)
 
 

@@ -18,6 +18,8 @@ def fit_mle(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, seed: i
     """Maximum likelihood: the family's own closed form or EM when it has one (1-D families), otherwise Adam on
     the family's parameters over ``train.epochs`` passes through x (the VAE: the negative ELBO)."""
     if hasattr(family, "fit_mle"):
+        if sample_weight is not None:  # a closed form or EM that would drop them: never silently
+            raise ValueError(f"the {family.name} family's closed-form MLE takes no per-row weights")
         return timed(family.fit_mle, x, seed=seed, device=device)
     torch.manual_seed(seed)  # module initialization and the VAE's reparameterization noise
     generator = torch.Generator().manual_seed(seed)

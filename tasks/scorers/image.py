@@ -5,21 +5,29 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+from filelock import FileLock
 from pydantic import Field, PositiveInt, model_validator
 
 from models.classifier import DomainClassifier, load_classifier, predict, save_classifier, train_classifier
 from models.fidelity import CLASSIFIER_EXTRACTOR, INCEPTION_EXTRACTOR, Features
 from models.registry import Settings
 from tasks.datasets import Dataset, RealData, evaluation_reference
+from tasks.layout import trash_folder
 from tasks.metrics import IMAGE_METRICS, image_metrics_in_order
 from tasks.scorers import SCORERS, Column, Scorer
-from tasks.storage import write_atomic
+from tasks.storage import CorruptOutputError, file_digest, move_to_trash, read_manifest, write_atomic, write_manifest
+
+# The cached classifier's accuracy on the test split, recomputed on load, may differ from the recorded one by this
+# much: the file's sha256 already proves the weights are the same, so only another device's arithmetic (a few
+# borderline images) may move it.
+ACCURACY_TOLERANCE = 0.01
 
 
 class ClassifierSettings(Settings):
@@ -63,22 +71,48 @@ def classifier_path(cache_dir: Path, train_full: Dataset, p) -> Path:
     return cache_dir / f"classifier-{key.hexdigest()[:20]}.safetensors"
 
 
+def cached_accuracy(path: Path, test: Dataset, device: torch.device) -> float:
+    """The test accuracy of a cached classifier, verified: its file against the sha256 its manifest recorded, its
+    accuracy against the recorded one. Raises :class:`CorruptOutputError` saying what does not match."""
+    manifest = read_manifest(path.with_suffix(".json"))
+    if file_digest(path) != manifest["sha256"]:
+        raise CorruptOutputError(f"{path} is corrupt: its sha256 does not match its manifest's")
+    try:
+        model = load_classifier(path, device)
+    except Exception as err:  # a file of the right hash that does not load: a manifest written for another file
+        raise CorruptOutputError(f"{path} does not load ({err})") from None
+    acc = accuracy(model, test)
+    if abs(acc - manifest["accuracy"]) > ACCURACY_TOLERANCE or len(test) != manifest["test_rows"]:
+        raise CorruptOutputError(f"{path}: accuracy {acc:.3f} on the {len(test)}-image test split, but "
+                                 f"{manifest['accuracy']:.3f} on {manifest['test_rows']} images when it was trained")
+    return acc
+
+
 def ensure_classifier(real: RealData, p, cache_dir: Path, device: torch.device) -> tuple[Path, float]:
-    """Train the domain classifier once per training set (reused from the cache after that); its test accuracy."""
+    """Train the domain classifier once per training set (reused from the cache after that, once verified); its
+    test accuracy. A cache entry that fails verification goes to the trash and is trained again (derived data).
+    Studies share the cache: one process at a time checks or writes it."""
     path = classifier_path(cache_dir, real.train_full, p)
-    if path.is_file():
-        try:
-            model = load_classifier(path, device)
-        except Exception:  # unreadable cache entry: train again (the cache is derived data)
-            path.unlink()
-        else:
-            return path, accuracy(model, real.test)
-    c = p.classifier
-    model = train_classifier(real.train_full.pixels, real.train_full.label, real.num_classes, epochs=c.epochs,
-                             batch_size=c.batch_size, lr=c.lr, seed=p.seed, channels=c.channels,
-                             feature_dim=c.feature_dim, arch=c.arch, device=device)
-    write_atomic(path, lambda tmp: save_classifier(model, tmp))
-    return path, accuracy(model, real.test)
+    sidecar = path.with_suffix(".json")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir / ".classifier.lock")):
+        if path.is_file() or sidecar.is_file():
+            try:
+                return path, cached_accuracy(path, real.test, device)
+            except (CorruptOutputError, OSError, KeyError, TypeError) as err:
+                root = cache_dir.parent.parent  # data/cache -> the project root (tasks.layout)
+                moved = move_to_trash(root, trash_folder(root), [path, sidecar])
+                warnings.warn(f"the cached domain classifier cannot be used ({err}): moved to {moved}, training it "
+                              "again")
+        c = p.classifier
+        model = train_classifier(real.train_full.pixels, real.train_full.label, real.num_classes, epochs=c.epochs,
+                                 batch_size=c.batch_size, lr=c.lr, seed=p.seed, channels=c.channels,
+                                 feature_dim=c.feature_dim, arch=c.arch, device=device)
+        sha = write_atomic(path, lambda tmp: save_classifier(model, tmp))
+        acc = accuracy(model, real.test)
+        write_manifest(sidecar, {"sha256": sha, "accuracy": acc, "test_rows": len(real.test),
+                                 "classifier": p.classifier.model_dump(mode="json"), "seed": p.seed})
+    return path, acc
 
 
 def accuracy(model: DomainClassifier, test: Dataset) -> float:
@@ -125,6 +159,7 @@ class ImageScorer(Scorer):
     samples: int
     bootstrap: int
     device: torch.device
+    fingerprint: str = ""  # sha256 of the feature extractor's weights: a retrained classifier means new scores
     _cache: tuple = (None, None)
 
     @classmethod
@@ -150,10 +185,9 @@ class ImageScorer(Scorer):
     @classmethod
     def from_classifier(cls, p, real: RealData, classifier_file: Path, device: torch.device) -> "ImageScorer":
         s, d = p.score, p.data
-        if s.feature_extractor == "inception":
-            features = Features(INCEPTION_EXTRACTOR, s.inception_weights, device)
-        else:
-            features = Features(CLASSIFIER_EXTRACTOR, str(classifier_file), device)
+        weights = s.inception_weights if s.feature_extractor == "inception" else str(classifier_file)
+        features = Features(INCEPTION_EXTRACTOR if s.feature_extractor == "inception" else CLASSIFIER_EXTRACTOR,
+                            weights, device)
         reference = evaluation_reference(real.test, d)
         return cls(classifier=load_classifier(classifier_file, device), features=features, reference=reference.pixels,
                    reference_features=features(reference.pixels),
@@ -162,11 +196,13 @@ class ImageScorer(Scorer):
                                              for c in (d.majority, d.minority)},
                    majority=d.majority, minority=d.minority, kid_subset_size=s.kid_subset_size,
                    prc_neighborhood=s.prc_neighborhood, min_class_samples=s.min_class_samples, samples=s.samples,
-                   bootstrap=s.bootstrap, device=device)
+                   bootstrap=s.bootstrap, device=device, fingerprint=file_digest(Path(weights)))
 
     def features_of(self, pixels: np.ndarray) -> torch.Tensor:
         """Features of an image set, extracted once: the metrics of one ``score`` call share them."""
-        key = (pixels.__array_interface__["data"][0], pixels.shape)
+        # Keyed by content: a memory address is reused by the next sample set of the same shape, which then got
+        # the previous model's features and scores (hashing costs milliseconds; extracting features, seconds).
+        key = (pixels.shape, hashlib.blake2b(np.ascontiguousarray(pixels).tobytes(), digest_size=16).digest())
         if self._cache[0] != key:
             self._cache = (key, self.features(pixels))
         return self._cache[1]
