@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once at import: os.umask can only be read by setting it
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give (0644 under the usual umask), not mkstemp's private 0600
+
+
 class CorruptOutputError(RuntimeError):
     """An output's bytes no longer match the sha256 its manifest recorded."""
 
@@ -35,6 +40,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)  # readable by the other users of a shared filesystem (docs/scale-out.md)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
