@@ -173,8 +173,10 @@ def run_generation(lineage: Lineage, k: int, dataset: Dataset, steps: Steps = PL
     metrics.update(lin.scorer.dataset_metrics(dataset), **weight_info)
     next_dataset, next_info = lin.mitigation.next_dataset(k, dataset, synthetic, metrics)
     metrics.update(next_info)
+    caption = f"{lin.name}, generation {k}"
     manifest = steps.save(lin.folder, k, model.tensors(), next_dataset,
-                          lambda path, s=samples: lin.scorer.picture(s, path), metrics, lin.recipe, lin.score_hash,
+                          lambda path, s=samples: lin.scorer.picture(s, path, caption), metrics, lin.recipe,
+                          lin.score_hash,
                           trained_on_record(lin, dataset_path(lin, k)), {**model.info, "rows_trained_on": len(dataset)})
     return Generation(k, model, manifest, next_dataset, dataset_path(lin, k + 1))
 
