@@ -263,11 +263,14 @@ def study_on_disk(p: Params, paths: StudyPaths) -> tuple[list[dict[str, Any]], l
                                                  seed=seed, group=group)
         else:
             current = lineage_recipe(p, spec)
-            differ = [f"{key} = {recipe.get(key, '(unset)')!r} (these params: {current.get(key, '(unset)')!r})"
-                      for key in sorted(set(recipe) | set(current)) if recipe.get(key) != current.get(key)]
-            if differ:
+            differ = [f"{key} = {recipe[key]!r} (these params: {current[key]!r})"
+                      for key in sorted(set(recipe) & set(current)) if recipe[key] != current[key]]
+            parts = sorted(set(recipe) ^ set(current))  # settings of parts only one of them uses (another family)
+            if differ or parts:
                 notes.append(f"{folder.name}: made under other params than these: " + "; ".join(differ[:8])
-                             + (f"; and {len(differ) - 8} more" if len(differ) > 8 else ""))
+                             + (f"; and {len(differ) - 8} more" if len(differ) > 8 else "")
+                             + (f"; settings only one of them has: {', '.join(parts[:6])}"
+                                + (" ..." if len(parts) > 6 else "") if parts else ""))
         found.append(spec)
         rows += lineage_rows(spec, finished)
     return rows, found, notes

@@ -273,7 +273,7 @@ def record_nested(client: MlflowClient, exp_id: str, parent_id: str, record: Rec
 def logged_image_steps(client: MlflowClient, run_id: str) -> set[int]:
     steps = set()
     for info in client.list_artifacts(run_id, "images"):
-        match = re.search(rf"{IMAGE_KEY}%step%(\d+)%", info.path)
+        match = re.search(rf"/{IMAGE_KEY}[+%]step[+%](\d+)[+%]", info.path)  # MLflow's file name for a step's image
         if match:
             steps.add(int(match.group(1)))
     return steps
@@ -295,7 +295,8 @@ def record_generations(client: MlflowClient, exp_id: str, parent_id: str, record
             if record.k not in children:
                 record_nested(client, exp_id, parent_id, record, params, tags)
     new = [r for r in records if r.k >= done]
-    cheap_inputs = [i for r in new if r.cheap(cheap_fit_seconds) for i in r.inputs]
+    # each dataset once (MLflow keeps the first context a run logs a dataset with): the one each generation made
+    cheap_inputs = [r.inputs[1] for r in new if r.cheap(cheap_fit_seconds)]
     if records and records[0].k == 0 and done == 0:
         cheap_inputs = [records[0].inputs[0], *cheap_inputs]  # dataset 0, the real data: the lineage's own input
     if cheap_inputs:
