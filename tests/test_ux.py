@@ -241,3 +241,23 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_an_empty_work_pool_is_seen_as_one_with_no_worker(prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.fanout import workers_online
+
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="empty-ux", type="process"))
+    assert workers_online("empty-ux") == 0  # fan_out then logs that the lineages wait for a worker
+
+
+def test_the_documented_zombie_run_automation_is_a_valid_prefect_automation():
+    import yaml
+    from prefect.events.schemas.automations import AutomationCore
+
+    text = (REPO / "docs" / "prefect" / "zombie-runs.yaml").read_text()
+    automation = AutomationCore.model_validate(yaml.safe_load(text))
+    assert automation.trigger.within.total_seconds() == 90 and automation.actions[0].state.value == "CRASHED"
