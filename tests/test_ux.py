@@ -8,6 +8,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -215,7 +216,8 @@ def test_offline_plots_page_loads_no_script_from_the_network(tmp_path):
     from dvc_render.html import render_html
     from dvc_render.vega import VegaRenderer
 
-    from tools.offline_plots import remote_scripts
+    sys.path.insert(0, str(REPO / "tools"))  # scripts, not a package
+    from offline_plots import remote_scripts
 
     template = REPO / ".dvc" / "plots" / "offline.html"
     page = template.read_text()
