@@ -171,6 +171,16 @@ def progress_bar(enabled: bool) -> Iterator[None]:
                 handler.console = original
 
 
+def experiment_link(p, root: Path) -> str:
+    """The study's experiment in ``make ui``, in MLflow 3's model-training view: the UI's GenAI / model-training
+    switch (remembered per browser, GenAI by default) decides the view, and the link sets it."""
+    from tasks.tracking import client_for, tracking_uri
+
+    experiment = client_for(tracking_uri(p.tracking.uri, root)).get_experiment_by_name(p.experiment)
+    where = f"#/experiments/{experiment.experiment_id}?workflowType=machine_learning" if experiment else ""
+    return f"http://127.0.0.1:5000/{where}"
+
+
 def version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as installed
@@ -244,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print_table(p, rows)
         print(f"\nfinished in {time.perf_counter() - started:.0f} s. Compare lineages:\n"
-              f"  make ui                 (MLflow UI at http://127.0.0.1:5000, experiment {p.experiment!r})\n"
+              f"  make ui                 (MLflow UI, experiment {p.experiment!r} in the model-training view: "
+              f"{experiment_link(p, root)})\n"
               f"  dvc plots show          (metrics vs generation per recipe, offline -> dvc_plots/index.html)\n"
               f"  dvc metrics show        (each lineage's last generation)")
     return 0

@@ -5,7 +5,7 @@ carries its recipe as params (the flat ``{dotted key: value}`` its resume hash i
 user, and every score and ``fit_seconds`` at step = generation, so the UI overlays lineages; its sample grid is
 logged as an image at each step (the UI's image slider moves across generations). A metric that is undefined at a
 generation (``r_fair`` when the minority class got too few samples) is left out at that step, never logged as NaN
-(the UI hides a metric whose last value is NaN), and the run's ``madloop.undefined`` tag says where.
+(the UI hides a metric whose last value is NaN), and the run's ``madloop.undefined.<metric>`` tags say where.
 
 Datasets are run inputs (``log_input``) with DVC's md5 as the digest and the DVC path as the source: the link
 back to DVC. A generation whose fit took ``tracking.cheap_fit_seconds`` or more gets a nested run with its
@@ -39,7 +39,9 @@ from mlflow.tracking import MlflowClient
 
 LINEAGE_TAG, RECIPE_TAG, GENERATION_TAG = "madloop.lineage", "madloop.recipe", "madloop.generation"
 DONE_TAG, UNDEFINED_TAG = "madloop.generations_done", "madloop.undefined"
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3: open in the training view
+# MLflow 3's experiment type: the model-training view. MLflow 3.17's UI lets its GenAI / model-training switch
+# (remembered per browser, GenAI at first) decide instead; `madloop run` prints a link that sets it.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 IMAGE_KEY = "samples"
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
@@ -309,17 +311,24 @@ def record_generations(client: MlflowClient, exp_id: str, parent_id: str, record
                 client.log_image(parent_id, image.convert("RGB"), key=IMAGE_KEY, step=record.k)
     if new:
         now = int(time.time() * 1000)
-        undefined = {}
-        for r in records:
-            for key in r.undefined:
-                undefined.setdefault(key, []).append(r.k)
         marker = [RunTag(DONE_TAG, str(max(r.k for r in new) + 1))]
-        if undefined:
-            marker.append(RunTag(UNDEFINED_TAG, "; ".join(f"{key}: generation(s) {', '.join(map(str, ks))}"
-                                                             for key, ks in undefined.items())[:5000]))
+        for key, tag in undefined_tags(parent.data.tags, new).items():
+            marker.append(RunTag(key, tag))
         # the done-marker is logged with the last metrics batch: a step is never logged twice, even after a kill
         log_metrics(client, parent_id, [Metric(key, value, now, r.k) for r in new for key, value in r.scores.items()],
                     tags=marker)
+
+
+def undefined_tags(tags: dict[str, str], records: list[Record]) -> dict[str, str]:
+    """``madloop.undefined.<metric>``: the generations where a metric is undefined, so left out of its curve
+    (merged with what the run's tags already say)."""
+    out: dict[str, set[int]] = {}
+    for r in records:
+        for key in r.undefined:
+            out.setdefault(f"{UNDEFINED_TAG}.{key}", set()).add(r.k)
+    for key, steps in out.items():
+        steps.update(int(k) for k in tags.get(key, "").split(", ") if k)
+    return {key: ", ".join(map(str, sorted(steps)))[:5000] for key, steps in out.items()}
 
 
 def finish_lineage(client: MlflowClient, parent_id: str, status: str = "FINISHED") -> None:
