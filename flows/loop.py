@@ -104,9 +104,11 @@ def rescored(lin: Lineage, manifest: dict[str, Any]) -> dict[str, Any]:
 
 @flow(name="lineage", flow_run_name=lineage_run_name, log_prints=False)
 def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".",
-                 verified: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                 verified: dict[str, Any] | None = None, dvc_add_at_end: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) one lineage for ``loop.generations`` generations; return its per-generation rows.
-    ``verified``: the lineage's state as the study just verified it (else it is verified here)."""
+    ``verified``: the lineage's state as the study just verified it (else it is verified here).
+    ``dvc_add_at_end``: False when the caller adds the lineage's folder itself (the study: one ``dvc add`` for
+    every lineage it ran in its process)."""
     logger = get_run_logger()
     p = validate(params)
     paths = StudyPaths(Path(root).resolve(), p.study.name)
@@ -177,7 +179,7 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".",
     except BaseException as err:
         close_lineage(uri, parent_id, "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
-    if p.dvc.track and manifests:
+    if p.dvc.track and manifests and dvc_add_at_end:
         dvc_add_task.with_options(task_run_name=f"dvc-add [{lin.name}]")(paths.root, [lin.folder])
     close_lineage(uri, parent_id)
     return lineage_rows(lin.spec, manifests)
@@ -218,7 +220,10 @@ def self_consuming_loop(params: dict[str, Any] | None = None, root: str = ".", l
             for spec in plan.lineages:
                 state = inspect_lineage(paths.lineage(spec.name), lineage_recipe(p, spec), train_sha)
                 rows += lineage_loop(params=p.model_dump(mode="json"), lineage=spec.name, root=str(paths.root),
-                                     verified=state.as_dict())
+                                     verified=state.as_dict(), dvc_add_at_end=False)
+        if p.dvc.track:  # one `dvc add` for every lineage (slow generations were also added one by one)
+            dvc_add_task.with_options(task_run_name="dvc-add [lineages]")(
+                paths.root, [paths.lineage(spec.name) for spec in plan.lineages])
     everyone = rows is not None and len(plan.lineages) == len(p.lineages)
     rows = write_reports_task(p, paths, p.lineages, rows if everyone else None)
     study_summary_artifact(p.study.name, (paths.reports / SUMMARY_MD).read_text())

@@ -64,11 +64,8 @@ class ScalarScorer(Scorer):
         fig, ax, bars, line = self.canvas
         lo, hi = np.quantile(samples, [0.005, 0.995])
         hi = hi if hi > lo else lo + 1.0
-        heights, edges = np.histogram(samples, bins=len(bars), range=(lo, hi), density=True)
-        for bar, left, height in zip(bars, edges[:-1], heights):
-            bar.set_x(left)
-            bar.set_width(edges[1] - edges[0])
-            bar.set_height(height)
+        heights, edges = np.histogram(samples, bins=60, range=(lo, hi), density=True)
+        bars.set_data(heights, edges)
         top = heights.max()
         if self.family.name != "geometric":
             grid = np.linspace(lo, hi, 400)
@@ -78,19 +75,19 @@ class ScalarScorer(Scorer):
         ax.set_xlim(lo, hi)
         ax.set_ylim(0, top * 1.08 if top > 0 else 1.0)
         ax.set_title(f"{caption or self.family.name}: samples vs truth", fontsize=10)
-        fig.savefig(path, format="png")
+        fig.savefig(path, format="png", pil_kwargs={"compress_level": 1})
 
     def histogram_figure(self):
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=(5, 3.2), dpi=100)
         ax = fig.add_axes((0.12, 0.15, 0.84, 0.74))
-        bars = ax.bar(np.arange(60), np.zeros(60), width=1.0, align="edge", alpha=0.5, label="model samples")
+        bars = ax.stairs(np.zeros(60), np.arange(61.0), fill=True, alpha=0.5, label="model samples")  # one artist
         (line,) = ax.plot([], [], "k-", lw=1.5, label="truth" if self.family.name != "geometric" else "_")
         ax.set_xlabel("value")
         ax.set_ylabel("density")
         ax.legend(frameon=False, loc="upper right")
-        return fig, ax, list(bars), line
+        return fig, ax, bars, line
 
     @staticmethod
     def describe(metrics: dict[str, float]) -> str:
