@@ -5,11 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check
-# Offline by default: no usage telemetry from MLflow (its UI too) or from dvc commands; set either to override.
+# Offline by default: no usage telemetry from MLflow (its UI too), dvc commands or a Prefect server started here
+# (make server); set any of them to override. tasks/__init__.py sets the same defaults for every madloop process.
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup demo test ui repro lock serve
+.PHONY: setup demo test ui repro lock serve server
 
 # torch 2.14.1 / torchvision 0.29.1 come from this machine's local wheels with Python 3.11's pip
 # (see DEVELOPERS.md); requirements.lock pins every package, pyproject.toml states the ranges.
@@ -33,7 +35,11 @@ ui: $(STAMP)
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-# The default study on a schedule (docs/scale-out.md); needs `prefect server start` and PREFECT_API_URL.
+# A Prefect server (API, UI on http://127.0.0.1:4200, scheduler) without telemetry; then PREFECT_API_URL.
+server: $(STAMP)
+	$(BIN)/prefect server start
+
+# The default study on a schedule (docs/scale-out.md); needs `make server` and PREFECT_API_URL.
 CRON ?= 0 3 * * *
 serve: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/madloop serve --cron "$(CRON)"

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import math
 import sys
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 EPILOG = """examples:
   madloop run                                          the study in ./params.yaml
   madloop run --set loop.generations=2 --set train.epochs=2
   madloop run --set lineages=[mle] --lineage mle       one lineage of the study
-  madloop show                                         the table of finished generations
+  madloop show                                         the table of finished generations (on disk)
+  madloop show ui                                      the same for study "ui", however it was run
   madloop params --set data.imbalance_ratio=10         validate and print the resolved params
   madloop study fig4 --set studies.fig4.seeds=100      a paper reproduction, smaller
 
@@ -37,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="madloop", description="Self-consuming generative model loops (MADness), MLE vs PLE, tracked with "
                                     "Prefect, DVC and MLflow.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"madloop {version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = commands.add_parser("run", help="run (or resume) a study: every lineage for loop.generations generations",
@@ -53,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="when another run of the same study is in progress, wait for it to end instead of stopping "
                           "(exit code 2)")
 
-    show = commands.add_parser("show", help="print the per-generation table of a study's finished generations")
+    show = commands.add_parser(
+        "show", help="print the table of a study's finished generations, as they are on disk",
+        description="Print every finished generation of the study's lineages as their manifests on disk record them, "
+                    "whatever params made them; lineages made under other params than these (params file and --set) "
+                    "are shown too, with the keys that differ. Recipes run over several seeds are summarised (mean "
+                    "and 95%% interval per generation).")
+    show.add_argument("study", nargs="?", default=None, help="the study (default: study.name in params)")
     add_params_args(show)
 
     params = commands.add_parser("params", help="validate params and print them resolved, as YAML")
@@ -95,24 +106,115 @@ def resolve_params_file(args) -> Path | None:
     return default if default.is_file() else None
 
 
-def print_table(p, rows: list[dict]) -> None:
+def cell(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def print_table(p, rows: list[dict], lineages=None) -> None:
+    """The per-generation table; when recipes ran over several seeds, their mean and 95% interval per generation
+    instead (the per-seed rows are in reports/<study>/generations.csv)."""
     from rich.console import Console
     from rich.table import Table
 
-    from tasks.reports import summary_columns, title
+    from tasks.reports import recipe_metrics, recipe_summary, seeded, summary_columns, title, with_interval
 
+    recipes = recipe_summary(p, rows, lineages or p.lineages)
+    if seeded(recipes):
+        metrics = [c for c in summary_columns(p) if c in recipe_metrics(p, rows)]
+        table = Table(title="madloop: recipes per generation, mean ± half-width of the 95% t-interval over seeds")
+        for heading in ["recipe", "gen", "seeds", *map(title, metrics)]:
+            table.add_column(heading, justify="left" if heading == "recipe" else "right")
+        for e in recipes:
+            table.add_row(e["recipe"], str(e["generation"]), str(e["seeds"]), *(with_interval(e, m) for m in metrics))
+        Console().print(table)
+        print(f"({len(rows)} rows of single seeds: reports/{p.study.name}/generations.csv)")
+        return
     table = Table(title="madloop: metrics per generation (model k's samples vs held-out real data)")
     columns = [(key, title(key)) for key in ["lineage", "generation", *summary_columns(p)]]
     for key, heading in columns:
         table.add_column(heading, justify="left" if key == "lineage" else "right")
     for row in rows:
-        cells = []
-        for key, _ in columns:
-            value = row.get(key)
-            cells.append("nan" if isinstance(value, float) and math.isnan(value) else
-                         f"{value:.4g}" if isinstance(value, float) else str(value))
-        table.add_row(*cells)
+        table.add_row(*(cell(row.get(key)) for key, _ in columns))
     Console().print(table)
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool) -> Iterator[None]:
+    """A bar per lineage (generations, and the running fit's epochs) on stderr while the study runs, when stderr is
+    a terminal. Prefect's log lines are printed above the bars, not through them."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tasks.progress import watch
+
+    console = Console(stderr=True)
+    if not enabled or not console.is_terminal:
+        yield
+        return
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[where]}"),
+                    TimeElapsedColumn(), console=console)
+    ids: dict[str, Any] = {}
+
+    def show(progress) -> None:
+        if progress.lineage not in ids:
+            ids[progress.lineage] = bars.add_task(progress.lineage, total=progress.generations, where="")
+        where = f"generation {progress.generation} of 0-{progress.generations - 1}" + (
+            f", epoch {progress.epoch}/{progress.epochs}" if progress.epochs and not progress.finished else "")
+        bars.update(ids[progress.lineage], completed=progress.fraction * progress.generations, where=where)
+
+    handlers = [h for h in logging.getLogger("prefect").handlers if hasattr(h, "console")]
+    consoles = [h.console for h in handlers]
+    with bars, watch(show):
+        for handler in handlers:
+            handler.console = bars.console
+        try:
+            yield
+        finally:
+            for handler, original in zip(handlers, consoles):
+                handler.console = original
+
+
+def experiment_link(p, root: Path) -> str:
+    """The study's experiment in ``make ui``, in MLflow 3's model-training view: the UI's GenAI / model-training
+    switch (remembered per browser, GenAI by default) decides the view, and the link sets it."""
+    from tasks.tracking import client_for, tracking_uri
+
+    experiment = client_for(tracking_uri(p.tracking.uri, root)).get_experiment_by_name(p.experiment)
+    where = f"#/experiments/{experiment.experiment_id}?workflowType=machine_learning" if experiment else ""
+    return f"http://127.0.0.1:5000/{where}"
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("madloop")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def show(p, root: Path, study: str | None) -> int:
+    """``madloop show [STUDY]``: what is on disk, and how it differs from these params."""
+    from tasks.layout import StudyPaths
+    from tasks.reports import params_on_disk, study_on_disk
+    from tasks.resume import manifests
+    from tasks.storage import read_manifest
+
+    if study is not None and study != p.study.name:
+        p = p.model_copy(update={"study": p.study.model_copy(update={"name": study})})
+    paths = StudyPaths(root, p.study.name)
+    rows, lineages, notes = study_on_disk(p, paths)
+    if not rows:
+        print(f"madloop: no finished generations of study {p.study.name!r} under {paths.data}", file=sys.stderr)
+        return 1
+    first = next(manifests(paths.lineage(lineages[0].name)))[1]
+    print_table(params_on_disk(p, read_manifest(first).get("recipe", {})), rows, lineages)
+    for note in notes:
+        print(f"note: {note}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,11 +279,7 @@ def run_command(args) -> int:
         print(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False), end="")
         return 0
     if args.command == "show":
-        from tasks.layout import StudyPaths
-        from tasks.reports import collect_rows
-
-        print_table(p, collect_rows(p, StudyPaths(root, p.study.name), p.lineages))
-        return 0
+        return show(p, root, args.study)
     if args.command == "study" and args.name == "results":
         from flows.studies import write_results
 
@@ -209,13 +307,15 @@ def run_command(args) -> int:
     from flows.server import prefect_api
 
     started = time.perf_counter()
-    rows = run_study(p, root, args.lineage, args.overwrite, wait=args.wait, api=prefect_api,
-                     on_wait=lambda line: print(f"madloop: {line}", file=sys.stderr, flush=True))
+    with progress_bar(not args.quiet):
+        rows = run_study(p, root, args.lineage, args.overwrite, wait=args.wait, api=prefect_api,
+                         on_wait=lambda line: print(f"madloop: {line}", file=sys.stderr, flush=True))
     if not args.quiet:
         print_table(p, rows)
         print(f"\nfinished in {time.perf_counter() - started:.0f} s. Compare lineages:\n"
-              f"  make ui                 (MLflow UI at http://127.0.0.1:5000, experiment {p.study.name!r})\n"
-              f"  dvc plots show          (FID and recall vs generation per lineage -> dvc_plots/index.html)\n"
+              f"  make ui                 (MLflow UI, experiment {p.experiment!r} in the model-training view: "
+              f"{experiment_link(p, root)})\n"
+              f"  dvc plots show          (metrics vs generation per recipe, offline -> dvc_plots/index.html)\n"
               f"  dvc metrics show        (each lineage's last generation)")
     return 0
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task, unmapped
+from prefect import get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
@@ -29,11 +29,14 @@ class LineageRunError(RuntimeError):
     """A lineage submitted to a deployment did not complete."""
 
 
-@task(name="run-lineage-deployment", cache_policy=NO_CACHE, persist_result=False)
+@task(name="run-lineage-deployment", task_run_name="run-lineage-deployment [{lineage}]", cache_policy=NO_CACHE,
+      persist_result=False)
 def run_lineage_deployment(deployment: str, params: dict[str, Any], lineage: str, root: str) -> str:
     """Submit one lineage as a flow run of ``deployment`` (linked to the study's run) and wait until it ends."""
+    study = (params.get("study") or {}).get("name", "default")
     run = run_deployment(deployment, parameters={"params": params, "lineage": lineage, "root": root},
-                         flow_run_name=lineage, poll_interval=POLL_SECONDS)
+                         flow_run_name=f"{study}/{lineage}", poll_interval=POLL_SECONDS,
+                         tags=["madloop", f"study:{study}", f"lineage:{lineage}"])
     if run.state is None or not run.state.is_completed():
         state = f"{run.state.name}: {run.state.message}" if run.state else "without a state"
         raise LineageRunError(f"lineage {lineage!r} (flow run {run.name!r} of {deployment}) ended {state}")
@@ -47,7 +50,11 @@ def fan_out(deployment: str, p: Params, lineages: list[str], root: Path) -> None
     serialized per machine (tasks.versioning) and by DVC's repository lock across machines; the MLflow store is
     created here first, so the lineages' processes never race to create its tables or the study's experiment.
     """
-    check_deployment(deployment)
+    pool = check_deployment(deployment)
+    if pool is not None and not workers_online(pool):
+        get_run_logger().warning(
+            f"{len(lineages)} lineage(s) wait on work pool {pool!r}, which has no worker online: they start when one "
+            f"polls it (`prefect worker start --pool {pool}`, one per GPU; docs/scale-out.md)")
     experiment_id(client_for(tracking_uri(p.tracking.uri, root)), p.experiment, root)
     futures = run_lineage_deployment.map(deployment, unmapped(p.model_dump(mode="json")), lineages, str(root))
     futures.wait()
@@ -57,8 +64,15 @@ def fan_out(deployment: str, p: Params, lineages: list[str], root: Path) -> None
         raise LineageRunError(f"{len(failed)} of {len(lineages)} lineages failed: " + "; ".join(failed))
 
 
-def check_deployment(name: str) -> None:
-    """Fail with a useful message, before any work, when the lineage deployment is not on the Prefect server."""
+def workers_online(pool: str) -> int:
+    """How many workers poll ``pool`` now (Prefect marks a worker offline when its heartbeats stop)."""
+    with get_client(sync_client=True) as client:
+        return sum(1 for worker in client.read_workers_for_work_pool(pool) if str(worker.status.value) == "ONLINE")
+
+
+def check_deployment(name: str) -> str | None:
+    """Fail with a useful message, before any work, when the lineage deployment is not on the Prefect server;
+    return its work pool (None for a served deployment, which needs no worker)."""
     if name.count("/") != 1:
         raise ParamsError(f"lineage deployment {name!r}: expected 'flow/deployment', e.g. 'lineage/gpu'")
     with get_client(sync_client=True) as client:
@@ -70,3 +84,4 @@ def check_deployment(name: str) -> None:
         flow_name = client.read_flow(deployment.flow_id).name
     if flow_name != LINEAGE_FLOW:
         raise ParamsError(f"deployment {name!r} runs flow {flow_name!r}, not {LINEAGE_FLOW!r}")
+    return deployment.work_pool_name

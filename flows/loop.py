@@ -11,6 +11,7 @@ Both take params as a plain dict (what a deployment or the CLI passes) and a pro
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -20,25 +21,65 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 
 from flows.fanout import fan_out
 from tasks import as_task
-from tasks.generation import (TASKS, Lineage, load_generation_dataset, load_generation_model, load_model, open_lineage,
-                              rescore_manifest, resolve_device, run_generation)
-from tasks.layout import StudyPaths
+from tasks.generation import (PLAIN, TASKS, Lineage, Steps, load_generation_dataset, load_generation_model, load_model,
+                              open_lineage, rescore_manifest, resolve_device, run_generation)
+from tasks.layout import SUMMARY_MD, StudyPaths
 from tasks.lock import study_lock
-from tasks.params import Params, digest, flatten, lineage_recipe, validate
+from tasks.params import Params, digest, lineage_recipe, validate
+from tasks.progress import LineageWatch, study_summary_artifact
 from tasks.realdata import prepare_real_data_task
 from tasks.recovery import clean_up_dead_runs
-from tasks.reports import lineage_rows, write_reports_task
+from tasks.reports import (lineage_rows, recipe_metrics, recipe_summary, seeded, summary_columns,
+                           write_reports_task)
 from tasks.resume import (LineageState, StaleOutputsError, check_names, check_world, inspect_lineage, preflight,
                           quarantine_from, real_train_data)
 from tasks.scorers import build_scorer
 from tasks.seeds import SCORE, derive_seed
-from tasks.tracking import close_lineage, log_generation, tracking_uri
+from tasks.tracking import close_lineage, log_generations, log_recipe_runs, tracking_uri
 from tasks.tracking import open_lineage as open_lineage_run
 from tasks.versioning import dvc_add, find_dvc_root
 
 build_scorer_task = as_task(build_scorer)
-log_generation_task = as_task(log_generation, retries=2)
+log_generations_task = as_task(log_generations, retries=2)
 dvc_add_task = as_task(dvc_add, retries=2)
+FLUSH_SECONDS = 10.0  # cheap generations' records are sent at least this often (and when the lineage ends)
+
+
+def lineage_run_name() -> str:
+    """A lineage's flow run: ``<study>/<lineage>``."""
+    from prefect.runtime import flow_run
+
+    parameters = flow_run.parameters
+    return f"{(parameters['params'].get('study') or {}).get('name', 'default')}/{parameters['lineage']}"
+
+
+def study_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    study = ((flow_run.parameters.get("params") or {}).get("study") or {}).get("name", "default")
+    return f"study {study}"
+
+
+def tag_this_run(*names: str) -> None:
+    """Add tags to the running flow run (tags of a run made elsewhere, a deployment's, are set at its creation)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    wanted = list(dict.fromkeys([*flow_run.tags, *names]))
+    if flow_run.id and wanted != list(flow_run.tags):
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, tags=wanted)
+
+
+def named_steps(lineage: str, k: int) -> Steps:
+    """The Prefect-task steps, each run named ``fit-model [mle gen 3]``."""
+    return Steps(*(step.with_options(task_run_name=f"{step.name} [{lineage} gen {k}]")
+                   for step in (TASKS.fit, TASKS.sample, TASKS.score, TASKS.save)))
+
+
+def lineage_tags(lin: Lineage) -> list[str]:
+    return [f"lineage:{lin.name}", f"recipe:{lin.spec.group or lin.name}", f"estimator:{lin.spec.estimator}",
+            f"family:{lin.family.name}"]
 
 
 def resume_point(lin: Lineage, state: LineageState, logger) -> int:
@@ -65,11 +106,13 @@ def rescored(lin: Lineage, manifest: dict[str, Any]) -> dict[str, Any]:
     return rescore_manifest(lin.folder, manifest, {**kept, **metrics}, lin.score_hash)
 
 
-@flow(name="lineage", flow_run_name="{lineage}", log_prints=False)
+@flow(name="lineage", flow_run_name=lineage_run_name, log_prints=False)
 def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".",
-                 verified: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                 verified: dict[str, Any] | None = None, dvc_add_at_end: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) one lineage for ``loop.generations`` generations; return its per-generation rows.
-    ``verified``: the lineage's state as the study just verified it (else it is verified here)."""
+    ``verified``: the lineage's state as the study just verified it (else it is verified here).
+    ``dvc_add_at_end``: False when the caller adds the lineage's folder itself (the study: one ``dvc add`` for
+    every lineage it ran in its process)."""
     logger = get_run_logger()
     p = validate(params)
     paths = StudyPaths(Path(root).resolve(), p.study.name)
@@ -77,6 +120,7 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".",
     real = prepare_real_data_task(p, paths)
     scorer, scorer_note = build_scorer_task(p, real, paths.cache, device)
     lin = open_lineage(p, lineage, paths, real, scorer, device)
+    tag_this_run("madloop", f"study:{p.study.name}", *lineage_tags(lin))
     state = LineageState(**verified) if verified else inspect_lineage(lin.folder, lin.recipe, real_train_data(paths))
     generations = lin.params.loop.generations
     start = resume_point(lin, state, logger)
@@ -84,45 +128,68 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".",
         logger.info(f"[{lin.name}] resuming: generations 0-{start - 1} are finished and verified")
 
     uri = tracking_uri(p.tracking.uri, paths.root)
-    tags = {"lineage": lin.name, "estimator": lin.spec.estimator, "loop_mode": lin.params.loop.mode,
-            "mitigation": lin.spec.mitigation, "recipe": lin.spec.group or lin.name,
-            "data_source": p.data.source, "seed": str(lin.seed), "study": p.study.name,
-            "model_family": lin.family.name, "scorer": scorer_note}
-    run_name = lin.name if p.experiment == p.study.name else f"{p.study.name}/{lin.name}"
-    exp_id, parent_id = open_lineage_run(uri, p.experiment, lin.name, digest(lin.recipe), tags, paths.root,
-                                         run_name=run_name)
-    run_params = flatten(lin.recipe)
+    run_tags = {"lineage": lin.name, "estimator": lin.spec.estimator, "loop_mode": lin.params.loop.mode,
+                "mitigation": lin.spec.mitigation, "recipe": lin.spec.group or lin.name,
+                "data_source": p.data.source, "seed": str(lin.seed), "study": p.study.name,
+                "model_family": lin.family.name, "scorer": scorer_note}
+    run_name = lin.name if p.tracking.experiment is None else f"{p.study.name}/{lin.name}"
+    exp_id, parent_id = open_lineage_run(uri, p.experiment, lin.name, digest(lin.recipe), run_tags, paths.root,
+                                         run_name=run_name, params=lin.recipe)
+    cheap_under = p.tracking.cheap_fit_seconds
 
-    manifests = []
-    for manifest in state.finished[:generations]:
-        manifest = rescored(lin, manifest)
-        log_generation_task(uri, exp_id, parent_id, lin.name, manifest, lin.folder, paths.root, run_params)
-        manifests.append(manifest)
+    def cheap(manifest: dict[str, Any] | None) -> bool:
+        return manifest is not None and manifest["info"].get("fit_seconds", float("inf")) < cheap_under
+
+    def record(batch: list[dict[str, Any]]) -> None:
+        """MLflow for a batch of finished generations; dvc add when one of them was slow (cheap ones: at the end)."""
+        if not batch:
+            return
+        first, last = batch[0]["generation"], batch[-1]["generation"]
+        which = f"gen {first}" if first == last else f"gens {first}-{last}"
+        log_generations_task.with_options(task_run_name=f"log-generations [{lin.name} {which}]")(
+            uri, exp_id, parent_id, lin.name, batch, lin.folder, paths.root, lin.recipe, cheap_under)
+        if p.dvc.track and not all(cheap(m) for m in batch):
+            dvc_add_task.with_options(task_run_name=f"dvc-add [{lin.name} {which}]")(paths.root, [lin.folder])
+
+    watch = LineageWatch(p.study.name, lin.name, generations, summary_columns(p), start)
+    manifests = [rescored(lin, manifest) for manifest in state.finished[:generations]]
+    record(manifests)  # a resumed lineage's finished generations: recorded once, whatever was recorded before
+    if manifests:
+        watch.table(lineage_rows(lin.spec, manifests))
 
     dataset = real.train if start == 0 else load_generation_dataset(lin.folder, start)
     lin.mitigation.resume(manifests)
+    pending: list[dict[str, Any]] = []
+    flushed = time.monotonic()
     try:
         for k in range(start, generations):
-            generation = run_generation(lin, k, dataset, TASKS)
-            log_generation_task(uri, exp_id, parent_id, lin.name, generation.manifest, lin.folder, paths.root,
-                                run_params)
-            if p.dvc.track:
-                dvc_add_task(paths.root, [lin.folder])
-            logger.info(f"[{lin.name}] generation {k}/{generations - 1}: "
-                        f"{scorer.describe(generation.manifest['metrics'])}  "
-                        f"fit {generation.model.info.get('fit_seconds', 0.0):.1f}s")
-            manifests.append(generation.manifest)
+            steps = PLAIN if cheap(manifests[-1] if manifests else None) else named_steps(lin.name, k)
+            generation = run_generation(lin, k, dataset, steps, progress=watch.epoch_callback(k))
+            manifest = generation.manifest
+            manifests.append(manifest)
+            pending.append(manifest)
+            watch.generation_done(k)
+            if not cheap(manifest) or time.monotonic() - flushed >= FLUSH_SECONDS or k == generations - 1:
+                record(pending)
+                watch.table(lineage_rows(lin.spec, manifests))
+                first = pending[0]["generation"]
+                logger.info(f"[{lin.name}] generation {f'{first}-' if first != k else ''}{k} (of 0-{generations - 1})"
+                            f": {scorer.describe(manifest['metrics'])}  "
+                            f"fit {manifest['info'].get('fit_seconds', 0.0):.2g}s"
+                            + (f" (each of {len(pending)} fits under {cheap_under:g}s: recorded as one batch)"
+                               if len(pending) > 1 else ""))
+                pending, flushed = [], time.monotonic()
             dataset = generation.next_dataset
     except BaseException as err:
         close_lineage(uri, parent_id, "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
-    if p.dvc.track and start == generations and manifests:
-        dvc_add_task(paths.root, [lin.folder])  # nothing new, but make sure a resumed lineage is tracked
+    if p.dvc.track and manifests and dvc_add_at_end:
+        dvc_add_task.with_options(task_run_name=f"dvc-add [{lin.name}]")(paths.root, [lin.folder])
     close_lineage(uri, parent_id)
     return lineage_rows(lin.spec, manifests)
 
 
-@flow(name="self_consuming_loop", log_prints=False)
+@flow(name="self_consuming_loop", flow_run_name=study_run_name, log_prints=False)
 def self_consuming_loop(params: dict[str, Any] | None = None, root: str = ".", lineages: list[str] | None = None,
                         overwrite: bool = False, lineage_deployment: str | None = None) -> list[dict[str, Any]]:
     """A study: every lineage in params (or the named ones) over the same real data and test split.
@@ -138,6 +205,7 @@ def self_consuming_loop(params: dict[str, Any] | None = None, root: str = ".", l
 def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite: bool,
                      lineage_deployment: str | None) -> list[dict[str, Any]]:
     logger = get_run_logger()
+    tag_this_run("madloop", f"study:{p.study.name}")
     plan = preflight(p, Path(root), lineages, overwrite)
     paths = plan.paths
     for line in clean_up_dead_runs(p, paths, [self_consuming_loop.name, lineage_loop.name],
@@ -165,9 +233,18 @@ def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite
             for spec in plan.lineages:
                 state = inspect_lineage(paths.lineage(spec.name), lineage_recipe(p, spec), train_sha)
                 rows += lineage_loop(params=p.model_dump(mode="json"), lineage=spec.name, root=str(paths.root),
-                                     verified=state.as_dict())
+                                     verified=state.as_dict(), dvc_add_at_end=False)
+        if p.dvc.track:  # one `dvc add` for every lineage (slow generations were also added one by one)
+            dvc_add_task.with_options(task_run_name="dvc-add [lineages]")(
+                paths.root, [paths.lineage(spec.name) for spec in plan.lineages])
     everyone = rows is not None and len(plan.lineages) == len(p.lineages)
-    return write_reports_task(p, paths, p.lineages, rows if everyone else None)
+    rows = write_reports_task(p, paths, p.lineages, rows if everyone else None)
+    study_summary_artifact(p.study.name, (paths.reports / SUMMARY_MD).read_text())
+    recipes = recipe_summary(p, rows, p.lineages)
+    if seeded(recipes):
+        log_recipe_runs(tracking_uri(p.tracking.uri, paths.root), p.experiment, paths.root, p.study.name, recipes,
+                        recipe_metrics(p, rows))
+    return rows
 
 
 def run_study(p: Params, root: Path, lineages: list[str] | None = None, overwrite: bool = False,

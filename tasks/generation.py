@@ -96,12 +96,14 @@ def open_lineage(study: Params, name: str, paths: StudyPaths, real: RealData, sc
 # --- the steps ---------------------------------------------------------------------------------------------------
 
 
-def fit_model(lineage: Lineage, data: Dataset, seed: int, sample_weight: np.ndarray | None = None) -> FittedTorchModel:
-    """Train the lineage's family on ``data`` with its estimator and the settings it declares."""
+def fit_model(lineage: Lineage, data: Dataset, seed: int, sample_weight: np.ndarray | None = None,
+              progress: Callable[[int, int], None] | None = None) -> FittedTorchModel:
+    """Train the lineage's family on ``data`` with its estimator and the settings it declares; ``progress(done,
+    total)`` hears of every epoch (models.estimators.fit)."""
     entry = ESTIMATORS.entry(lineage.spec.estimator)
     sections = {path.rsplit(".", 1)[-1]: section(lineage.params, path) for path in entry.settings}
     return fit(entry.name, lineage.family, data.pixels, seed=seed, device=lineage.device, sample_weight=sample_weight,
-               **sections)
+               progress=progress, **sections)
 
 
 def load_model(family: TorchFamily, tensors: dict[str, torch.Tensor], device: torch.device) -> FittedTorchModel:
@@ -192,13 +194,14 @@ def dataset_path(lineage: Lineage, k: int) -> Path:
     return lineage.paths.real / REAL_TRAIN if k == 0 else lineage.folder / dataset_name(k)
 
 
-def run_generation(lineage: Lineage, k: int, dataset: Dataset, steps: Steps = PLAIN) -> Generation:
-    """Generation k: weights (mitigation), fit (estimator), sample (mode's count), score, next dataset (mitigation,
-    by default the mode), save (files, then the manifest)."""
+def run_generation(lineage: Lineage, k: int, dataset: Dataset, steps: Steps = PLAIN,
+                   progress: Callable[[int, int], None] | None = None) -> Generation:
+    """Generation k: weights (mitigation), fit (estimator; ``progress`` hears of its epochs), sample (mode's count),
+    score, next dataset (mitigation, by default the mode), save (files, then the manifest)."""
     lin = lineage
     weights, weight_info = lin.mitigation.training_weights(k, dataset)
     trained_on = trained_on_record(lin, k, dataset)
-    model = steps.fit(lin, dataset, derive_seed(lin.seed, k, FIT), weights)
+    model = steps.fit(lin, dataset, derive_seed(lin.seed, k, FIT), weights, progress)
     check_finite(lin, k, "its weights", model.tensors())
     synthetic = steps.sample(model, lin.mode.synthetic_rows(), derive_seed(lin.seed, k, SAMPLE), lin.name, k + 1,
                              lin.params.data.source, lin.params.loop.temperature)
@@ -207,9 +210,10 @@ def run_generation(lineage: Lineage, k: int, dataset: Dataset, steps: Steps = PL
     metrics.update(lin.scorer.dataset_metrics(dataset), **weight_info)
     next_dataset, next_info = lin.mitigation.next_dataset(k, dataset, synthetic, metrics)
     metrics.update(next_info)
+    caption = f"{lin.name}, generation {k}"
     manifest = steps.save(lin.folder, k, model.tensors(), next_dataset,
-                          lambda path, s=samples: lin.scorer.picture(s, path), metrics, lin.recipe, lin.score_hash,
-                          trained_on, {**model.info, "rows_trained_on": len(dataset)})
+                          lambda path, s=samples: lin.scorer.picture(s, path, caption), metrics, lin.recipe,
+                          lin.score_hash, trained_on, {**model.info, "rows_trained_on": len(dataset)})
     return Generation(k, model, manifest, next_dataset, dataset_path(lin, k + 1))
 
 

@@ -9,8 +9,8 @@ Under the project root (``data/`` is DVC's, ``reports/`` is git's)::
                                         samples-000.png ...       a grid of its samples
                                         gen-000.json ...          manifest: params hash, sha256s, metrics
     data/cache/                         the domain classifier (and its manifest), keyed by the hash of its data
-    reports/<study>/                    generations.csv (DVC plots), metrics.json (DVC metrics), summary.md,
-                                        lineages.csv / lineages.md (recipes ranked)
+    reports/<study>/                    generations.csv, recipes.csv (DVC plots), metrics.json (DVC metrics),
+                                        summary.md, lineages.csv / lineages.md (recipes ranked)
     .madloop/trash/<time>/              whatever was replaced or quarantined, never deleted
 """
 
@@ -24,6 +24,7 @@ REAL = "real"  # the real data's folder: not a lineage name
 REAL_TRAIN, REAL_TEST, REAL_MANIFEST = "train.parquet", "test.parquet", "manifest.json"
 GENERATIONS_CSV, METRICS_JSON, SUMMARY_MD = "generations.csv", "metrics.json", "summary.md"
 RANKING_CSV, RANKING_MD = "lineages.csv", "lineages.md"
+RECIPES_CSV = "recipes.csv"  # per recipe and generation: mean and 95% interval over its seeds
 TIMING_JSON = "timing.json"
 RESULTS_MD = "RESULTS.md"
 REPORT_FILES = (RESULTS_MD,)  # files directly under reports/: no study may be named like them

@@ -97,7 +97,10 @@ class LoopParams(Section):
 
 class TrackingParams(Section):
     uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI, when set, wins
-    experiment: str | None = None  # MLflow experiment; null = study.name
+    experiment: str | None = None  # MLflow experiment; null = "madloop/<study.name>"
+    # Generations whose fit takes less than this run as plain functions (not Prefect tasks) and are recorded in
+    # batches: on the lineage's MLflow run only, dvc add once at the end. 0: every generation recorded at once.
+    cheap_fit_seconds: float = Field(1.0, ge=0.0)
 
     @field_validator("uri")
     @classmethod
@@ -187,7 +190,7 @@ class ParamsBase(Section):
     @property
     def experiment(self) -> str:
         """The MLflow experiment this study logs to."""
-        return self.tracking.experiment or self.study.name
+        return self.tracking.experiment or f"madloop/{self.study.name}"  # never mistaken for MLflow's "Default"
 
     @field_validator("lineages", mode="before")
     @classmethod

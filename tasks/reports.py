@@ -1,8 +1,9 @@
 """A study's reports, from the manifests on disk (the source of truth): ``reports/<study>/``.
 
-``generations.csv`` (``dvc plots``), ``metrics.json`` (``dvc metrics``: each lineage's last generation),
-``summary.md`` and, for image studies, ``lineages.csv`` / ``lineages.md`` (recipes ranked). Which columns lead,
-which the summaries show and what ranks the recipes come from the study's scorer (``tasks.scorers``).
+``generations.csv`` and ``recipes.csv`` (``dvc plots``; a recipe run over several seeds is one row per generation
+with the mean and a 95% t-interval over its seeds), ``metrics.json`` (``dvc metrics``: each lineage's last
+generation), ``summary.md`` and, for image studies, ``lineages.csv`` / ``lineages.md`` (recipes ranked). Which
+columns lead, which the summaries show and what ranks the recipes come from the study's scorer (``tasks.scorers``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import warnings
 from typing import Any
 
 from tasks import as_task
-from tasks.layout import GENERATIONS_CSV, METRICS_JSON, RANKING_CSV, RANKING_MD, SUMMARY_MD, StudyPaths
-from tasks.params import LineageParams, Params, digest, lineage_recipe
+from tasks.layout import (GENERATIONS_CSV, METRICS_JSON, RANKING_CSV, RANKING_MD, REAL, RECIPES_CSV, SUMMARY_MD,
+                          StudyPaths)
+from tasks.params import LineageParams, Params, ParamsError, digest, lineage_recipe, set_dotted, validate
 from tasks.resume import manifests
 from tasks.scorers import Column, scorer_class
-from tasks.stats import summarize
+from tasks.stats import interval, summarize
 from tasks.storage import CorruptOutputError, read_manifest, write_atomic, write_csv_atomic, write_json_atomic
 
 KEYS = ("lineage", "estimator", "generation")
@@ -92,7 +94,9 @@ def write_reports(p: Params, paths: StudyPaths, lineages: list[LineageParams],
         final[row["lineage"]] = {c: (None if isinstance(row.get(c), float) and not math.isfinite(row[c])
                                      else row.get(c)) for c in ["generation", *metric_columns(p, [row])]}
     write_json_atomic(paths.reports / METRICS_JSON, final)
-    write_atomic(paths.reports / SUMMARY_MD, lambda tmp: tmp.write_text(markdown_table(p, rows)))
+    recipes = recipe_summary(p, rows, lineages)
+    write_csv_atomic(paths.reports / RECIPES_CSV, recipe_csv_rows(p, rows, recipes))
+    write_atomic(paths.reports / SUMMARY_MD, lambda tmp: tmp.write_text(summary_markdown(p, rows, recipes)))
     ranking = rank_recipes(p, rows, lineages)
     if ranking:
         write_csv_atomic(paths.reports / RANKING_CSV, [{c: fmt(v) for c, v in r.items()} for r in ranking])
@@ -149,3 +153,137 @@ def markdown_table(p: Params, rows: list[dict[str, Any]]) -> str:
 
 
 write_reports_task = as_task(write_reports)
+
+
+# --- recipes over seeds -----------------------------------------------------------------------------------------
+
+
+def recipe_metrics(p: Params, rows: list[dict[str, Any]]) -> list[str]:
+    """The metrics a recipe summary shows: the scorer's headline and summary columns the rows carry."""
+    present = {k for row in rows for k in row}
+    return [c.name for c in columns_of(p) if (c.headline or c.summary) and c.name in present]
+
+
+def recipe_summary(p: Params, rows: list[dict[str, Any]], lineages: list[LineageParams]) -> list[dict[str, Any]]:
+    """One row per recipe (a lineage, or the seeds of one: ``seeds: [...]`` in params) and generation: the number of
+    seeds, and per metric the mean and 95% t-interval over them (``<metric>_low``, ``<metric>_high``; NaN for a
+    recipe of one seed, where there is no interval). Undefined values (NaN) of a seed are left out of its mean."""
+    group_of = {lineage.name: lineage.group or lineage.name for lineage in lineages}
+    metrics = recipe_metrics(p, rows)
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((group_of.get(row["lineage"], row["lineage"]), row["generation"]), []).append(row)
+    out = []
+    for (recipe, k), members in groups.items():
+        entry: dict[str, Any] = {"recipe": recipe, "generation": k, "seeds": len(members)}
+        for metric in metrics:
+            entry[metric], entry[f"{metric}_low"], entry[f"{metric}_high"] = interval(
+                [float(r.get(metric, math.nan)) for r in members])
+        out.append(entry)
+    order = list(dict.fromkeys(group_of.get(row["lineage"], row["lineage"]) for row in rows))
+    return sorted(out, key=lambda e: (order.index(e["recipe"]), e["generation"]))
+
+
+def seeded(recipes: list[dict[str, Any]]) -> bool:
+    """Whether any recipe ran over several seeds (then the reports lead with the recipes)."""
+    return any(entry["seeds"] > 1 for entry in recipes)
+
+
+def recipe_csv_rows(p: Params, rows: list[dict[str, Any]], recipes: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """recipes.csv (``dvc plots``: the ``recipes`` template draws the mean and its interval as a band)."""
+    metrics = recipe_metrics(p, rows)
+    columns = ["recipe", "generation", "seeds", *(f"{m}{s}" for m in metrics for s in ("", "_low", "_high"))]
+    return [{c: ("" if isinstance(e.get(c), float) and math.isnan(e[c]) else fmt(e.get(c))) for c in columns}
+            for e in recipes]
+
+
+def with_interval(entry: dict[str, Any], metric: str) -> str:
+    """``mean ± h``: the 95% t-interval is mean - h to mean + h."""
+    value, low, high = entry[metric], entry[f"{metric}_low"], entry[f"{metric}_high"]
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.4g} ± {(high - low) / 2:.2g}" if math.isfinite(low) else f"{value:.4g}"
+
+
+def recipe_markdown(p: Params, rows: list[dict[str, Any]], recipes: list[dict[str, Any]]) -> str:
+    metrics = [c for c in summary_columns(p) if c in recipe_metrics(p, rows)]
+    head = ["recipe", "generation", "seeds", *map(title, metrics)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [f"| {e['recipe']} | {e['generation']} | {e['seeds']} | "
+              + " | ".join(with_interval(e, m) for m in metrics) + " |" for e in recipes]
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(p: Params, rows: list[dict[str, Any]], recipes: list[dict[str, Any]]) -> str:
+    """summary.md: with recipes over several seeds, their mean and 95% interval per generation first, then every
+    lineage's rows; otherwise the lineages' rows alone."""
+    if not seeded(recipes):
+        return markdown_table(p, rows)
+    return ("## Recipes: mean ± half-width of the 95% t-interval over seeds, per generation\n\n"
+            + recipe_markdown(p, rows, recipes)
+            + "\nUndefined values of a seed (n/a, e.g. R_Fair when the minority class got too few samples) are left "
+              "out of its recipe's mean.\n\n## Every lineage (one seed each)\n\n" + markdown_table(p, rows))
+
+
+# --- what is on disk, whatever params made it (madloop show) ------------------------------------------------------
+
+
+def params_on_disk(p: Params, recipe: dict[str, Any]) -> Params:
+    """``p`` with the params keys a lineage's recipe (from its manifest) records: the family, data source, ... the
+    outputs were made with, so their table has the right columns."""
+    raw = p.model_dump(mode="json")
+    for key, value in recipe.items():
+        if not key.startswith("lineage.") and key not in ("seed",):
+            try:
+                set_dotted(raw, key, value)
+            except ParamsError:
+                continue
+    try:
+        return validate(raw)
+    except ParamsError:
+        return p
+
+
+def study_on_disk(p: Params, paths: StudyPaths) -> tuple[list[dict[str, Any]], list[LineageParams], list[str]]:
+    """Every finished generation in the study's lineage folders, whatever params made them: (rows, the lineages as
+    their manifests describe them, notes). A note names each lineage that ``p`` does not list or whose outputs
+    were made under other params than ``p`` (with the keys that differ), so nothing has to be repeated to see
+    them."""
+    rows: list[dict[str, Any]] = []
+    found: list[LineageParams] = []
+    notes: list[str] = []
+    known = {lineage.name: lineage for lineage in p.lineages}
+    folders = sorted(d for d in paths.data.iterdir() if d.is_dir() and d.name != REAL) if paths.data.is_dir() else []
+    for folder in folders:
+        finished = []
+        for _, path in manifests(folder):
+            try:
+                finished.append(read_manifest(path))
+            except CorruptOutputError as err:  # a run of these params reports it and redoes the generation
+                notes.append(f"{folder.name}: {err}; this and later generations are not shown")
+                break
+        if not finished:
+            continue
+        recipe = finished[-1].get("recipe", {})
+        spec = known.get(folder.name)
+        if spec is None:
+            notes.append(f"{folder.name}: not a lineage of these params (made with estimator "
+                         f"{recipe.get('lineage.estimator')!r}, seed {recipe.get('lineage.seed')})")
+            seed = recipe.get("lineage.seed")
+            # a recipe's seeds are named <recipe>-s<seed> (params' ``seeds: [...]``): grouped again here
+            group = folder.name.removesuffix(f"-s{seed}") if folder.name.endswith(f"-s{seed}") else None
+            spec = LineageParams.model_construct(name=folder.name, estimator=recipe.get("lineage.estimator", "?"),
+                                                 seed=seed, group=group)
+        else:
+            current = lineage_recipe(p, spec)
+            differ = [f"{key} = {recipe[key]!r} (these params: {current[key]!r})"
+                      for key in sorted(set(recipe) & set(current)) if recipe[key] != current[key]]
+            parts = sorted(set(recipe) ^ set(current))  # settings of parts only one of them uses (another family)
+            if differ or parts:
+                notes.append(f"{folder.name}: made under other params than these: " + "; ".join(differ[:8])
+                             + (f"; and {len(differ) - 8} more" if len(differ) > 8 else "")
+                             + (f"; settings only one of them has: {', '.join(parts[:6])}"
+                                + (" ..." if len(parts) > 6 else "") if parts else ""))
+        found.append(spec)
+        rows += lineage_rows(spec, finished)
+    return rows, found, notes

@@ -26,6 +26,9 @@ from typing import Any, Callable, Iterator
 TEMP_SUFFIX = ".tmp"
 TEMP_PATTERN = f".*{TEMP_SUFFIX}"  # what .dvcignore must hold: every temporary file of an atomic write
 CHECKSUM = "checksum"  # the manifest's own sha256, over its canonical JSON without this key
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once at import: os.umask can only be read by setting it
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give (0644 under the usual umask), not mkstemp's private 0600
 
 
 class CorruptOutputError(RuntimeError):
@@ -45,6 +48,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.fchmod(fd, FILE_MODE)  # readable by the other users of a shared filesystem (docs/scale-out.md)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

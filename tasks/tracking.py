@@ -1,35 +1,58 @@
-"""MLflow: one experiment per study, a parent run per lineage, a nested run per generation.
+"""MLflow: one experiment per study, a parent run per lineage, a nested run per (slow) generation.
 
-Parent runs carry every metric at step = generation, so the MLflow UI overlays lineages. Nested runs carry
-the generation's params, the DVC path and md5 of the dataset it trained on and of the one it produced (the
-link back to DVC), a PNG grid of samples and the model weights (safetensors).
+The study's experiment opens in MLflow's model-training view (``mlflow.experimentKind``). A lineage's parent run
+carries its recipe as params (the flat ``{dotted key: value}`` its resume hash is made of), the git commit and the
+user, and every score and ``fit_seconds`` at step = generation, so the UI overlays lineages; its sample grid is
+logged as an image at each step (the UI's image slider moves across generations). A metric that is undefined at a
+generation (``r_fair`` when the minority class got too few samples) is left out at that step, never logged as NaN
+(the UI hides a metric whose last value is NaN), and the run's ``madloop.undefined.<metric>`` tags say where.
 
-Recording is idempotent: a generation whose nested run already finished is not logged again, so resuming a
-killed study never duplicates runs, and a call retried after a "database is locked" error (lineages running in
-parallel processes share one sqlite store) does not either. A generation re-scored under other score params
-replaces its nested run and logs its new scores on the parent (the latest value at a step is what MLflow shows).
+Datasets are run inputs (``log_input``) with DVC's md5 as the digest and the DVC path as the source: the link
+back to DVC. A generation whose fit took ``tracking.cheap_fit_seconds`` or more gets a nested run with its
+params, the dataset it trained on and the one it produced, its weights (an MLflow logged model and the
+safetensors file) and the fit's own metrics. Cheaper generations (1-D families: fits of milliseconds) are
+recorded on the parent run alone (scores, datasets as inputs), in batches, with their sample image at the steps
+a batch ends: a nested run per generation would cost more than the generation.
 
-Parent runs carry the host and pid of the process running them, so a later run of the study marks the runs of a
-dead process KILLED instead of leaving them RUNNING forever (:func:`mark_dead_runs`). Studies that share an
-experiment (``tracking.experiment``) are kept apart: a lineage's parent run is found by lineage, recipe and study.
+Recording is idempotent: a generation already recorded is not logged again, so resuming a killed study never
+duplicates runs or steps, and a call retried after a "database is locked" error (lineages running in parallel
+processes share one sqlite store) does not either.
+
+A generation re-scored under other score params replaces its nested run, and its new scores are logged on the
+parent again (the latest value at a step is what MLflow shows). Parent runs carry the host and pid of the process
+running them, so a later run of the study marks the runs of a dead process KILLED instead of leaving them RUNNING
+forever (:func:`mark_dead_runs`). Studies that share an experiment (``tracking.experiment``) are kept apart: a
+lineage's parent run is found by lineage, recipe and study.
 """
 
 from __future__ import annotations
 
 import functools
+import getpass
+import json
 import math
 import os
+import re
+import shutil
 import socket
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 LINEAGE_TAG, RECIPE_TAG, GENERATION_TAG = "madloop.lineage", "madloop.recipe", "madloop.generation"
 SCORE_TAG, HOST_TAG, PID_TAG = "madloop.score_hash", "madloop.host", "madloop.pid"
+DONE_TAG, UNDEFINED_TAG = "madloop.generations_done", "madloop.undefined"
+# MLflow 3's experiment type: the model-training view. MLflow 3.17's UI lets its GenAI / model-training switch
+# (remembered per browser, GenAI at first) decide instead; `madloop run` prints a link that sets it.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+IMAGE_KEY = "samples"
 MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
 LOCKED_ATTEMPTS = 8
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -52,22 +75,69 @@ def experiment_id(client: MlflowClient, name: str, project_root: Path) -> str:
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        for key, value in EXPERIMENT_KIND.items():
+            if experiment.tags.get(key) != value:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     local = client.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in client.tracking_uri
     location = (project_root / "mlruns").resolve().as_uri() if local else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # created meanwhile by a parallel run
         return client.get_experiment_by_name(name).experiment_id
 
 
 def find_runs(client: MlflowClient, exp_id: str, filter_string: str) -> list:
-    return client.search_runs([exp_id], filter_string=filter_string, max_results=1000)
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp_id], filter_string=filter_string, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+@functools.lru_cache(maxsize=8)
+def source_tags(project_root: Path) -> dict[str, str]:
+    """Who ran it from which code: MLflow's own tags for the user and the git commit (``mlflow.source.git.commit``),
+    and whether the working tree had uncommitted changes (then the commit alone does not identify the code)."""
+    tags = {"mlflow.user": getpass.getuser(), "mlflow.source.name": "madloop", "mlflow.source.type": "LOCAL"}
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=project_root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["madloop.git.dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()
+    return tags
+
+
+def param_items(params: dict[str, Any]) -> list[Param]:
+    return [Param(k, str(v)[:6000]) for k, v in params.items()]
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = param_items(params)
+    for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: list[Metric], tags: list[RunTag] = ()) -> None:
+    """In batches of MLflow's limit; ``tags`` go with the last batch (so a marker tag lands with the metrics)."""
+    for start in range(0, max(len(metrics), 1), MAX_METRICS_PER_BATCH):
+        last = start + MAX_METRICS_PER_BATCH >= len(metrics)
+        client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH], tags=tags if last else ())
 
 
 def lineage_run(client: MlflowClient, exp_id: str, lineage: str, recipe: str, tags: dict[str, str],
-                run_name: str | None = None) -> str:
-    """The parent run of this lineage and recipe in this study: reused when it exists (resume), created otherwise."""
+                run_name: str | None = None, params: dict[str, Any] | None = None) -> str:
+    """The parent run of this lineage and recipe in this study: reused when it exists (resume), created otherwise
+    with the recipe as its params."""
     study = f" and tags.study = '{tags['study']}'" if "study" in tags else ""
     runs = [r for r in find_runs(client, exp_id, f"tags.`{LINEAGE_TAG}` = '{lineage}' and "
                                                   f"tags.`{RECIPE_TAG}` = '{recipe}'{study}")
@@ -78,9 +148,13 @@ def lineage_run(client: MlflowClient, exp_id: str, lineage: str, recipe: str, ta
         client.update_run(run_id, status="RUNNING")
         for key, value in owner.items():
             client.set_tag(run_id, key, value)
+        if params and not runs[0].data.params:  # a parent made before parents carried their recipe
+            log_params(client, run_id, params)
         return run_id
     run = client.create_run(exp_id, run_name=run_name or lineage,
                             tags={LINEAGE_TAG: lineage, RECIPE_TAG: recipe, **tags, **owner})
+    if params:
+        log_params(client, run.info.run_id, params)
     return run.info.run_id
 
 
@@ -128,69 +202,185 @@ def retire_lineage_runs(client: MlflowClient, exp_id: str, study: str, lineage: 
     return len(runs)
 
 
-def as_floats(metrics: dict[str, float]) -> dict[str, float]:
-    """Every metric as a float; undefined ones (None) become NaN, which MLflow stores and charts as a gap."""
-    return {k: math.nan if v is None else float(v) for k, v in metrics.items()}
+def defined(metrics: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
+    """(the metrics that have a value, the names of those that are undefined: None or NaN). An undefined metric is
+    left out at its step: MLflow would store NaN, and its UI hides a metric whose last value is NaN."""
+    values, undefined = {}, []
+    for key, value in metrics.items():
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            undefined.append(key)
+        else:
+            values[key] = float(value)
+    return values, undefined
 
 
 def training_metrics(info: dict[str, Any]) -> list[tuple[str, float, int]]:
     """(name, value, step) of what the fit reported: its scalar summaries (step 0) and, for estimators that keep
     one (the hypernetworks), the per-epoch history (step = epoch): how much of the loss the penalty is."""
     out = [(f"train.{k}", float(v), 0) for k, v in info.items()
-           if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "rows_trained_on"]
+           if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "rows_trained_on"
+           and math.isfinite(v)]
     for name, values in (info.get("history") or {}).items():
         out += [(f"train.{name}_per_epoch", float(v), epoch) for epoch, v in enumerate(values)
                 if v is not None and math.isfinite(v)]
     return out
 
 
-def same(a: float, b: float) -> bool:
-    return a == b or (math.isnan(a) and math.isnan(b))
+# --- what one generation records, from its manifest ------------------------------------------------------------
 
 
-def record_generation(client: MlflowClient, exp_id: str, parent_id: str, lineage: str, generation: int,
-                      metrics: dict[str, float], params: dict[str, Any], tags: dict[str, str],
-                      artifacts: list[Path], training: list[tuple[str, float, int]] = ()) -> str:
-    """Log generation k once per score: a nested run with params, tags, artifacts and the fit's own metrics
-    (``training``: (name, value, step)), and the scores at step k on both it and the lineage's parent run. A nested
-    run of other scores (``tags[SCORE_TAG]``: the generation was re-scored) is replaced."""
-    values = as_floats(metrics)  # FID of a class with no samples is NaN: logged, so every step has every metric
-    run_id = None
-    for run in find_runs(client, exp_id, f"tags.`mlflow.parentRunId` = '{parent_id}' and "
-                                         f"tags.`{GENERATION_TAG}` = '{generation}'"):
-        current = run.data.tags.get(SCORE_TAG) == tags.get(SCORE_TAG)
-        if run.info.status == "FINISHED" and current and run_id is None:
-            run_id = run.info.run_id
-        else:
-            client.delete_run(run.info.run_id)  # a half-logged attempt of a killed run, or of the old scores
-    if run_id is None:
-        run_id = client.create_run(exp_id, run_name=f"{lineage}-gen{generation:03d}",
-                                   tags={"mlflow.parentRunId": parent_id, LINEAGE_TAG: lineage,
-                                         GENERATION_TAG: str(generation), **tags}).info.run_id
-        now = int(time.time() * 1000)
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
-        client.log_batch(run_id, metrics=[Metric(k, v, now, generation) for k, v in values.items()])
-        fitted = [Metric(k, v, now, step) for k, v, step in training]
-        for start in range(0, len(fitted), 1000):
-            client.log_batch(run_id, metrics=fitted[start:start + 1000])
-        for path in artifacts:
-            client.log_artifact(run_id, str(path))
-        client.set_terminated(run_id, "FINISHED")
-    # The parent's curve gets step k once per score, even when a killed run got this far before: the last value
-    # logged at step k is compared (a re-scored generation logs its new scores, which MLflow then shows).
-    latest: dict[str, float] = {}
-    for key in values:
-        for m in sorted(client.get_metric_history(parent_id, key), key=lambda m: m.timestamp):
-            if m.step == generation:
-                latest[key] = m.value
-    stale = {k: v for k, v in values.items() if k not in latest or not same(latest[k], v)}
-    if stale:
-        now = int(time.time() * 1000)
-        client.log_batch(parent_id, metrics=[Metric(k, v, now, generation) for k, v in stale.items()])
-    client.set_tag(parent_id, "madloop.generations_done", str(max(generation + 1, 1)))
+def dataset_input(name: str, path: str, md5: str, rows: int | None, context: str, generation: int) -> DatasetInput:
+    """A dataset as an MLflow run input: DVC's md5 is its digest, its DVC path its source."""
+    dataset = Dataset(name=name, digest=md5, source_type="local", source=json.dumps({"uri": path}),
+                      schema=json.dumps({"mlflow_colspec": [{"name": c, "type": t} for c, t in
+                                                            (("pixels", "binary"), ("label", "long"),
+                                                             ("origin", "string"), ("generation", "long"),
+                                                             ("lineage", "string"))]}),
+                      profile=json.dumps({"num_rows": rows}) if rows is not None else None)
+    return DatasetInput(dataset, [InputTag("mlflow.data.context", context),
+                                  InputTag("madloop.generation", str(generation))])
+
+
+class Record:
+    """What a finished generation's manifest says, in MLflow's terms."""
+
+    def __init__(self, manifest: dict[str, Any], folder: Path, project_root: Path, lineage: str):
+        self.manifest, self.folder, self.lineage = manifest, folder, lineage
+        self.k = k = manifest["generation"]
+        outputs = manifest["outputs"]
+        self.produced = folder / next(name for name in outputs if name.endswith(".parquet"))
+        self.model = folder / next(name for name in outputs if name.endswith(".safetensors"))
+        self.grids = [folder / name for name in outputs if name.endswith(".png")]
+        self.scores, self.undefined = defined(manifest["metrics"])
+        self.score_hash = manifest.get("score_hash", "")
+        fit_seconds = manifest["info"].get("fit_seconds")
+        if fit_seconds is not None:
+            self.scores["fit_seconds"] = float(fit_seconds)
+        trained_on, rows = manifest["trained_on"], manifest.get("rows") or {}
+        produced_path = str(self.produced.relative_to(project_root))
+        self.inputs = [
+            dataset_input(f"{lineage}/{Path(trained_on['path']).stem}" if k else Path(trained_on["path"]).stem,
+                          trained_on["path"], trained_on["md5"], rows.get("trained_on"), "training", k),
+            dataset_input(f"{lineage}/{self.produced.stem}", produced_path, manifest["md5"][self.produced.name],
+                          rows.get("produced"), "produced", k)]
+        self.tags = {
+            "dvc.trained_on.path": trained_on["path"], "dvc.trained_on.md5": trained_on["md5"],
+            "dvc.produced.path": produced_path, "dvc.produced.md5": manifest["md5"][self.produced.name],
+            "madloop.manifest": str((folder / f"gen-{k:03d}.json").relative_to(project_root)),
+            SCORE_TAG: self.score_hash,
+        }
+        if self.undefined:
+            self.tags[UNDEFINED_TAG] = ", ".join(self.undefined)
+
+    def cheap(self, cheap_fit_seconds: float) -> bool:
+        return self.manifest["info"].get("fit_seconds", math.inf) < cheap_fit_seconds
+
+
+def recorded_children(client: MlflowClient, exp_id: str, parent_id: str,
+                      score_hashes: dict[int, str]) -> dict[int, str]:
+    """generation -> the nested run that recorded it under its current scores; half-logged attempts of a killed
+    run, and runs of scores since replaced (a re-scored generation), are deleted with their logged models."""
+    done: dict[int, str] = {}
+    for run in find_runs(client, exp_id, f"tags.`mlflow.parentRunId` = '{parent_id}'"):
+        k = int(run.data.tags.get(GENERATION_TAG, -1))
+        current = run.data.tags.get(SCORE_TAG, "") == score_hashes.get(k, run.data.tags.get(SCORE_TAG, ""))
+        if run.info.status == "FINISHED" and current and k not in done:
+            done[k] = run.info.run_id
+            continue
+        for model in client.search_logged_models([exp_id], filter_string=f"source_run_id = '{run.info.run_id}'"):
+            client.delete_logged_model(model.model_id)
+        client.delete_run(run.info.run_id)
+    return done
+
+
+def record_nested(client: MlflowClient, exp_id: str, parent_id: str, record: Record, params: dict[str, Any],
+                  tags: dict[str, str]) -> str:
+    """Generation k's nested run: params, scores at step k (linked to its logged model), the fit's own metrics,
+    its two datasets as inputs, its weights as a logged model and as an artifact, its picture."""
+    k, lineage = record.k, record.lineage
+    run_id = client.create_run(exp_id, run_name=f"{lineage}-gen{k:03d}",
+                               tags={"mlflow.parentRunId": parent_id, LINEAGE_TAG: lineage, GENERATION_TAG: str(k),
+                                     **tags, **record.tags}).info.run_id
+    model = client.create_logged_model(exp_id, name=f"{lineage}-gen{k:03d}", source_run_id=run_id,
+                                       tags={LINEAGE_TAG: lineage, GENERATION_TAG: str(k), "format": "safetensors",
+                                             "dvc.path": str(record.tags["dvc.produced.path"]).rsplit("/", 1)[0]
+                                             + "/" + record.model.name})
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy2(record.model, tmp)
+        client.log_model_artifacts(model.model_id, tmp)
+    client.finalize_logged_model(model.model_id, "READY")
+    now = int(time.time() * 1000)
+    log_params(client, run_id, {**params, "generation": k})
+    scores = [Metric(key, value, now, k, model_id=model.model_id) for key, value in record.scores.items()]
+    log_metrics(client, run_id, scores + [Metric(key, value, now, step)
+                                          for key, value, step in training_metrics(record.manifest["info"])])
+    client.log_inputs(run_id, datasets=record.inputs)
+    for path in [*record.grids, record.model]:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def logged_image_steps(client: MlflowClient, run_id: str) -> set[int]:
+    steps = set()
+    for info in client.list_artifacts(run_id, "images"):
+        match = re.search(rf"/{IMAGE_KEY}[+%]step[+%](\d+)[+%]", info.path)  # MLflow's file name for a step's image
+        if match:
+            steps.add(int(match.group(1)))
+    return steps
+
+
+def record_generations(client: MlflowClient, exp_id: str, parent_id: str, records: list[Record],
+                       params: dict[str, Any], tags: dict[str, str], cheap_fit_seconds: float) -> None:
+    """Record finished generations once each: a nested run for each slow one; on the parent, every new step's
+    scores in one batch, the cheap ones' datasets as inputs, and the sample images (each slow generation's, and
+    the last of a batch of cheap ones)."""
+    from PIL import Image
+
+    parent = client.get_run(parent_id)
+    done = int(parent.data.tags.get(DONE_TAG, 0))
+    slow = [r for r in records if not r.cheap(cheap_fit_seconds)]
+    if slow:
+        children = recorded_children(client, exp_id, parent_id, {r.k: r.score_hash for r in records})
+        for record in slow:
+            if record.k not in children:
+                record_nested(client, exp_id, parent_id, record, params, tags)
+    # a lineage re-scored under other score params logs every generation's scores again (MLflow shows the latest)
+    rescored = bool(records) and parent.data.tags.get(SCORE_TAG, records[0].score_hash) != records[0].score_hash
+    new = [r for r in records if r.k >= done or rescored]
+    # each dataset once (MLflow keeps the first context a run logs a dataset with): the one each generation made
+    cheap_inputs = [r.inputs[1] for r in new if r.cheap(cheap_fit_seconds)]
+    if records and records[0].k == 0 and done == 0:
+        cheap_inputs = [records[0].inputs[0], *cheap_inputs]  # dataset 0, the real data: the lineage's own input
+    if cheap_inputs:
+        client.log_inputs(parent_id, datasets=cheap_inputs)
+    shown = {r.k for r in records if not r.cheap(cheap_fit_seconds)} | ({records[-1].k} if records else set())
+    missing = shown - logged_image_steps(client, parent_id) if shown else set()
+    for record in records:
+        if record.k in missing and record.grids:
+            with Image.open(record.grids[0]) as image:
+                client.log_image(parent_id, image.convert("RGB"), key=IMAGE_KEY, step=record.k)
+    if new:
+        now = int(time.time() * 1000)
+        marker = [RunTag(DONE_TAG, str(max(max(r.k for r in new) + 1, done))),
+                  RunTag(SCORE_TAG, new[-1].score_hash)]
+        for key, tag in undefined_tags(parent.data.tags, new).items():
+            marker.append(RunTag(key, tag))
+        # the done-marker is logged with the last metrics batch: a step is never logged twice, even after a kill
+        log_metrics(client, parent_id, [Metric(key, value, now, r.k) for r in new for key, value in r.scores.items()],
+                    tags=marker)
+
+
+def undefined_tags(tags: dict[str, str], records: list[Record]) -> dict[str, str]:
+    """``madloop.undefined.<metric>``: the generations where a metric is undefined, so left out of its curve
+    (merged with what the run's tags already say)."""
+    out: dict[str, set[int]] = {}
+    for r in records:
+        for key in r.undefined:
+            out.setdefault(f"{UNDEFINED_TAG}.{key}", set()).add(r.k)
+    for key, steps in out.items():
+        steps.update(int(k) for k in tags.get(key, "").split(", ") if k)
+    return {key: ", ".join(map(str, sorted(steps)))[:5000] for key, steps in out.items()}
 
 
 def finish_lineage(client: MlflowClient, parent_id: str, status: str = "FINISHED") -> None:
@@ -221,36 +411,74 @@ def retry_when_locked(fn: F) -> F:
 
 @retry_when_locked
 def open_lineage(uri: str, experiment: str, lineage: str, recipe_hash: str, tags: dict[str, str],
-                 project_root: Path, run_name: str | None = None) -> tuple[str, str]:
+                 project_root: Path, run_name: str | None = None, params: dict[str, Any] | None = None
+                 ) -> tuple[str, str]:
     """(experiment id, parent run id) for a lineage: the study's experiment, the lineage's parent run."""
     client = client_for(uri)
     exp_id = experiment_id(client, experiment, project_root)
-    return exp_id, lineage_run(client, exp_id, lineage, recipe_hash, tags, run_name)
+    return exp_id, lineage_run(client, exp_id, lineage, recipe_hash, {**source_tags(project_root), **tags}, run_name,
+                               params)
 
 
 @retry_when_locked
+def log_generations(uri: str, exp_id: str, parent_id: str, lineage: str, manifests: list[dict[str, Any]],
+                    folder: Path, project_root: Path, params: dict[str, Any], cheap_fit_seconds: float = 0.0) -> int:
+    """Record finished generations from their manifests (so a resumed run can record them again, exactly);
+    returns how many were given."""
+    records = [Record(m, folder, project_root, lineage) for m in manifests]
+    record_generations(client_for(uri), exp_id, parent_id, records, params, source_tags(project_root),
+                       cheap_fit_seconds)
+    return len(records)
+
+
 def log_generation(uri: str, exp_id: str, parent_id: str, lineage: str, manifest: dict[str, Any],
-                   folder: Path, project_root: Path, params: dict[str, Any]) -> str:
-    """Record one finished generation from its manifest (so a resumed run can record it again, exactly)."""
-    k = manifest["generation"]
-    produced = folder / next(name for name in manifest["outputs"] if name.endswith(".parquet"))
-    model = folder / next(name for name in manifest["outputs"] if name.endswith(".safetensors"))
-    grid = [folder / name for name in manifest["outputs"] if name.endswith(".png")]
-    trained_on = manifest["trained_on"]
-    tags = {
-        "dvc.trained_on.path": trained_on["path"], "dvc.trained_on.md5": trained_on["md5"],
-        "dvc.produced.path": str(produced.relative_to(project_root)),
-        "dvc.produced.md5": manifest["md5"][produced.name],
-        "madloop.manifest": str((folder / f"gen-{k:03d}.json").relative_to(project_root)),
-        SCORE_TAG: manifest.get("score_hash", ""),
-    }
-    return record_generation(client_for(uri), exp_id, parent_id, lineage, k, manifest["metrics"],
-                             {**params, "generation": k}, tags, [*grid, model], training_metrics(manifest["info"]))
+                   folder: Path, project_root: Path, params: dict[str, Any]) -> int:
+    """One generation, with a nested run whatever its fit time."""
+    return log_generations(uri, exp_id, parent_id, lineage, [manifest], folder, project_root, params)
 
 
 @retry_when_locked
 def close_lineage(uri: str, parent_id: str, status: str = "FINISHED") -> None:
     finish_lineage(client_for(uri), parent_id, status)
+
+
+RECIPE_KIND_TAG = "madloop.kind"
+
+
+@retry_when_locked
+def log_recipe_runs(uri: str, experiment: str, project_root: Path, study: str,
+                    recipes: list[dict[str, Any]], metrics: list[str]) -> list[str]:
+    """A run per recipe run over several seeds, beside its seeds' lineage runs: per metric the mean over seeds
+    (``fid``) and its 95% t-interval (``fid_ci_low``, ``fid_ci_high``) at step = generation; tagged ``recipe`` like
+    its seeds, so the UI groups them. Made anew each time the reports are (the old one is deleted)."""
+    client = client_for(uri)
+    exp_id = experiment_id(client, experiment, project_root)
+    by_recipe: dict[str, list[dict[str, Any]]] = {}
+    for entry in recipes:
+        by_recipe.setdefault(entry["recipe"], []).append(entry)
+    made = []
+    for recipe, entries in by_recipe.items():
+        for old in find_runs(client, exp_id, f"tags.`{RECIPE_KIND_TAG}` = 'recipe' and tags.recipe = '{recipe}' and "
+                                              f"tags.study = '{study}'"):
+            client.delete_run(old.info.run_id)
+        seeds = max(e["seeds"] for e in entries)
+        if seeds < 2:
+            continue
+        run_id = client.create_run(exp_id, run_name=f"{recipe} (mean of {seeds} seeds)", tags={
+            RECIPE_KIND_TAG: "recipe", "recipe": recipe, "study": study, "seeds": str(seeds),
+            **source_tags(project_root)}).info.run_id
+        now = int(time.time() * 1000)
+        points = []
+        for e in entries:
+            for metric in metrics:
+                for name, value in ((metric, e[metric]), (f"{metric}_ci_low", e[f"{metric}_low"]),
+                                    (f"{metric}_ci_high", e[f"{metric}_high"])):
+                    if math.isfinite(value):
+                        points.append(Metric(name, float(value), now, int(e["generation"])))
+        log_metrics(client, run_id, points)
+        client.set_terminated(run_id, "FINISHED")
+        made.append(run_id)
+    return made
 
 
 def log_study_run(uri: str, experiment: str, run_name: str, project_root: Path, params: dict[str, Any],
@@ -259,9 +487,9 @@ def log_study_run(uri: str, experiment: str, run_name: str, project_root: Path, 
     """One finished run of a paper study: params, metric curves (step -> value) and artifacts."""
     client = client_for(uri)
     exp_id = experiment_id(client, experiment, project_root)
-    run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    run_id = client.create_run(exp_id, run_name=run_name, tags={**source_tags(project_root), **tags}).info.run_id
     now = int(time.time() * 1000)
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    items = param_items(params)
     for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
     metrics = [Metric(name, float(value), now, int(step)) for name, points in curves.items() for step, value in points]

@@ -29,7 +29,8 @@ def test_digits_imbalanced_subset_and_fixed_split(tmp_path):
     reference = evaluation_reference(real.test, p.data)  # every held-out image of the two classes
     ref_counts = np.bincount(reference.label, minlength=10)
     test_counts = np.bincount(real.test.label, minlength=10)
-    assert set(np.flatnonzero(ref_counts)) == {3, 6} and ref_counts[3] == test_counts[3] and ref_counts[6] == test_counts[6]
+    assert set(np.flatnonzero(ref_counts)) == {3, 6}
+    assert ref_counts[3] == test_counts[3] and ref_counts[6] == test_counts[6]
 
 
 def test_imbalance_cuts_majority_when_minority_runs_out():

@@ -175,7 +175,7 @@ def assert_study_landed(project: Path, params: dict) -> None:
         assert repo.status() == {}
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     experiments = [e for e in client.search_experiments() if e.name != "Default"]
-    assert [e.name for e in experiments] == [study]
+    assert [e.name for e in experiments] == [p.experiment] == [f"madloop/{study}"]
     runs = client.search_runs([experiments[0].experiment_id], max_results=1000)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert sorted(r.data.tags["lineage"] for r in parents) == sorted(lineages)
@@ -207,7 +207,8 @@ def test_study_deployment_fans_its_lineages_out_to_a_process_work_pool(project, 
 
     assert study.state.is_completed(), f"{study.state}\n{(project.parent / 'worker-cpu.log').read_text()[-4000:]}"
     lineages = completed_runs_of("lineage/gpu")
-    assert sorted(r.name for r in lineages) == ["mle", "ple"]
+    assert sorted(r.name for r in lineages) == ["tiny/mle", "tiny/ple"]
+    assert all({"madloop", "study:tiny", f"lineage:{r.name[5:]}"} <= set(r.tags) for r in lineages)
     assert all(r.work_pool_name == "gpu" and r.parent_task_run_id for r in lineages)
     # Both held a slot of the gpu worker at once: it claims a run (Pending) only with a free slot, and frees the
     # slot when the run's process exits. (Start times would also count the second process's torch import, which

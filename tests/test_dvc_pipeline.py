@@ -35,8 +35,8 @@ def test_dvc_repro_runs_resumes_versions_and_skips(project, subprocess_env, tmp_
     for name in ("flows", "tasks", "models"):
         shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
-    (project / ".dvc" / "plots").mkdir()
-    shutil.copy(REPO / ".dvc" / "plots" / "lineages.json", project / ".dvc" / "plots" / "lineages.json")
+    shutil.copytree(REPO / ".dvc" / "plots", project / ".dvc" / "plots")  # templates and the offline page
+    dvc(project, env, "config", "plots.html_template", "plots/offline.html")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for section, values in tiny().items():
         params[section] = {**params[section], **values} if isinstance(values, dict) else values
@@ -53,9 +53,12 @@ def test_dvc_repro_runs_resumes_versions_and_skips(project, subprocess_env, tmp_
     second = dvc(project, env, "repro", "study")
     assert "Running stage" not in second.stdout and "didn't change" in second.stdout
 
-    # plots: FID and recall vs generation, one line per lineage
+    # plots: FID, recall, minority share and R_Fair vs generation, one line per recipe; the page needs no network
     plots = json.loads(dvc(project, env, "plots", "show", "--json").stdout)
-    assert not plots.get("errors") and set(plots["data"]) == {"fid", "recall"}
+    assert not plots.get("errors") and set(plots["data"]) == {"fid", "recall", "minority_share", "r_fair"}
+    dvc(project, env, "plots", "show", "--out", "plots-page")
+    page = (project / "plots-page" / "index.html").read_text()
+    assert page.count("vegaEmbed(") == 4 and "cdn.jsdelivr" not in page and "vega-lite 5.23.0" in page
 
     # a scoring param changes the metrics, not the models: the stage re-runs, generations are re-scored only
     model_sha = file_digest(folder / "model-001.safetensors")

@@ -131,9 +131,10 @@ def test_many_lineages_in_one_study_land_in_one_experiment_and_rank(project, pre
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("tiny")
+    experiment = client.get_experiment_by_name("madloop/tiny")
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = {r.data.tags["lineage"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    parents = {r.data.tags["lineage"]: r for r in runs  # lineage runs (not the recipes' means over seeds)
+               if "madloop.lineage" in r.data.tags and "mlflow.parentRunId" not in r.data.tags}
     assert len(parents) == 9 and all((study.parent / "tiny" / f"{name}.dvc").is_file() for name in parents)
     importance = client.get_metric_history(parents["mle-importance"].info.run_id, "importance_ece")
     assert len(importance) == 2 and all(0 <= m.value <= 1 for m in importance)

@@ -13,6 +13,7 @@ on first lookup.
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any, Callable, Mapping
 
@@ -25,6 +26,7 @@ from models.hypernet import recalibrate_batchnorm
 from models.registry import Registry, Settings
 
 Estimator = Callable[..., FittedTorchModel]
+Progress = Callable[[int, int], None]  # (epochs done, epochs in all), called once per epoch by estimators that train
 ESTIMATORS: Registry[Estimator] = Registry("estimator", package="models.estimators")
 
 
@@ -49,9 +51,11 @@ def section_values(cls: type[Settings], given: BaseModel | Mapping[str, Any] | N
 
 
 def fit(name: str, family: TorchFamily, x: np.ndarray, *, seed: int, device: torch.device | str = "cpu",
-        sample_weight: np.ndarray | None = None, **sections: BaseModel | Mapping[str, Any]) -> FittedTorchModel:
+        sample_weight: np.ndarray | None = None, progress: Progress | None = None,
+        **sections: BaseModel | Mapping[str, Any]) -> FittedTorchModel:
     """Fit ``family`` to x with the named estimator. ``sections`` hold its settings by section name (``train``,
-    ``ple``, ...), as params sections or dicts; what is not given takes the settings class's default."""
+    ``ple``, ...), as params sections or dicts; what is not given takes the settings class's default.
+    ``progress(done, total)`` is called after each epoch by estimators that take it (closed forms do not)."""
     entry = ESTIMATORS.entry(name)
     kwargs = {}
     for path, cls in entry.settings.items():
@@ -61,6 +65,8 @@ def fit(name: str, family: TorchFamily, x: np.ndarray, *, seed: int, device: tor
         kwargs[key] = cls.model_validate(values)
     if sections:
         raise TypeError(f"estimator {name!r} reads no settings {sorted(sections)} (it reads {sorted(kwargs)})")
+    if progress is not None and "progress" in inspect.signature(entry.obj).parameters:
+        kwargs["progress"] = progress
     return entry.obj(family, x, seed=seed, device=torch.device(device), sample_weight=sample_weight, **kwargs)
 
 

@@ -7,14 +7,14 @@ import time
 import numpy as np
 import torch
 
-from models.estimators import (ESTIMATORS, TrainSettings, adam, finish_batchnorm, minibatches, mixed_precision, timed,
-                               weighted_mean)
+from models.estimators import (ESTIMATORS, Progress, TrainSettings, adam, finish_batchnorm, minibatches,
+                               mixed_precision, timed, weighted_mean)
 from models.families import FittedTorchModel, TorchFamily
 
 
 @ESTIMATORS.register("mle", settings={"train": TrainSettings})
 def fit_mle(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, seed: int, device: torch.device,
-            sample_weight: np.ndarray | None = None) -> FittedTorchModel:
+            sample_weight: np.ndarray | None = None, progress: Progress | None = None) -> FittedTorchModel:
     """Maximum likelihood: the family's own closed form or EM when it has one (1-D families), otherwise Adam on
     the family's parameters over ``train.epochs`` passes through x (the VAE: the negative ELBO)."""
     if hasattr(family, "fit_mle"):
@@ -30,7 +30,7 @@ def fit_mle(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, seed: i
 
     started, loss = time.perf_counter(), torch.tensor(float("nan"))
     module.train()
-    for _ in range(train.epochs):
+    for epoch in range(train.epochs):
         for idx in minibatches(len(data), train.batch_size, generator):
             idx = idx.to(device)
             with mixed_precision(device, train.precision):
@@ -38,6 +38,8 @@ def fit_mle(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, seed: i
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        if progress is not None:
+            progress(epoch + 1, train.epochs)
     finish_batchnorm(family, module, None, data, train)
     module.eval()
     info = {"train_loss": float(loss.detach()), "fit_seconds": time.perf_counter() - started}

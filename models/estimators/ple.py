@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from pydantic import Field, PositiveInt
 
-from models.estimators import (ESTIMATORS, TrainSettings, adam, finish_batchnorm, minibatches, mixed_precision,
-                               weighted_mean)
+from models.estimators import (ESTIMATORS, Progress, TrainSettings, adam, finish_batchnorm, minibatches,
+                               mixed_precision, weighted_mean)
 from models.families import FittedTorchModel, TorchFamily
 from models.hypernet import HyperNetwork
 from models.registry import Settings
@@ -33,7 +33,8 @@ HYPER_SETTINGS = {"train": TrainSettings, "ple": PLESettings}
 
 @ESTIMATORS.register("ple", settings=HYPER_SETTINGS)
 def fit_ple(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, ple: PLESettings, seed: int,
-            device: torch.device, sample_weight: np.ndarray | None = None) -> FittedTorchModel:
+            device: torch.device, sample_weight: np.ndarray | None = None,
+            progress: Progress | None = None) -> FittedTorchModel:
     """Penalized autophagy estimation (paper Eq. 5) with the hypernetwork H of Eq. 6.
 
     Each step, on a minibatch X (paper footnote 8: a synthetic set shares the batch size of X)::
@@ -78,7 +79,7 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, ple: PL
     history: dict[str, list[float]] = {"nll": [], "penalty": []}
     target.train()
     step = 0
-    for _ in range(train.epochs):
+    for epoch in range(train.epochs):
         nll_sum, penalty_sum, steps, penalty_steps = torch.zeros(()), torch.zeros(()), 0, 0
         for idx in minibatches(len(data), train.batch_size, order_generator):
             step += 1
@@ -103,6 +104,8 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, ple: PL
             nll_sum, steps = nll_sum + nll.detach().float().cpu(), steps + 1
         history["nll"].append(float(nll_sum) / max(steps, 1))
         history["penalty"].append(float(penalty_sum) / penalty_steps if penalty_steps else math.nan)
+        if progress is not None:
+            progress(epoch + 1, train.epochs)
 
     with torch.no_grad():
         final = {k: v.detach() for k, v in hyper.emit(hyper.streamed_embedding(family.hyper_features(data))).items()}

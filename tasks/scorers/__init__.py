@@ -31,7 +31,7 @@ class Column:
 
 class Scorer:
     """``evaluate(model, seed) -> (samples to picture, metrics)``, ``dataset_metrics(data)`` (what a training
-    set itself looked like), ``picture(samples, path)`` (a PNG) and ``describe(metrics)`` (a log line)."""
+    set itself looked like), ``picture(samples, path, caption)`` (a PNG) and ``describe(metrics)`` (a log line)."""
 
     rank_by: str | None = None  # the metric recipes are ranked by (lower first); None: no ranking
 

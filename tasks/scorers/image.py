@@ -127,13 +127,32 @@ def class_mix_weights(labels: np.ndarray, majority: int, minority: int, ratio: f
     return np.array([share[c] / counts[c] for c in labels.tolist()])
 
 
-def save_sample_grid(pixels: np.ndarray, path: Path, n: int = 64) -> None:
-    from torchvision.utils import make_grid, save_image
+def save_sample_grid(pixels: np.ndarray, path: Path, n: int = 64, caption: str = "", labels=None,
+                     columns: int = 8) -> None:
+    """The first ``n`` images as a grid with gutters between them (8x8 digits run together into stripes
+    without), each scaled up to about 64 px, ``labels`` (e.g. the classifier's call) under each, ``caption`` above."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    images = torch.as_tensor(pixels[:n])
-    scale = max(1, 96 // images.shape[-1])  # 8x8 digits are unreadable at 1:1
-    images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
-    save_image(make_grid(images, nrow=8, padding=2, pad_value=0.5), str(path), format="png")
+    images = (np.clip(np.asarray(pixels[:n], dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
+    count, channels, height, width = images.shape
+    scale = max(1, 64 // width)
+    tile_h, tile_w, gutter = height * scale, width * scale, 8
+    label_h, head_h = (14 if labels is not None else 0), (24 if caption else 0)
+    rows = -(-count // columns)
+    size = (gutter + columns * (tile_w + gutter), head_h + gutter + rows * (tile_h + label_h + gutter))
+    canvas = Image.new("RGB", size, (236, 236, 236))
+    draw = ImageDraw.Draw(canvas)
+    small = ImageFont.load_default(size=11)
+    for i, image in enumerate(images):
+        row, column = divmod(i, columns)
+        x, y = gutter + column * (tile_w + gutter), head_h + gutter + row * (tile_h + label_h + gutter)
+        tile = image.repeat(scale, axis=1).repeat(scale, axis=2)
+        canvas.paste(Image.fromarray(tile[0] if channels == 1 else tile.transpose(1, 2, 0)).convert("RGB"), (x, y))
+        if labels is not None:
+            draw.text((x + tile_w / 2, y + tile_h + 1), str(labels[i]), fill=(70, 70, 70), font=small, anchor="mt")
+    if caption:
+        draw.text((gutter, 5), caption, fill=(20, 20, 20), font=ImageFont.load_default(size=13))
+    canvas.save(path, format="PNG")
 
 
 @SCORERS.register("image", settings={"classifier": ClassifierSettings, "score": ImageScoreSettings})
@@ -232,8 +251,10 @@ class ImageScorer(Scorer):
     def dataset_metrics(self, data: Dataset) -> dict[str, float]:
         return {"minority_share_train": self.minority_share(data), "reference_size": float(len(self.reference))}
 
-    def picture(self, samples: np.ndarray, path: Path) -> None:
-        save_sample_grid(samples, path)
+    def picture(self, samples: np.ndarray, path: Path, caption: str = "") -> None:
+        shown = samples[:64]
+        save_sample_grid(shown, path, caption=f"{caption}: {len(shown)} samples, the domain classifier's label under "
+                                              "each" if caption else "", labels=self.label(shown))
 
     @staticmethod
     def describe(metrics: dict[str, float]) -> str:

@@ -3,8 +3,9 @@ KL(estimate || truth) by Monte Carlo and the Wasserstein-1 distance to the true 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import PositiveInt
@@ -30,6 +31,7 @@ class ScalarScorer(Scorer):
     family: ScalarFamily
     mc_samples: int  # Monte Carlo draws for KL and W1 (paper §5.2: 1e5)
     picture_samples: int = 2000
+    canvas: Any = field(default=None, init=False, repr=False, compare=False)  # the figure, built once (see picture)
 
     @classmethod
     def columns(cls, family) -> list[Column]:
@@ -54,24 +56,38 @@ class ScalarScorer(Scorer):
     def dataset_metrics(self, data: Dataset) -> dict[str, float]:
         return {}
 
-    def picture(self, samples: np.ndarray, path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        truth = self.family.true_estimates()
-        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    def picture(self, samples: np.ndarray, path: Path, caption: str = "") -> None:
+        """A histogram of the samples against the true density. The figure is built once and only its data change
+        per call: building it took most of a cheap generation's time (0.3 s of 0.5 s per generation here)."""
+        if self.canvas is None:
+            self.canvas = self.histogram_figure()
+        fig, ax, bars, line = self.canvas
         lo, hi = np.quantile(samples, [0.005, 0.995])
-        ax.hist(samples, bins=60, range=(lo, hi), density=True, alpha=0.5, label="model samples")
-        grid = np.linspace(lo, hi, 400)
+        hi = hi if hi > lo else lo + 1.0
+        heights, edges = np.histogram(samples, bins=60, range=(lo, hi), density=True)
+        bars.set_data(heights, edges)
+        top = heights.max()
         if self.family.name != "geometric":
-            ax.plot(grid, np.exp(self.family.log_density(truth, grid)), "k-", lw=1.5, label="truth")
-        ax.set_title(f"{self.family.name}: samples vs truth")
-        ax.legend(frameon=False)
-        fig.tight_layout()
-        fig.savefig(path, format="png")
-        plt.close(fig)
+            grid = np.linspace(lo, hi, 400)
+            density = np.exp(self.family.log_density(self.family.true_estimates(), grid))
+            line.set_data(grid, density)
+            top = max(top, float(np.nanmax(density)))
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(0, top * 1.08 if top > 0 else 1.0)
+        ax.set_title(f"{caption or self.family.name}: samples vs truth", fontsize=10)
+        fig.savefig(path, format="png", pil_kwargs={"compress_level": 1})
+
+    def histogram_figure(self):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(5, 3.2), dpi=100)
+        ax = fig.add_axes((0.12, 0.15, 0.84, 0.74))
+        bars = ax.stairs(np.zeros(60), np.arange(61.0), fill=True, alpha=0.5, label="model samples")  # one artist
+        (line,) = ax.plot([], [], "k-", lw=1.5, label="truth" if self.family.name != "geometric" else "_")
+        ax.set_xlabel("value")
+        ax.set_ylabel("density")
+        ax.legend(frameon=False, loc="upper right")
+        return fig, ax, bars, line
 
     @staticmethod
     def describe(metrics: dict[str, float]) -> str:

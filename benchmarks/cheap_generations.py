@@ -1,0 +1,97 @@
+"""Cheap generations stay cheap: a 1-D study whose fits take milliseconds, with and without batched records.
+
+    python benchmarks/cheap_generations.py                    # 2 recipes x 5 seeds x 30 generations (issue 14)
+    python benchmarks/cheap_generations.py --generations 10 --seeds 2 --repeats 2
+
+The study (gaussian family, real data drawn from its truth; recipes ``mle`` and ``ple_closed``, each over
+``--seeds`` seeds) runs through the full ``self_consuming_loop`` flow (Prefect, DVC, MLflow) in fresh projects:
+
+- **per generation** (``tracking.cheap_fit_seconds=0``, how every generation was recorded before): each generation
+  as Prefect tasks, its own MLflow nested run (params, inputs, logged model, artifacts), ``dvc add`` after it;
+- **batched** (the default, 1 s): generations whose fit took under a second run as plain functions and are
+  recorded in batches on the lineage's MLflow run, ``dvc add`` once at the lineage's end;
+- **bare**: the same generations as a plain Python loop (``run_generation`` with plain functions), no Prefect, DVC
+  or MLflow: the floor.
+
+The two flow variants alternate (``--repeats``), so their ratio is measured under the same machine load; the best
+run of each counts. Kept out of the timings, as in benchmarks/orchestration_overhead.py: the Prefect server's
+start-up (PREFECT_API_URL's server is reused, else a temporary one is started first), ``git init && dvc init`` and
+creating the MLflow store's tables. Every run's time is printed, with the machine's load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.orchestration_overhead import bare_study, new_project, prefect_server  # noqa: E402
+from tasks.params import Params, load  # noqa: E402
+
+
+def study_params(generations: int, seeds: int, cheap_fit_seconds: float) -> Params:
+    return load(None, ["study.name=cheap", "model.family=gaussian", "data.source=model",
+                       f"loop.generations={generations}", f"tracking.cheap_fit_seconds={cheap_fit_seconds}",
+                       f"lineages=[{{name: mle, seeds: {list(range(seeds))}}}, "
+                       f"{{name: ple_closed, seeds: {list(range(seeds))}}}]"])
+
+
+def full_study(p: Params, root: Path) -> float:
+    from flows.loop import run_study
+
+    started = time.perf_counter()
+    run_study(p, root)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--generations", type=int, default=30)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=1, help="per-generation/batched pairs, alternating")
+    args = parser.parse_args()
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+    variants = {"per generation": study_params(args.generations, args.seeds, 0.0),
+                "batched": study_params(args.generations, args.seeds, 1.0)}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    loads = [os.getloadavg()[0]]
+    with prefect_server() as (api, startup), tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        warm = study_params(1, 1, 1.0)
+        full_study(warm, new_project(tmp, "warm", warm))  # first-call imports and warm-ups, untimed
+        started = time.perf_counter()
+        bare_study(variants["batched"], tmp / "bare")
+        bare = time.perf_counter() - started
+        for i in range(args.repeats):
+            for name, p in variants.items():
+                root = new_project(tmp, f"{name.replace(' ', '-')}-{i}", p)
+                times[name].append(full_study(p, root))
+                loads.append(os.getloadavg()[0])
+                print(f"  {name} #{i + 1}: {times[name][-1]:.1f} s (load average {loads[-1]:.2f})", flush=True)
+
+    generations = 2 * args.seeds * args.generations
+    before, after = min(times["per generation"]), min(times["batched"])
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}; load average "
+          f"{min(loads):.2f}-{max(loads):.2f} during the runs")
+    print(f"prefect server: {api} " + (f"(temporary, started in {startup:.1f} s, outside the timed runs)"
+                                      if startup else "(reused)"))
+    print(f"study: gaussian, recipes mle and ple_closed x {args.seeds} seeds x {args.generations} generations "
+          f"= {generations} generations")
+    print(f"bare loop (no Prefect, DVC, MLflow): {bare:.1f} s ({bare / generations * 1000:.0f} ms per generation)")
+    for name in variants:
+        best = min(times[name])
+        print(f"{name}: {best:.1f} s (best of {args.repeats}: {[round(t, 1) for t in times[name]]}); "
+              f"{(best - bare) / generations * 1000:.0f} ms per generation over the bare loop")
+    print(f"per generation / batched: {before / after:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
