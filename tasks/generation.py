@@ -162,20 +162,25 @@ def dataset_path(lineage: Lineage, k: int) -> Path:
 
 
 def run_generation(lineage: Lineage, k: int, dataset: Dataset, steps: Steps = PLAIN) -> Generation:
-    """Generation k: weights (mitigation), fit (estimator), sample (mode's count), score, next dataset (mitigation,
-    by default the mode), save (files, then the manifest)."""
+    """Generation k: the rows it trains on (mode), weights (mitigation), fit (estimator), model k (mitigation, by
+    default as fitted), samples (as many candidates as the mitigation needs to keep the mode's count, then its
+    selection), score, next dataset (mitigation, by default the mode), save (files, then the manifest)."""
     lin = lineage
-    weights, weight_info = lin.mitigation.training_weights(k, dataset)
-    model = steps.fit(lin, dataset, derive_seed(lin.seed, k, FIT), weights)
-    synthetic = steps.sample(model, lin.mode.synthetic_rows(), derive_seed(lin.seed, k, SAMPLE), lin.name, k + 1,
-                             lin.params.data.source, lin.params.loop.temperature)
+    rows = lin.mode.training_rows(k, dataset)
+    weights, weight_info = lin.mitigation.training_weights(k, rows)
+    fitted = steps.fit(lin, rows, derive_seed(lin.seed, k, FIT), weights)
+    model, fit_info = lin.mitigation.after_fit(k, fitted, rows)
+    n = lin.mode.synthetic_rows()
+    candidates = steps.sample(model, lin.mitigation.candidates(n), derive_seed(lin.seed, k, SAMPLE), lin.name, k + 1,
+                              lin.params.data.source, lin.params.loop.temperature)
+    synthetic, select_info = lin.mitigation.select(k, candidates, n)
     samples, metrics = steps.score(lin.scorer, model, derive_seed(lin.seed, k, SCORE))
-    metrics.update(lin.scorer.dataset_metrics(dataset), **weight_info)
+    metrics.update(lin.scorer.dataset_metrics(rows), **weight_info, **fit_info, **select_info)
     next_dataset, next_info = lin.mitigation.next_dataset(k, dataset, synthetic, metrics)
     metrics.update(next_info)
     manifest = steps.save(lin.folder, k, model.tensors(), next_dataset,
                           lambda path, s=samples: lin.scorer.picture(s, path), metrics, lin.recipe, lin.score_hash,
-                          trained_on_record(lin, dataset_path(lin, k)), {**model.info, "rows_trained_on": len(dataset)})
+                          trained_on_record(lin, dataset_path(lin, k)), {**model.info, "rows_trained_on": len(rows)})
     return Generation(k, model, manifest, next_dataset, dataset_path(lin, k + 1))
 
 

@@ -7,7 +7,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -126,6 +126,8 @@ class ImageScorer(Scorer):
     bootstrap: int
     device: torch.device
     _cache: tuple = (None, None)
+    train: np.ndarray | None = None  # the real training images (dataset 0): what memorisation is measured against
+    score_settings: Any = None  # params' score section: metric plug-ins read their own settings under it
 
     @classmethod
     def settings(cls):
@@ -162,7 +164,7 @@ class ImageScorer(Scorer):
                                              for c in (d.majority, d.minority)},
                    majority=d.majority, minority=d.minority, kid_subset_size=s.kid_subset_size,
                    prc_neighborhood=s.prc_neighborhood, min_class_samples=s.min_class_samples, samples=s.samples,
-                   bootstrap=s.bootstrap, device=device)
+                   bootstrap=s.bootstrap, device=device, train=real.train.pixels, score_settings=s)
 
     def features_of(self, pixels: np.ndarray) -> torch.Tensor:
         """Features of an image set, extracted once: the metrics of one ``score`` call share them."""
@@ -173,6 +175,15 @@ class ImageScorer(Scorer):
 
     def label(self, pixels: np.ndarray) -> np.ndarray:
         return predict(self.classifier, pixels)
+
+    @torch.no_grad()
+    def classifier_features(self, pixels: np.ndarray, batch_size: int = 2048) -> np.ndarray:
+        """The domain classifier's penultimate features of images rounded to 8 bits, as torch-fidelity feeds them
+        to it for FID: the space where the neighbour metrics and the selecting mitigations measure distances."""
+        out = [self.classifier.features(torch.as_tensor(
+            np.round(np.clip(pixels[i:i + batch_size], 0, 1) * 255) / 255, dtype=torch.float32, device=self.device))
+            for i in range(0, len(pixels), batch_size)]
+        return torch.cat(out).cpu().numpy().astype(np.float64) if out else np.zeros((0, 0))
 
     def minority_share(self, data: Dataset) -> float:
         """Share of minority rows: true labels where known, the classifier's call for synthetic rows."""
