@@ -190,16 +190,17 @@ def compare_with_baseline(recipes: list[dict[str, Any]], per_recipe: dict[str, d
                           f"{metric}_diff_high": math.nan, f"{metric}_test": "", f"{metric}_p": math.nan,
                           f"{metric}_p_holm": math.nan, f"{metric}_significant": ""})
         for entry in others:
-            runs = per_recipe[entry["recipe"]]
-            shared = sorted(set(runs) & set(base))
+            runs = {seed: row.get(metric, math.nan) for seed, row in per_recipe[entry["recipe"]].items()}
+            ref = {seed: row.get(metric, math.nan) for seed, row in base.items()}
+            shared = sorted(set(runs) & set(ref))
             if len(shared) >= 2:
-                test, c = "paired", paired([runs[s].get(metric, math.nan) for s in shared],
-                                           [base[s].get(metric, math.nan) for s in shared])
+                c = paired([runs[s] for s in shared], [ref[s] for s in shared])
+                test = f"paired t-test, {c.n} seeds"
             else:
-                test, c = "welch", welch([r.get(metric, math.nan) for r in runs.values()],
-                                         [r.get(metric, math.nan) for r in base.values()])
+                c = welch(list(runs.values()), list(ref.values()))
+                test = f"Welch t-test, {len(runs)} vs {len(ref)} seeds"
             entry.update({f"{metric}_diff": c.mean, f"{metric}_diff_low": c.low, f"{metric}_diff_high": c.high,
-                          f"{metric}_test": f"{test} (n = {c.n})", f"{metric}_p": c.p})
+                          f"{metric}_test": test, f"{metric}_p": c.p})
         adjusted = holm([e[f"{metric}_p"] for e in others])
         for entry, p_holm in zip(others, adjusted):
             entry[f"{metric}_p_holm"] = p_holm
@@ -232,7 +233,7 @@ def ranking_markdown(p: Params, ranking: list[dict[str, Any]]) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += [f"| {e['rank']} | {e['recipe']} | {e['seeds']} | {e['generation']} | "
               + " | ".join(cell(e, m) for m in metrics) + " |" for e in ranking]
-    compared = [e for e in ranking if any(e.get(f"{m}_test") for m in metrics)]
+    compared = [e for e in ranking if any(math.isfinite(e.get(f"{m}_p", math.nan)) for m in metrics)]
     if baseline and compared:
         lines += ["", f"### Differences from the baseline, {baseline}", "",
                   f"Rule, stated before the numbers: the baseline is the study's first recipe ({baseline}). For each "
@@ -240,8 +241,8 @@ def ranking_markdown(p: Params, ranking: list[dict[str, Any]]) -> str:
                   "interval. Where the two recipes ran the same seeds (at least 2 shared), seeds pair: a paired "
                   "t-test over the shared seeds; otherwise Welch's t-test. A difference is significant (**bold**) "
                   f"when its two-sided p-value, Holm-adjusted over the {len(compared)} recipes compared on that "
-                  f"metric, is below {SIGNIFICANCE}. With 3 seeds a paired test has 2 degrees of freedom: only "
-                  "large, consistent differences pass.", "",
+                  f"metric, is below {SIGNIFICANCE}. With n seeds a paired test has n - 1 degrees of freedom: with few "
+                  "seeds only large, consistent differences pass.", "",
                   "| recipe | " + " | ".join(f"Δ {title(m)} [95% CI] (p, Holm p)" for m in metrics) + " |",
                   "|---|" + "---|" * len(metrics)]
         for e in compared:

@@ -208,10 +208,10 @@ def test_the_ranking_gives_t_intervals_and_paired_tests_against_the_first_recipe
     assert (base["fid"], base["fid_low"], base["fid_high"]) == pytest.approx((mean, mean - half, mean + half))
     assert base["baseline"] == "yes" and math.isnan(base["fid_diff"])
     better = ranking["better"]
-    assert better["fid_test"] == "paired (n = 4)" and better["fid_diff"] == pytest.approx(-5 + 0.15)
+    assert better["fid_test"] == "paired t-test, 4 seeds" and better["fid_diff"] == pytest.approx(-5 + 0.15)
     assert better["fid_p"] < 1e-4 and better["fid_significant"] == "yes"  # consistent over seeds
     assert ranking["same"]["fid_significant"] == "no"
-    assert ranking["elsewhere"]["fid_test"] == "welch (n = 2)"  # no shared seeds: unpaired
+    assert ranking["elsewhere"]["fid_test"] == "Welch t-test, 2 vs 4 seeds"  # no shared seeds: unpaired
     text = ranking_markdown(p, list(ranking.values()))
     assert text.index("Rule, stated before the numbers") < text.index("\n| better | ")
     assert "95% t-interval" in text and "**" in text
@@ -226,7 +226,8 @@ def test_holm_adjusts_step_down():
 
 @pytest.mark.slow
 def test_every_new_recipe_runs_two_generations_through_the_flow(project, prefect_server):
-    self_consuming_loop(params=tiny(lineages=NEW_RECIPES), root=str(project))
+    # dvc add after each generation is tested elsewhere (test_loop, test_dvc_pipeline); here it would only add time
+    self_consuming_loop(params=tiny(lineages=NEW_RECIPES, dvc={"track": False}), root=str(project))
     study = project / "data" / "studies" / "tiny"
     n_real = len(read_parquet(study / "real" / "train.parquet"))
     for recipe in NEW_RECIPES:

@@ -1,6 +1,6 @@
 """Verification filter (Feng et al., ICLR 2025, "Beyond Model Collapse: Scaling Up with Synthesized Data Requires
-Verification"; Yi et al., ICLR 2026, verified synthetic data in the self-consuming loop): a verifier scores each of
-model k's samples and only the top-scoring share goes on into dataset k+1.
+Verification"; Yi et al., ICLR 2026, "Escaping Model Collapse via Synthetic Data Verification"): a verifier scores
+each of model k's samples and only the top-scoring share goes on into dataset k+1.
 
 Our reading, for unconditional images: model k draws ceil(n / keep) candidates, the verifier scores them, and the
 n best (the top ``keep`` quantile) are kept. Two verifiers (``mitigation.verify.verifier``):
@@ -50,7 +50,8 @@ def confidence(classifier, pixels: np.ndarray, batch_size: int = 2048) -> np.nda
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
 
-def discriminator_scores(real: np.ndarray, synthetic: np.ndarray, seed: int, folds: int = 2) -> tuple[np.ndarray, float]:
+def discriminator_scores(real: np.ndarray, synthetic: np.ndarray, seed: int,
+                         folds: int = 2) -> tuple[np.ndarray, float]:
     """Cross-fitted P(real) of each synthetic row from logistic regressions on real vs synthetic features (balanced
     classes), and the balanced accuracy of the held-out calls over both sets."""
     x = np.concatenate([real, synthetic])
