@@ -198,6 +198,9 @@ class ImageScorer(Scorer):
         return samples, self.score(samples, seed)
 
     def score(self, samples: np.ndarray, seed: int) -> dict[str, float]:
+        # features_of's cache is keyed by the array's address, which a later array can reuse once this one is
+        # freed: it is valid only while ``samples`` is alive, during this call
+        self._cache = (None, None)
         labels = self.label(samples)
         metrics: dict[str, float] = {}
         for metric in image_metrics_in_order():
