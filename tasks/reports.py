@@ -1,8 +1,10 @@
 """A study's reports, from the manifests on disk (the source of truth): ``reports/<study>/``.
 
 ``generations.csv`` (``dvc plots``), ``metrics.json`` (``dvc metrics``: each lineage's last generation),
-``summary.md`` and, for image studies, ``lineages.csv`` / ``lineages.md`` (recipes ranked). Which columns lead,
-which the summaries show and what ranks the recipes come from the study's scorer (``tasks.scorers``).
+``summary.md`` and, for image studies, ``lineages.csv`` / ``lineages.md`` (recipes ranked, each metric with a 95%
+t-interval over seeds and tested against the study's first recipe) and ``recipes.png`` (every recipe's FID and
+minority share over the generations). Which columns lead, which the summaries show and what ranks the recipes come
+from the study's scorer (``tasks.scorers``).
 """
 
 from __future__ import annotations

@@ -265,3 +265,29 @@ def test_every_new_recipe_runs_two_generations_through_the_flow(project, prefect
     assert {r["recipe"] for r in ranking} == {r["name"] for r in NEW_RECIPES}
     assert {"fid_low", "fid_high", "recall_diff", "r_fair_p_holm"} <= set(ranking[0])
     assert (reports / "recipes.png").stat().st_size > 10_000
+
+
+def test_the_comparison_study_covers_every_mode_and_mitigation_with_both_estimators_and_is_a_frozen_stage():
+    from pathlib import Path
+
+    import yaml
+
+    from tasks.modes import MODES
+    from tasks.mitigations import MITIGATIONS
+    from tasks.params import load
+
+    repo = Path(__file__).resolve().parents[1]
+    p = load(repo / "examples" / "mitigations.yaml")
+    recipes = {(lin.estimator, lin.mode or p.loop.mode, lin.mitigation) for lin in p.lineages}
+    for estimator in ("mle", "ple"):
+        assert {mode for e, mode, m in recipes if e == estimator and m == "none"} == set(MODES.names())
+        assert {m for e, _, m in recipes if e == estimator} == set(MITIGATIONS.names())
+    seeds = {}
+    for lin in p.lineages:
+        seeds.setdefault(lin.group, set()).add(lin.seed)
+    assert set(map(frozenset, seeds.values())) == {frozenset({0, 1, 2})} and p.loop.generations == 5
+    assert p.lineages[0].group == "mle-replace"  # the baseline every recipe is tested against
+    stage = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["mitigations"]
+    # frozen: `dvc repro` and `dvc status` skip it, so a fresh clone's `dvc repro` runs the default study only
+    assert stage["frozen"] is True and "examples/mitigations.yaml" in stage["cmd"]
+    assert "examples/mitigations.yaml" in stage["deps"]
