@@ -249,8 +249,10 @@ def ranking_markdown(p: Params, ranking: list[dict[str, Any]]) -> str:
                   "|---|" + "---|" * len(metrics)]
         for e in compared:
             lines.append(f"| {e['recipe']} | " + " | ".join(difference_cell(e, m) for m in metrics) + " |")
-        lines += ["", "Tests: " + "; ".join(sorted({e[f'{m}_test'] for e in compared for m in metrics
-                                                    if e[f'{m}_test']})) + "."]
+        tested = sorted({e[f"{m}_test"] for e in compared for m in metrics if math.isfinite(e[f"{m}_p"])})
+        lines += ["", f"Tests run: {'; '.join(tested)}. A difference shown without a p-value was not tested: fewer "
+                  "than 2 seeds had both values defined (R_Fair is undefined once a model draws no minority "
+                  "samples)."]
     return "\n".join(lines) + "\n"
 
 
@@ -266,26 +268,35 @@ def difference_cell(entry: dict[str, Any], metric: str) -> str:
 
 def recipes_figure(p: Params, rows: list[dict[str, Any]], lineages: list[LineageParams], path: Path,
                    metrics: tuple[str, ...] = ("fid", "minority_share")) -> None:
-    """Every recipe's mean over its seeds of ``metrics`` vs generation (one line per recipe; PLE-like estimators
-    dashed), the picture beside the ranking."""
+    """Every recipe's mean over its seeds of ``metrics`` vs generation, the picture beside the ranking: one colour
+    per recipe apart from its estimator, MLE solid and other estimators dashed; FID on a log scale."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     group_of = {lineage.name: lineage.group or lineage.name for lineage in lineages}
     estimator_of = {lineage.group or lineage.name: lineage.estimator for lineage in lineages}
+    look = {lineage.group or lineage.name: (lineage.mode, lineage.real_fraction, lineage.mitigation,
+                                            str(sorted(lineage.set.items()))) for lineage in lineages}
+    hues = list(dict.fromkeys(look.values()))
+    palette = plt.get_cmap("tab20")
+    order = [*range(0, 20, 2), *range(1, 20, 2)]  # the ten strong hues first, then their light twins
     summary = summarize([{**row, "recipe": group_of.get(row["lineage"], row["lineage"])} for row in rows],
                         ["recipe", "generation"], list(metrics))
     recipes = list(dict.fromkeys(group_of.get(lineage.name, lineage.name) for lineage in lineages))
-    colours = plt.get_cmap("tab20" if len(recipes) > 10 else "tab10")
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics) + 3.2, 4.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for i, recipe in enumerate(recipes):
+        for recipe in recipes:
             points = sorted((s["generation"], s[metric]) for s in summary if s["recipe"] == recipe)
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, color=colours(i % colours.N), label=recipe,
+                ax.plot(*zip(*points), marker="o", markersize=3, label=recipe,
+                        color=palette(order[hues.index(look[recipe]) % 20]),
                         linestyle="-" if estimator_of.get(recipe) == "mle" else "--", linewidth=1.2)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if metric == "fid":
+            ax.set_yscale("log")
         ax.set_xlabel("generation")
         ax.set_title(f"{title(metric)} (mean over seeds)")
     axes[0][-1].legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
