@@ -101,7 +101,7 @@ def rescored(lin: Lineage, manifest: dict[str, Any]) -> dict[str, Any]:
     model = load_model(lin.family, load_generation_model(lin.folder, k), lin.device)
     _, metrics = TASKS.score(lin.scorer, model, derive_seed(lin.seed, k, SCORE))
     dataset = lin.real.train if k == 0 else load_generation_dataset(lin.folder, k)
-    metrics.update(lin.scorer.dataset_metrics(dataset))
+    metrics.update(lin.scorer.dataset_metrics(lin.mode.training_rows(k, dataset)))
     kept = {key: value for key, value in manifest["metrics"].items() if key not in metrics}  # e.g. weight stats
     return rescore_manifest(lin.folder, manifest, {**kept, **metrics}, lin.score_hash)
 

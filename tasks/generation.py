@@ -170,14 +170,18 @@ class Generation:
     next_path: Path  # where it was written
 
 
-def trained_on_record(lineage: Lineage, k: int, dataset: Dataset) -> dict[str, str]:
-    """What model k was fitted on: the content sha256 of ``dataset`` as the fit gets it (in memory), and the file
-    it came from, with the sha256 and md5 its writer recorded (the link back to DVC)."""
+def trained_on_record(lineage: Lineage, k: int, dataset: Dataset, rows: Dataset | None = None) -> dict[str, str]:
+    """What model k was fitted on: the content sha256 of dataset k as the generation got it (in memory; resume
+    checks it against what its producer recorded), the file it came from with the sha256 and md5 its writer
+    recorded (the link back to DVC), and, when the loop mode trains on a subset of it (``rows``), that subset's."""
     path = dataset_path(lineage, k)
     producer = lineage.paths.real_manifest if k == 0 else lineage.folder / generation_files(k - 1)["manifest"]
     record = read_manifest(producer)
-    return {"path": str(path.relative_to(lineage.paths.root)), "sha256": record["outputs"][path.name],
-            "md5": record["md5"][path.name], "data_sha256": data_digest(dataset)}
+    out = {"path": str(path.relative_to(lineage.paths.root)), "sha256": record["outputs"][path.name],
+           "md5": record["md5"][path.name], "data_sha256": data_digest(dataset)}
+    if rows is not None and rows is not dataset:
+        out["fit_data_sha256"] = data_digest(rows)
+    return out
 
 
 def check_finite(lineage: Lineage, k: int, what: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -196,24 +200,30 @@ def dataset_path(lineage: Lineage, k: int) -> Path:
 
 def run_generation(lineage: Lineage, k: int, dataset: Dataset, steps: Steps = PLAIN,
                    progress: Callable[[int, int], None] | None = None) -> Generation:
-    """Generation k: weights (mitigation), fit (estimator; ``progress`` hears of its epochs), sample (mode's count),
-    score, next dataset (mitigation, by default the mode), save (files, then the manifest)."""
+    """Generation k: the rows it trains on (mode), weights (mitigation), fit (estimator; ``progress`` hears of its
+    epochs), model k (mitigation, by default as fitted), samples (as many candidates as the mitigation needs to
+    keep the mode's count, then its selection), score, next dataset (mitigation, by default the mode), save (files,
+    then the manifest)."""
     lin = lineage
-    weights, weight_info = lin.mitigation.training_weights(k, dataset)
-    trained_on = trained_on_record(lin, k, dataset)
-    model = steps.fit(lin, dataset, derive_seed(lin.seed, k, FIT), weights, progress)
-    check_finite(lin, k, "its weights", model.tensors())
-    synthetic = steps.sample(model, lin.mode.synthetic_rows(), derive_seed(lin.seed, k, SAMPLE), lin.name, k + 1,
-                             lin.params.data.source, lin.params.loop.temperature)
-    check_finite(lin, k, "its samples", {"samples": torch.as_tensor(synthetic.pixels)})
+    rows = lin.mode.training_rows(k, dataset)
+    weights, weight_info = lin.mitigation.training_weights(k, rows)
+    trained_on = trained_on_record(lin, k, dataset, rows)
+    fitted = steps.fit(lin, rows, derive_seed(lin.seed, k, FIT), weights, progress)
+    check_finite(lin, k, "its weights", fitted.tensors())
+    model, fit_info = lin.mitigation.after_fit(k, fitted, rows)
+    n = lin.mode.synthetic_rows()
+    candidates = steps.sample(model, lin.mitigation.candidates(n), derive_seed(lin.seed, k, SAMPLE), lin.name, k + 1,
+                              lin.params.data.source, lin.params.loop.temperature)
+    check_finite(lin, k, "its samples", {"samples": torch.as_tensor(candidates.pixels)})
+    synthetic, select_info = lin.mitigation.select(k, candidates, n)
     samples, metrics = steps.score(lin.scorer, model, derive_seed(lin.seed, k, SCORE))
-    metrics.update(lin.scorer.dataset_metrics(dataset), **weight_info)
+    metrics.update(lin.scorer.dataset_metrics(rows), **weight_info, **fit_info, **select_info)
     next_dataset, next_info = lin.mitigation.next_dataset(k, dataset, synthetic, metrics)
     metrics.update(next_info)
     caption = f"{lin.name}, generation {k}"
     manifest = steps.save(lin.folder, k, model.tensors(), next_dataset,
                           lambda path, s=samples: lin.scorer.picture(s, path, caption), metrics, lin.recipe,
-                          lin.score_hash, trained_on, {**model.info, "rows_trained_on": len(dataset)})
+                          lin.score_hash, trained_on, {**model.info, "rows_trained_on": len(rows)})
     return Generation(k, model, manifest, next_dataset, dataset_path(lin, k + 1))
 
 

@@ -10,7 +10,7 @@ Under the project root (``data/`` is DVC's, ``reports/`` is git's)::
                                         gen-000.json ...          manifest: params hash, sha256s, metrics
     data/cache/                         the domain classifier (and its manifest), keyed by the hash of its data
     reports/<study>/                    generations.csv, recipes.csv (DVC plots), metrics.json (DVC metrics),
-                                        summary.md, lineages.csv / lineages.md (recipes ranked)
+                                        summary.md, lineages.csv / lineages.md (recipes ranked), recipes.png
     .madloop/trash/<time>/              whatever was replaced or quarantined, never deleted
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 REAL = "real"  # the real data's folder: not a lineage name
 REAL_TRAIN, REAL_TEST, REAL_MANIFEST = "train.parquet", "test.parquet", "manifest.json"
 GENERATIONS_CSV, METRICS_JSON, SUMMARY_MD = "generations.csv", "metrics.json", "summary.md"
-RANKING_CSV, RANKING_MD = "lineages.csv", "lineages.md"
+RANKING_CSV, RANKING_MD, RECIPES_PNG = "lineages.csv", "lineages.md", "recipes.png"
 RECIPES_CSV = "recipes.csv"  # per recipe and generation: mean and 95% interval over its seeds
 TIMING_JSON = "timing.json"
 RESULTS_MD = "RESULTS.md"

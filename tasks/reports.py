@@ -2,23 +2,29 @@
 
 ``generations.csv`` and ``recipes.csv`` (``dvc plots``; a recipe run over several seeds is one row per generation
 with the mean and a 95% t-interval over its seeds), ``metrics.json`` (``dvc metrics``: each lineage's last
-generation), ``summary.md`` and, for image studies, ``lineages.csv`` / ``lineages.md`` (recipes ranked). Which
-columns lead, which the summaries show and what ranks the recipes come from the study's scorer (``tasks.scorers``).
+generation), ``summary.md`` and, for image studies, ``lineages.csv`` / ``lineages.md`` (recipes ranked, each metric
+with a 95% t-interval over seeds and tested against the study's first recipe) and ``recipes.png`` (every recipe's
+FID and minority share over the generations). Which columns lead, which the summaries show and what ranks the
+recipes come from the study's scorer (``tasks.scorers``).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+from scipy import stats as scipy_stats
+
 from tasks import as_task
-from tasks.layout import (GENERATIONS_CSV, METRICS_JSON, RANKING_CSV, RANKING_MD, REAL, RECIPES_CSV, SUMMARY_MD,
-                          StudyPaths)
-from tasks.params import LineageParams, Params, ParamsError, digest, lineage_recipe, set_dotted, validate
+from tasks.layout import (GENERATIONS_CSV, METRICS_JSON, RANKING_CSV, RANKING_MD, REAL, RECIPES_CSV, RECIPES_PNG,
+                          SUMMARY_MD, StudyPaths)
+from tasks.params import LineageParams, Params, ParamsError, digest, lineage_recipe, lineage_seed, set_dotted, validate
 from tasks.resume import manifests
 from tasks.scorers import Column, scorer_class
-from tasks.stats import interval, summarize
+from tasks.stats import Comparison, interval, paired, summarize
 from tasks.storage import CorruptOutputError, read_manifest, write_atomic, write_csv_atomic, write_json_atomic
 
 KEYS = ("lineage", "estimator", "generation")
@@ -101,26 +107,117 @@ def write_reports(p: Params, paths: StudyPaths, lineages: list[LineageParams],
     if ranking:
         write_csv_atomic(paths.reports / RANKING_CSV, [{c: fmt(v) for c, v in r.items()} for r in ranking])
         write_atomic(paths.reports / RANKING_MD, lambda tmp: tmp.write_text(ranking_markdown(p, ranking)))
+        write_atomic(paths.reports / RECIPES_PNG, lambda tmp: recipes_figure(p, rows, lineages, tmp))
     return rows
 
 
 def rank_recipes(p: Params, rows: list[dict[str, Any]], lineages: list[LineageParams]) -> list[dict[str, Any]]:
-    """Each recipe (a lineage, or the seeds of one) at its last generation: mean and spread over its seeds of the
-    scorer's ranking metrics, ranked by its ``rank_by`` metric (lower first)."""
+    """Each recipe (a lineage, or the seeds of one) at its last generation: per ranking metric of the scorer, the
+    mean over its seeds with a 95% t-interval (``{m}_low``, ``{m}_high``) and its difference from the baseline
+    recipe (:func:`compare_with_baseline`); ranked by the scorer's ``rank_by`` metric (lower first)."""
     by = scorer_class(p.model.family).rank_by
     if not rows or by is None or by not in rows[0]:
         return []
     metrics = [c.name for c in columns_of(p) if c.rank]
     group_of = {lineage.name: lineage.group or lineage.name for lineage in lineages}
+    last = last_rows(rows)
+    per_recipe = recipe_seeds(p, last, lineages)
+    recipes = summarize([{**row, "recipe": group_of.get(name, name)} for name, row in last.items()],
+                        ["recipe", "generation"], metrics)
+    for entry in recipes:
+        for metric in metrics:
+            _, entry[f"{metric}_low"], entry[f"{metric}_high"] = interval(
+                [row.get(metric, math.nan) for row in per_recipe[entry["recipe"]].values()])
+    baseline = group_of.get(lineages[0].name, lineages[0].name) if lineages else None
+    compare_with_baseline(recipes, per_recipe, baseline, metrics)
+    recipes.sort(key=lambda e: (math.isnan(e[by]), e[by]))
+    ranking = []
+    for rank, e in enumerate(recipes, 1):
+        recipe, seeds = e.pop("recipe"), e.pop("runs")
+        ranking.append({"rank": rank, "recipe": recipe, "seeds": seeds,
+                        "baseline": "yes" if recipe == baseline else "", **e})
+    return ranking
+
+
+def last_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each lineage's row of its last finished generation."""
     last: dict[str, dict[str, Any]] = {}
     for row in rows:
         if row["generation"] >= last.get(row["lineage"], {"generation": -1})["generation"]:
             last[row["lineage"]] = row
-    recipes = summarize([{**row, "recipe": group_of.get(name, name)} for name, row in last.items()],
-                        ["recipe", "generation"], metrics)
-    recipes.sort(key=lambda e: (math.isnan(e[by]), e[by]))
-    return [{"rank": rank, "recipe": e.pop("recipe"), "seeds": e.pop("runs"), **e}
-            for rank, e in enumerate(recipes, 1)]
+    return last
+
+
+def recipe_seeds(p: Params, last: dict[str, dict[str, Any]],
+                 lineages: list[LineageParams]) -> dict[str, dict[int, dict[str, Any]]]:
+    """recipe -> {lineage seed: that lineage's last row}: what pairs two recipes seed by seed."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for lineage in lineages:
+        if lineage.name in last:
+            out.setdefault(lineage.group or lineage.name, {})[lineage_seed(p, lineage)] = last[lineage.name]
+    return out
+
+
+def welch(a, b) -> Comparison:
+    """Welch's unequal-variance t-test of mean(a) - mean(b) with its 95% interval (Welch-Satterthwaite df); for
+    recipes whose seeds do not pair."""
+    a, b = (np.asarray(v, dtype=np.float64) for v in (a, b))
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    diff = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
+    if min(len(a), len(b)) < 2:
+        return Comparison(diff, math.nan, math.nan, math.nan, math.nan, min(len(a), len(b)))
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Comparison(diff, 0.0, diff, diff, 0.0 if diff else 1.0, min(len(a), len(b)))
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = float(scipy_stats.t.ppf(0.975, df)) * se
+    p = float(scipy_stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return Comparison(diff, se, diff - half, diff + half, p, min(len(a), len(b)))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values (NaN stays NaN and is not counted)."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if math.isfinite(p))
+    adjusted, running = [math.nan] * len(p_values), 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+SIGNIFICANCE = 0.05
+
+
+def compare_with_baseline(recipes: list[dict[str, Any]], per_recipe: dict[str, dict[int, dict[str, Any]]],
+                          baseline: str | None, metrics: list[str]) -> None:
+    """Add each recipe's difference from ``baseline`` (recipe - baseline, last generation) per metric: ``{m}_diff``
+    with its 95% interval, the test (``paired`` over shared seeds when at least 2 are shared, else ``welch``), its
+    p-value, the p-value Holm-adjusted over every recipe compared on that metric, and ``{m}_significant``
+    (adjusted p < 0.05)."""
+    base = per_recipe.get(baseline, {}) if baseline else {}
+    others = [e for e in recipes if e["recipe"] != baseline and base]
+    for metric in metrics:
+        for entry in recipes:
+            entry.update({f"{metric}_diff": math.nan, f"{metric}_diff_low": math.nan,
+                          f"{metric}_diff_high": math.nan, f"{metric}_test": "", f"{metric}_p": math.nan,
+                          f"{metric}_p_holm": math.nan, f"{metric}_significant": ""})
+        for entry in others:
+            runs = {seed: row.get(metric, math.nan) for seed, row in per_recipe[entry["recipe"]].items()}
+            ref = {seed: row.get(metric, math.nan) for seed, row in base.items()}
+            shared = sorted(set(runs) & set(ref))
+            if len(shared) >= 2:
+                c = paired([runs[s] for s in shared], [ref[s] for s in shared])
+                test = f"paired t-test, {c.n} seeds"
+            else:
+                c = welch(list(runs.values()), list(ref.values()))
+                test = f"Welch t-test, {len(runs)} vs {len(ref)} seeds"
+            entry.update({f"{metric}_diff": c.mean, f"{metric}_diff_low": c.low, f"{metric}_diff_high": c.high,
+                          f"{metric}_test": test, f"{metric}_p": c.p})
+        adjusted = holm([e[f"{metric}_p"] for e in others])
+        for entry, p_holm in zip(others, adjusted):
+            entry[f"{metric}_p_holm"] = p_holm
+            entry[f"{metric}_significant"] = "yes" if p_holm < SIGNIFICANCE else "no" if math.isfinite(p_holm) else ""
 
 
 TITLES = {"fid": "FID", "recall": "recall", "minority_share": "minority share", "r_fair": "R_Fair",
@@ -132,17 +229,91 @@ def title(name: str) -> str:
 
 
 def ranking_markdown(p: Params, ranking: list[dict[str, Any]]) -> str:
+    """The ranking with 95% t-intervals, then each recipe's differences from the baseline, the rules first."""
     metrics = [c.name for c in columns_of(p) if c.rank]
+    baseline = next((e["recipe"] for e in ranking if e.get("baseline") == "yes"), None)
 
     def cell(entry, metric):
-        value, sd = entry[metric], entry[f"{metric}_sd"]
-        return "n/a" if math.isnan(value) else (f"{value:.4g} ± {sd:.2g}" if math.isfinite(sd) else f"{value:.4g}")
+        value, low, high = entry[metric], entry.get(f"{metric}_low", math.nan), entry.get(f"{metric}_high", math.nan)
+        if math.isnan(value):
+            return "n/a"
+        return f"{value:.4g} [{low:.4g}, {high:.4g}]" if math.isfinite(low) else f"{value:.4g}"
 
     head = ["rank", "recipe", "seeds", "generation", *map(title, metrics)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["Rule: each recipe at its last generation; the mean over its seeds with a 95% t-interval, mean ± "
+             "t(0.975, n-1) · sd / √n (none for one seed; NaN values, e.g. an undefined minority FID, are left "
+             f"out). Ranked by {title(scorer_class(p.model.family).rank_by)}, lower first.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += [f"| {e['rank']} | {e['recipe']} | {e['seeds']} | {e['generation']} | "
               + " | ".join(cell(e, m) for m in metrics) + " |" for e in ranking]
-    return "\n".join(lines) + "\n\nLast generation of each recipe; mean ± standard deviation over its seeds.\n"
+    compared = [e for e in ranking if any(math.isfinite(e.get(f"{m}_p", math.nan)) for m in metrics)]
+    if baseline and compared:
+        lines += ["", f"### Differences from the baseline, {baseline}", "",
+                  f"Rule, stated before the numbers: the baseline is the study's first recipe ({baseline}). For each "
+                  "other recipe and metric, the difference recipe − baseline at the last generation, with a 95% "
+                  "interval. Where the two recipes ran the same seeds (at least 2 shared), seeds pair: a paired "
+                  "t-test over the shared seeds; otherwise Welch's t-test. A difference is significant (**bold**) "
+                  f"when its two-sided p-value, Holm-adjusted over the {len(compared)} recipes compared on that "
+                  f"metric, is below {SIGNIFICANCE}. With n seeds a paired test has n - 1 degrees of freedom: with few "
+                  "seeds only large, consistent differences pass.", "",
+                  "| recipe | " + " | ".join(f"Δ {title(m)} [95% CI] (p, Holm p)" for m in metrics) + " |",
+                  "|---|" + "---|" * len(metrics)]
+        for e in compared:
+            lines.append(f"| {e['recipe']} | " + " | ".join(difference_cell(e, m) for m in metrics) + " |")
+        tested = sorted({e[f"{m}_test"] for e in compared for m in metrics if math.isfinite(e[f"{m}_p"])})
+        lines += ["", f"Tests run: {'; '.join(tested)}. A difference shown without a p-value was not tested: fewer "
+                  "than 2 seeds had both values defined (R_Fair is undefined once a model draws no minority "
+                  "samples)."]
+    return "\n".join(lines) + "\n"
+
+
+def difference_cell(entry: dict[str, Any], metric: str) -> str:
+    diff = entry[f"{metric}_diff"]
+    if not math.isfinite(diff):
+        return "n/a"
+    low, high, p, p_holm = (entry[f"{metric}_{k}"] for k in ("diff_low", "diff_high", "p", "p_holm"))
+    interval_text = f" [{low:+.3g}, {high:+.3g}]" if math.isfinite(low) else ""
+    text = f"{diff:+.3g}{interval_text} ({p:.2g}, {p_holm:.2g})" if math.isfinite(p) else f"{diff:+.3g}"
+    return f"**{text}**" if entry[f"{metric}_significant"] == "yes" else text
+
+
+def recipes_figure(p: Params, rows: list[dict[str, Any]], lineages: list[LineageParams], path: Path,
+                   metrics: tuple[str, ...] = ("fid", "minority_share")) -> None:
+    """Every recipe's mean over its seeds of ``metrics`` vs generation, the picture beside the ranking: one colour
+    per recipe apart from its estimator, MLE solid and other estimators dashed; FID on a log scale."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    group_of = {lineage.name: lineage.group or lineage.name for lineage in lineages}
+    estimator_of = {lineage.group or lineage.name: lineage.estimator for lineage in lineages}
+    look = {lineage.group or lineage.name: (lineage.mode, lineage.real_fraction, lineage.mitigation,
+                                            str(sorted(lineage.set.items()))) for lineage in lineages}
+    hues = list(dict.fromkeys(look.values()))
+    palette = plt.get_cmap("tab20")
+    order = [*range(0, 20, 2), *range(1, 20, 2)]  # the ten strong hues first, then their light twins
+    summary = summarize([{**row, "recipe": group_of.get(row["lineage"], row["lineage"])} for row in rows],
+                        ["recipe", "generation"], list(metrics))
+    recipes = list(dict.fromkeys(group_of.get(lineage.name, lineage.name) for lineage in lineages))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics) + 3.2, 4.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for recipe in recipes:
+            points = sorted((s["generation"], s[metric]) for s in summary if s["recipe"] == recipe)
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=recipe,
+                        color=palette(order[hues.index(look[recipe]) % 20]),
+                        linestyle="-" if estimator_of.get(recipe) == "mle" else "--", linewidth=1.2)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if metric == "fid":
+            ax.set_yscale("log")
+        ax.set_xlabel("generation")
+        ax.set_title(f"{title(metric)} (mean over seeds)")
+    axes[0][-1].legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
 
 
 def markdown_table(p: Params, rows: list[dict[str, Any]]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-FIT, SAMPLE, SCORE, FRESH = 0, 1, 2, 3  # the purposes of a generation's random numbers
+FIT, SAMPLE, SCORE, FRESH, SUBSAMPLE, SELECT, NEON = range(7)  # the purposes of a generation's random numbers
 
 
 def derive_seed(seed: int, generation: int, stream: int) -> int:

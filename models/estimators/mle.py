@@ -14,9 +14,11 @@ from models.families import FittedTorchModel, TorchFamily
 
 @ESTIMATORS.register("mle", settings={"train": TrainSettings})
 def fit_mle(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, seed: int, device: torch.device,
-            sample_weight: np.ndarray | None = None, progress: Progress | None = None) -> FittedTorchModel:
+            sample_weight: np.ndarray | None = None, progress: Progress | None = None,
+            init: dict[str, torch.Tensor] | None = None) -> FittedTorchModel:
     """Maximum likelihood: the family's own closed form or EM when it has one (1-D families), otherwise Adam on
-    the family's parameters over ``train.epochs`` passes through x (the VAE: the negative ELBO)."""
+    the family's parameters over ``train.epochs`` passes through x (the VAE: the negative ELBO). ``init``: start
+    from these tensors (a state dict of the family's module) instead of a fresh initialization: fine-tuning."""
     if hasattr(family, "fit_mle"):
         if sample_weight is not None:  # a closed form or EM that would drop them: never silently
             raise ValueError(f"the {family.name} family's closed-form MLE takes no per-row weights")
@@ -24,6 +26,8 @@ def fit_mle(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, seed: i
     torch.manual_seed(seed)  # module initialization and the VAE's reparameterization noise
     generator = torch.Generator().manual_seed(seed)
     module = family.build().to(device)
+    if init is not None:
+        module.load_state_dict(init)
     data = torch.as_tensor(x, dtype=torch.float32, device=device)
     weight = None if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float32, device=device)
     optimizer = adam(module.parameters(), train.lr, device)

@@ -7,6 +7,9 @@ one lineage; each hook has a do-nothing default, so a mitigation overrides only 
 
 - :meth:`Mitigation.resume`: restore its state from the finished generations' manifests;
 - :meth:`Mitigation.training_weights`: per-row weights for fitting model k on dataset k;
+- :meth:`Mitigation.after_fit`: model k as fitted -> the model k that is scored, sampled and saved (Neon);
+- :meth:`Mitigation.candidates` and :meth:`Mitigation.select`: how many samples model k draws so that the n its
+  loop mode asks for are kept, and which n (verification filters, curation, entropy-based selection);
 - :meth:`Mitigation.next_dataset`: dataset k+1 (default: the loop mode's).
 
 Each module of this package is one mitigation, found on first lookup. ``none`` is this base class.
@@ -27,6 +30,7 @@ class Mitigation:
     """No mitigation: the loop as its mode makes it."""
 
     needs_labels = False  # works on labelled groups (image families only)
+    needs_classifier = False  # reads the domain classifier (image families only)
 
     def __init__(self, lineage):  # a tasks.generation.Lineage
         self.lineage = lineage
@@ -36,6 +40,8 @@ class Mitigation:
         """Why this mitigation cannot run with ``family`` (a class), or None."""
         if cls.needs_labels and family.kind != "image":
             return f"is {family.kind}: it has no labelled groups"
+        if cls.needs_classifier and family.kind != "image":
+            return f"is {family.kind}: it has no domain classifier"
         return None
 
     def resume(self, finished: list[dict[str, Any]]) -> None:
@@ -45,7 +51,32 @@ class Mitigation:
         """Per-row weights for fitting model k on ``dataset`` (None: unweighted), and what to log about them."""
         return None, {}
 
+    def after_fit(self, k: int, model, dataset: Dataset) -> tuple[Any, dict[str, float]]:
+        """Model k from the model the estimator fitted on ``dataset`` (a FittedTorchModel), and what to log."""
+        return model, {}
+
+    def candidates(self, n: int) -> int:
+        """How many samples model k draws so that :meth:`select` keeps ``n``."""
+        return n
+
+    def select(self, k: int, candidates: Dataset, n: int) -> tuple[Dataset, dict[str, float]]:
+        """The ``n`` of model k's ``candidates`` that go on to the next dataset, and what to log."""
+        return candidates, {}
+
     def next_dataset(self, k: int, current: Dataset, synthetic: Dataset,
                      metrics: dict[str, float]) -> tuple[Dataset, dict[str, float]]:
         """Dataset k+1 from dataset k and model k's samples (``metrics``: model k's scores), and what to log."""
         return self.lineage.mode.next_dataset(k, current, synthetic), {}
+
+
+def kept_rows(candidates: Dataset, keep: np.ndarray) -> Dataset:
+    """The rows ``keep`` (indices) of ``candidates``, in the order they were drawn."""
+    return candidates.take(np.sort(np.asarray(keep, dtype=np.int64)))
+
+
+def selection_info(scorer, candidates: Dataset, kept: Dataset) -> dict[str, float]:
+    """What a selecting mitigation logs about itself: the share of candidates it kept and the minority share (the
+    domain classifier's call) before and after, the bias a selection can add."""
+    return {"acceptance_rate": len(kept) / max(len(candidates), 1),
+            "minority_share_candidates": scorer.minority_share(candidates),
+            "minority_share_kept": scorer.minority_share(kept)}

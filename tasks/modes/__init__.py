@@ -1,8 +1,9 @@
 """Loop modes: how dataset k+1 is made from the real data, dataset k and model k's samples.
 
 A mode is a class registered by name (``loop.mode``, or a lineage's ``mode``) with the settings it reads, and
-answers two questions for its lineage: how many samples model k contributes (:meth:`LoopMode.synthetic_rows`)
-and what dataset k+1 is (:meth:`LoopMode.next_dataset`). Each module of this package is one mode.
+answers its lineage's questions: how many samples model k contributes (:meth:`LoopMode.synthetic_rows`), what
+dataset k+1 is (:meth:`LoopMode.next_dataset`) and which rows of dataset k model k trains on
+(:meth:`LoopMode.training_rows`, by default all of them). Each module of this package is one mode.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ class LoopMode:
 
     def next_dataset(self, k: int, current: Dataset, synthetic: Dataset) -> Dataset:
         raise NotImplementedError
+
+    def training_rows(self, k: int, dataset: Dataset) -> Dataset:
+        """The rows of dataset k that model k is fitted on (default: every row)."""
+        return dataset
 
 
 __all__ = ["MODES", "LoopMode", "RealFractionSettings"]

@@ -8,7 +8,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -180,6 +180,8 @@ class ImageScorer(Scorer):
     device: torch.device
     fingerprint: str = ""  # sha256 of the feature extractor's weights: a retrained classifier means new scores
     _cache: tuple = (None, None)
+    train: np.ndarray | None = None  # the real training images (dataset 0): what memorisation is measured against
+    score_settings: Any = None  # params' score section: metric plug-ins read their own settings under it
 
     @classmethod
     def settings(cls):
@@ -215,7 +217,8 @@ class ImageScorer(Scorer):
                                              for c in (d.majority, d.minority)},
                    majority=d.majority, minority=d.minority, kid_subset_size=s.kid_subset_size,
                    prc_neighborhood=s.prc_neighborhood, min_class_samples=s.min_class_samples, samples=s.samples,
-                   bootstrap=s.bootstrap, device=device, fingerprint=file_digest(Path(weights)))
+                   bootstrap=s.bootstrap, device=device, fingerprint=file_digest(Path(weights)),
+                   train=real.train.pixels, score_settings=s)
 
     def features_of(self, pixels: np.ndarray) -> torch.Tensor:
         """Features of an image set, extracted once: the metrics of one ``score`` call share them."""
@@ -228,6 +231,15 @@ class ImageScorer(Scorer):
 
     def label(self, pixels: np.ndarray) -> np.ndarray:
         return predict(self.classifier, pixels)
+
+    @torch.no_grad()
+    def classifier_features(self, pixels: np.ndarray, batch_size: int = 2048) -> np.ndarray:
+        """The domain classifier's penultimate features of images rounded to 8 bits, as torch-fidelity feeds them
+        to it for FID: the space where the neighbour metrics and the selecting mitigations measure distances."""
+        out = [self.classifier.features(torch.as_tensor(
+            np.round(np.clip(pixels[i:i + batch_size], 0, 1) * 255) / 255, dtype=torch.float32, device=self.device))
+            for i in range(0, len(pixels), batch_size)]
+        return torch.cat(out).cpu().numpy().astype(np.float64) if out else np.zeros((0, 0))
 
     def minority_share(self, data: Dataset) -> float:
         """Share of minority rows: true labels where known, the classifier's call for synthetic rows."""
@@ -242,6 +254,8 @@ class ImageScorer(Scorer):
         return samples, self.score(samples, seed)
 
     def score(self, samples: np.ndarray, seed: int) -> dict[str, float]:
+        # features_of's cache is keyed by the array's address, which a later array can reuse once this one is
+        # freed: it is valid only while ``samples`` is alive, during this call
         labels = self.label(samples)
         metrics: dict[str, float] = {}
         for metric in image_metrics_in_order():
