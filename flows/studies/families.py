@@ -186,7 +186,8 @@ def section(folder: Path) -> list[str]:
             "1. Does PLE slow collapse? PLE vs MLE.",
             "2. Is the penalty what does it? PLE vs the same hypernetwork with lambda = 0 (`hyper_nopenalty`).", "",
             f"Rule, fixed before the numbers: {RULE}", "",
-            "| family | question | FID growth, PLE − other | last FID, PLE − other | verdict |", "|---|---|---|---|---|"]
+            "| family | question | FID growth, PLE − other | last FID, PLE − other | verdict |",
+            "|---|---|---|---|---|"]
     for family in families:
         for question, other in (("1. PLE slows collapse (vs mle)", "mle"),
                                 ("2. the penalty does it (vs hyper_nopenalty)", "hyper_nopenalty")):
