@@ -47,7 +47,7 @@ class DiffusionSettings(Settings):
     draws: PositiveInt = 2  # (t, eps) draws per image in the loss, averaged (lowers its variance)
     sample_steps: PositiveInt = 100  # DDIM steps when sampling (timesteps with eta 1: full DDPM)
     eta: float = Field(0.0, ge=0.0, le=1.0)  # DDIM noise: 1 = DDPM's posterior variance, 0 = deterministic
-    penalty_steps: PositiveInt = 2  # deterministic DDIM steps when sampling inside the PLE penalty
+    penalty_steps: PositiveInt = 4  # deterministic DDIM steps when sampling inside the PLE penalty
     penalty_grad_steps: PositiveInt = 1  # of those, how many (the last) the penalty's gradient flows through
 
     @model_validator(mode="after")
