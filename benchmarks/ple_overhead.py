@@ -2,6 +2,7 @@
 
     python benchmarks/ple_overhead.py                      # default params.yaml (digits, its epochs)
     python benchmarks/ple_overhead.py --set train.epochs=100 --repeats 5
+    python benchmarks/ple_overhead.py --family diffusion --repeats 3   # any family (--set model.family=...)
 
 One generation = fit on the real training set, sample the next dataset, score (torch-fidelity + classifier)
 and write the generation's files: what the flow does per generation, minus Prefect/DVC/MLflow bookkeeping
@@ -41,11 +42,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default=str(Path(__file__).resolve().parents[1] / "params.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--family", help="model family (shorthand for --set model.family=NAME)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
 
-    p = load(args.params, args.overrides + ["lineages=[mle, ple]"])
+    family = [f"model.family={args.family}"] if args.family else []
+    p = load(args.params, family + args.overrides + ["lineages=[mle, ple]"])
     device = resolve_device(p.device)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:

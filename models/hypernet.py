@@ -42,9 +42,11 @@ def mlp(sizes: list[int]) -> nn.Sequential:
 
 
 class HyperNetwork(nn.Module):
-    def __init__(self, target: nn.Module, input_dim: int, hidden: list[int], rank: int | None):
+    def __init__(self, target: nn.Module, input_dim: int, hidden: list[int], rank: int | None,
+                 emitted: dict[str, nn.Parameter] | None = None):
         super().__init__()
-        params = dict(target.named_parameters())
+        # ``emitted``: the target's parameters to emit, by their names in target (default: all of them)
+        params = dict(target.named_parameters()) if emitted is None else dict(emitted)
         self.names = list(params)
         self.shapes = [tuple(p.shape) for p in params.values()]
         self.sizes = [p.numel() for p in params.values()]

@@ -89,7 +89,7 @@ def test_the_paper_stages_are_locked_to_this_code(subprocess_env):
     runs only the default study and not the 35 minutes of paper studies whose reports are committed. After a code
     change that leaves their outputs as they are: `dvc commit -f table1 fig2 fig3 fig4`, then
     `dvc repro -s results` (without -s, repro would re-run every stage upstream of it)."""
-    stale = json.loads(dvc(REPO, subprocess_env, "status", "--json", "fig4", "fig3", "table1", "fig2",
+    stale = json.loads(dvc(REPO, subprocess_env, "status", "--json", "fig4", "fig3", "table1", "fig2", "families",
                            "results").stdout)
     assert stale == {}, f"dvc.lock is behind the code for: {stale}"
 

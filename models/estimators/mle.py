@@ -18,7 +18,9 @@ def fit_mle(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, seed: i
             init: dict[str, torch.Tensor] | None = None) -> FittedTorchModel:
     """Maximum likelihood: the family's own closed form or EM when it has one (1-D families), otherwise Adam on
     the family's parameters over ``train.epochs`` passes through x (the VAE: the negative ELBO). ``init``: start
-    from these tensors (a state dict of the family's module) instead of a fresh initialization: fine-tuning."""
+    from these tensors (a state dict of the family's module) instead of a fresh initialization: fine-tuning. A
+    family may train part of its module otherwise (``trained_parameters``, ``auxiliary_step``: a GAN's
+    discriminator)."""
     if hasattr(family, "fit_mle"):
         if sample_weight is not None:  # a closed form or EM that would drop them: never silently
             raise ValueError(f"the {family.name} family's closed-form MLE takes no per-row weights")
@@ -30,7 +32,8 @@ def fit_mle(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, seed: i
         module.load_state_dict(init)
     data = torch.as_tensor(x, dtype=torch.float32, device=device)
     weight = None if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float32, device=device)
-    optimizer = adam(module.parameters(), train.lr, device)
+    optimizer = adam(family.trained_parameters(module).values(), train.lr, device)
+    auxiliary = family.auxiliary_step(module, train.lr, device)  # a GAN's discriminator step; None for the others
 
     started, loss = time.perf_counter(), torch.tensor(float("nan"))
     module.train()
@@ -38,6 +41,8 @@ def fit_mle(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, seed: i
         for idx in minibatches(len(data), train.batch_size, generator):
             idx = idx.to(device)
             with mixed_precision(device, train.precision):
+                if auxiliary is not None:
+                    auxiliary(data[idx], None, None if weight is None else weight[idx])
                 loss = weighted_mean(family.nll(module, data[idx]), None if weight is None else weight[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

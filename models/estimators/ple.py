@@ -41,7 +41,8 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, ple: PL
 
         loss = NLL(X; H(X)) / D  +  lam/m * sum_j mean|H(Y_j) - H(X)|,   Y_j ~ model(H(X))
 
-    Norms, our reading of Eq. 5's |.|: the NLL is averaged over samples and the D data dimensions, the penalty
+    Norms, our reading of Eq. 5's |.|: the NLL is averaged over samples and the D data dimensions (a family's
+    ``nll_units``: 1 for a GAN, whose generator loss is per image already), the penalty
     is the L1 distance between the emitted weight vectors divided by their count (mean absolute difference).
     Both are per-unit quantities, so lam means the same for a 6-parameter GMM and a 50k-weight VAE. With
     ``penalty_entries`` the mean runs over that many weight entries drawn at random each step: an unbiased
@@ -59,6 +60,10 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, ple: PL
     regularization (Karras et al. 2020, StyleGAN2 §3.1): the penalty runs on every k-th step only, weighted
     k * lam, the same objective in expectation at about 1/k of the penalty's cost. lam = 0 is the paper's
     "hypernetwork without penalty" ablation (App. J), registered as ``hyper_nopenalty``.
+
+    H emits the weights the family trains through its NLL (``family.trained_parameters``: all of them, a GAN's
+    generator's); a family's ``auxiliary_step`` (a GAN's discriminator update) runs before every step, against
+    the model H(X) defines.
     """
     torch.manual_seed(seed)  # the target's initialization (H's biases start there) and h1's
     order_generator = torch.Generator().manual_seed(seed)  # minibatch order: the same for every lambda
@@ -69,10 +74,12 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, ple: PL
     target = family.build().to(device)
     data = torch.as_tensor(x, dtype=torch.float32, device=device)
     features = family.hyper_features(data[:2])
-    hyper = HyperNetwork(target, features.flatten(1).shape[1], list(ple.hidden), ple.rank).to(device)
+    hyper = HyperNetwork(target, features.flatten(1).shape[1], list(ple.hidden), ple.rank,
+                         family.trained_parameters(target)).to(device)
     weight = None if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float32, device=device)
     optimizer = adam(hyper.parameters(), train.lr, device)
-    dims = float(np.prod(data.shape[1:]))
+    auxiliary = family.auxiliary_step(target, train.lr, device)  # a GAN's discriminator step; None for the others
+    dims = family.nll_units()
     every = ple.penalty_every
 
     started = time.perf_counter()
@@ -88,6 +95,8 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, ple: PL
             with mixed_precision(device, train.precision):
                 e_x = hyper.embed(family.hyper_features(batch))
                 weights = hyper.emit(e_x)
+                if auxiliary is not None:  # against the model H(X) defines now
+                    auxiliary(batch, weights, None if weight is None else weight[idx])
                 nll = weighted_mean(family.nll(target, batch, weights), None if weight is None else weight[idx]) / dims
                 loss = nll
                 if ple.lam > 0 and step % every == 0:

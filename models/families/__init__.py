@@ -5,6 +5,11 @@ it) of data, and samples. Every method takes an optional ``weights`` dict: when 
 tensors through ``torch.func.functional_call`` instead of its own parameters. That is the seam the PLE
 hypernetwork uses (it emits weights, the family runs them); MLE simply passes ``None``.
 
+Hooks with defaults that every family but one or two leaves alone: ``trained_parameters`` (what the estimators'
+objective trains and the hypernetwork emits; a GAN: its generator's), ``auxiliary_step`` (a step before each
+training step; a GAN: its discriminator's), ``nll_units`` (what PLE divides the NLL by) and ``held_out_scores``
+(extra per-family metrics of held-out real images the image scorer records; a flow: bits per dimension).
+
 A family is registered by name (``model.family`` in params.yaml) with its settings, which live at
 ``model.<name>`` in params::
 
@@ -19,6 +24,8 @@ a new family is one new file.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import prod
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,11 +45,15 @@ def sub_weights(weights: dict[str, torch.Tensor] | None, prefix: str) -> dict[st
     return {name[cut:]: w for name, w in weights.items() if name.startswith(prefix + ".")}
 
 
-def run(module: nn.Module, weights: dict[str, torch.Tensor] | None, *args: torch.Tensor) -> torch.Tensor:
-    """Call ``module`` with its own parameters, or functionally with ``weights`` (buffers stay the module's)."""
+def run(module: nn.Module, weights: dict[str, torch.Tensor] | None, *args: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Call ``module`` with its own parameters, or functionally with ``weights`` (buffers, and parameters
+    ``weights`` does not name, stay the module's)."""
     if weights is None:
-        return module(*args)
-    return functional_call(module, weights, args, strict=False, tie_weights=False)  # no tied weights here
+        return module(*args, **kwargs)
+    return functional_call(module, weights, args, kwargs, strict=False, tie_weights=False)  # no tied weights here
+
+
+AuxiliaryStep = Callable[[torch.Tensor, "dict[str, torch.Tensor] | None", "torch.Tensor | None"], None]
 
 
 class TorchFamily:
@@ -71,6 +82,30 @@ class TorchFamily:
     def hyper_features(self, x: torch.Tensor) -> torch.Tensor:
         """What the hypernetwork's h1 sees of each data point (default: the point, flattened)."""
         return x.flatten(1)
+
+    # --- hooks with defaults (see the module docstring) ---
+
+    held_out_columns: dict[str, str] = {}  # extra metrics of held_out_scores: name -> "lower" / "higher" is better
+
+    def trained_parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameters the estimators train through :meth:`nll` (MLE's optimizer, the weights PLE's hypernetwork
+        emits), by their names in ``module``: all of them, unless part of the model trains otherwise."""
+        return dict(module.named_parameters())
+
+    def auxiliary_step(self, module: nn.Module, lr: float, device: torch.device) -> AuxiliaryStep | None:
+        """A step each estimator runs before every training step, or None (the default): a GAN's discriminator
+        update. Called as ``step(batch, weights, batch_weight)`` with the weights the model runs with now (None
+        for MLE, H(X) for the hypernetwork estimators) and the batch's sample weights (or None)."""
+        return None
+
+    def nll_units(self) -> float:
+        """What PLE divides the per-sample NLL by, so its first term is per unit like the penalty: the data
+        dimensions (a loss that is per image already, a GAN's generator loss, returns 1)."""
+        return float(prod(self.data_shape))
+
+    def held_out_scores(self, module: nn.Module, weights, x: torch.Tensor, seed: int) -> dict[str, float]:
+        """Extra metrics of held-out real images x (columns :attr:`held_out_columns`); none by default."""
+        return {}
 
 
 def build_family(name: str, data_shape: tuple[int, ...], model_section) -> TorchFamily:

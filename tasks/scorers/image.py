@@ -192,8 +192,12 @@ class ImageScorer(Scorer):
 
     @classmethod
     def columns(cls, family=None) -> list[Column]:
+        """Every metric's columns, the training set's minority share, then the family's own held-out scores
+        (``TorchFamily.held_out_columns``: a flow's bits per dimension)."""
+        extra = getattr(family, "held_out_columns", {})
         return [column for metric in image_metrics_in_order() for column in metric.columns] + \
-            [Column("minority_share_train"), Column("reference_size")]
+            [Column("minority_share_train"), Column("reference_size")] + \
+            [Column(name, summary=True, better=b) for name, b in extra.items()]
 
     @classmethod
     def build(cls, p, real: RealData, cache_dir: Path, device: torch.device) -> tuple["ImageScorer", str]:
@@ -250,8 +254,11 @@ class ImageScorer(Scorer):
         return float((labels == self.minority).mean()) if len(labels) else math.nan
 
     def evaluate(self, model, seed: int) -> tuple[np.ndarray, dict[str, float]]:
+        """The image metrics of fresh samples, and the family's own scores of the held-out real reference."""
         samples = model.sample(self.samples, seed)
-        return samples, self.score(samples, seed)
+        reference = torch.as_tensor(self.reference, dtype=torch.float32, device=self.device)
+        return samples, {**self.score(samples, seed),
+                         **model.family.held_out_scores(model.module, model.weights, reference, seed)}
 
     def score(self, samples: np.ndarray, seed: int) -> dict[str, float]:
         # features_of's cache is keyed by the array's address, which a later array can reuse once this one is

@@ -1,0 +1,194 @@
+"""The flow, diffusion and GAN families: shapes, exact likelihood, MLE and PLE training, the GAN's discriminator,
+the families study through the real flow."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.estimators import fit
+from models.families import FAMILIES
+from models.families.diffusion import DiffusionSettings
+from models.families.flow import FlowSettings
+from models.families.gan import GANSettings
+
+from tests.conftest import tiny
+
+TINY = {"flow": FlowSettings(couplings=2, hidden=[16]),
+        "diffusion": DiffusionSettings(timesteps=50, width=32, blocks=1, sample_steps=10, penalty_steps=3,
+                                       penalty_grad_steps=2),
+        "gan": GANSettings(latent_dim=4, generator=[16], discriminator=[16], r1=1.0)}
+TINY_PARAMS = {"flow": {"couplings": 2, "hidden": [16]},
+               "diffusion": {"timesteps": 50, "width": 32, "blocks": 1, "sample_steps": 10, "penalty_steps": 3},
+               "gan": {"latent_dim": 4, "generator": [16], "discriminator": [16]}}
+PLE = {"hidden": [16, 16], "rank": 2, "penalty_every": 1}
+
+
+def family(name: str, shape=(1, 8, 8)):
+    return FAMILIES.get(name)(shape, TINY[name])
+
+
+def digits_like(n: int = 96, shape=(1, 8, 8)) -> np.ndarray:
+    """Images on the 17-level grid of scikit-learn's digits."""
+    return (np.random.default_rng(0).integers(0, 17, (n, *shape)) / 16.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["flow", "diffusion", "gan"])
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28)])
+def test_families_build_score_and_sample_any_image_shape(name, shape):
+    fam = family(name, shape)
+    module = fam.build()
+    x = torch.as_tensor(digits_like(5, shape))
+    nll = fam.nll(module, x)
+    assert nll.shape == (5,) and torch.isfinite(nll).all()
+    with torch.no_grad():
+        samples = fam.sample(module, 7, torch.Generator().manual_seed(0))
+    assert samples.shape == (7, *shape) and samples.min() >= 0 and samples.max() <= 1
+
+
+@pytest.mark.parametrize("name", ["flow", "diffusion", "gan"])
+@pytest.mark.parametrize("estimator", ["mle", "ple"])
+def test_families_train_by_mle_and_ple(name, estimator):
+    fam, x = family(name), digits_like()
+    options = {"ple": PLE} if estimator == "ple" else {}
+    model = fit(estimator, fam, x, seed=0, train={"epochs": 3, "batch_size": 32}, **options)
+    assert math.isfinite(model.info["train_loss"])
+    samples = model.sample(20, seed=1)
+    assert samples.shape == (20, 1, 8, 8) and samples.min() >= 0 and samples.max() <= 1
+    if estimator == "ple":  # H emits exactly the trained parameters, and they run the module functionally
+        assert set(model.weights) == set(fam.trained_parameters(model.module))
+        assert all(model.weights[k].shape == p.shape for k, p in fam.trained_parameters(model.module).items())
+        assert math.isfinite(model.info["train_penalty"]) and model.info["train_penalty"] > 0
+        with torch.no_grad():
+            assert torch.isfinite(fam.nll(model.module, torch.as_tensor(x[:8]), model.weights)).all()
+        own = fam.sample(model.module, 20, torch.Generator().manual_seed(3)).detach()
+        emitted = fam.sample(model.module, 20, torch.Generator().manual_seed(3), weights=model.weights).detach()
+        assert not torch.allclose(own, emitted)  # the emitted weights, not the module's own, make the samples
+
+
+def test_flow_log_determinant_is_exact_and_sampling_inverts_it():
+    """The flow's NLL is an exact change of variables: the couplings' summed log-determinants match autograd's
+    Jacobian of the whole stack, and generation runs the same couplings backwards."""
+    fam = FAMILIES.get("flow")((1, 2, 2), FlowSettings(couplings=3, hidden=[8]))
+    flow = fam.build().double()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(torch.randn_like(p) * 0.5)  # off the identity start
+
+    def stack(v):
+        logdet = torch.zeros(1, dtype=torch.float64)
+        for layer in flow.layers:
+            v, part = layer(v)
+            logdet = logdet + part
+        return v, logdet
+
+    v = torch.randn(1, 4, dtype=torch.float64)
+    z, logdet = stack(v)
+    jacobian = torch.autograd.functional.jacobian(lambda u: stack(u[None])[0][0], v[0])
+    assert logdet.item() == pytest.approx(torch.linalg.slogdet(jacobian)[1].item(), abs=1e-9)
+    for layer in reversed(flow.layers):
+        z = layer.inverse(z)
+    assert torch.allclose(z, v, atol=1e-9)
+
+
+def test_flow_reports_bits_per_dimension_of_held_out_images():
+    from tasks.scorers.image import ImageScorer
+
+    fam = family("flow")
+    module = fam.build()
+    x = torch.as_tensor(digits_like(40))
+    bpd = fam.held_out_scores(module, None, x, seed=0)["bpd"]
+    nll = fam.nll(module, x).mean().item()  # fresh dequantization noise: close, not equal
+    assert bpd == pytest.approx(nll / (64 * math.log(2)), rel=0.05) and 0 < bpd < 20
+    assert fam.held_out_scores(module, None, x, seed=0)["bpd"] == bpd  # the seed fixes the noise
+    assert "bpd" in [c.name for c in ImageScorer.columns(FAMILIES.get("flow"))]
+    assert "bpd" not in [c.name for c in ImageScorer.columns(FAMILIES.get("vae"))]
+
+
+def test_flow_samples_sit_on_the_data_levels_and_carry_gradients():
+    fam = family("flow")
+    module = fam.build()
+    weights = {k: v.detach().clone().requires_grad_() for k, v in module.named_parameters()}
+    samples = fam.sample(module, 16, torch.Generator().manual_seed(0), weights=weights)
+    levels = samples * 16
+    assert torch.allclose(levels, levels.round(), atol=1e-5)
+    samples.sum().backward()
+    assert all(w.grad is not None for w in weights.values())
+
+
+def test_diffusion_penalty_sampling_is_short_and_differentiable_and_scoring_is_full():
+    fam = family("diffusion")
+    module = fam.build()
+    calls = []
+    module.register_forward_hook(lambda m, args, out: calls.append(torch.is_grad_enabled()))
+    with torch.no_grad():
+        fam.sample(module, 4, torch.Generator().manual_seed(0))
+    assert len(calls) == TINY["diffusion"].sample_steps
+    calls.clear()
+    weights = {k: v.detach().clone().requires_grad_() for k, v in module.named_parameters()}
+    fam.sample(module, 4, torch.Generator().manual_seed(0), weights=weights).sum().backward()
+    assert calls == [False, True, True]  # penalty_steps 3, the gradient through the last 2 (penalty_grad_steps)
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in weights.values())
+
+
+@pytest.mark.parametrize("estimator", ["mle", "ple"])
+def test_gan_discriminator_trains_and_the_hypernetwork_emits_the_generator_only(estimator):
+    fam, x = family("gan"), digits_like()
+    options = {"ple": PLE} if estimator == "ple" else {}
+    torch.manual_seed(0)
+    start = fam.build()  # the fit's initialization (estimators seed torch before building)
+    model = fit(estimator, fam, x, seed=0, train={"epochs": 3, "batch_size": 32}, **options)
+    for name, p in start.discriminator.named_parameters():
+        assert not torch.allclose(p, model.module.discriminator.get_parameter(name)), name
+    generator = {f"generator.{k}": p for k, p in start.generator.named_parameters()}
+    fitted = model.tensors()
+    assert any(not torch.allclose(p, fitted[k]) for k, p in generator.items())  # the generator trained as well
+    if estimator == "ple":
+        assert set(model.weights) == set(generator)
+        assert model.hyper.num_emitted == sum(p.numel() for p in generator.values())
+
+
+def test_verdicts_follow_the_stated_rule():
+    from flows.studies.families import verdict
+    from tasks.stats import paired
+
+    lower = paired([1.0, 2.0, 3.0, 4.0], [3.0, 4.1, 5.0, 6.2])
+    noisy = paired([1.0, 5.0, 2.0, 4.0], [3.0, 4.0, 3.0, 3.5])
+    higher = paired([3.0, 4.1, 5.0, 6.2], [1.0, 2.0, 3.0, 4.0])
+    assert verdict(lower, lower) == "reproduced"
+    assert verdict(lower, noisy) == "partly" and noisy.mean < 0
+    assert verdict(noisy, noisy) == "not reproduced"
+    assert verdict(lower, higher) == "not reproduced"
+
+
+def read(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_families_study_runs_every_new_family_through_the_loop(project, prefect_server):
+    from flows.studies import paper_study, write_results
+
+    loop = {key: value for key, value in tiny(model=TINY_PARAMS, train__epochs=2, ple=PLE).items()
+            if key in ("model", "train", "ple", "classifier", "score", "data")}  # the study's own params
+    params = tiny(studies={"families": {"families": ["flow", "diffusion", "gan"], "estimators": ["mle", "ple"],
+                                        "seeds": [0, 1], "generations": 2, "params": loop}})
+    paper_study("families", params=params, root=str(project))
+    folder = project / "reports" / "families"
+    summary = read(folder / "families.csv")
+    assert sorted((s["family"], s["estimator"], s["generation"], s["runs"]) for s in summary) == sorted(
+        (f, e, g, "2") for f in ("flow", "diffusion", "gan") for e in ("mle", "ple") for g in ("0", "1"))
+    runs = read(folder / "families_runs.csv")
+    assert all(math.isfinite(float(r["fid"])) for r in runs)
+    assert all(math.isfinite(float(r["bpd"])) for r in runs if r["family"] == "flow")
+    assert (folder / "families.png").is_file()
+    assert (project / "data" / "studies" / "families-gan" / "ple-s1.dvc").is_file()
+    results = write_results(project).read_text()
+    assert "## Families" in results and results.count("| 1. PLE slows collapse (vs mle) |") == 3
+    assert any(v in results for v in ("**reproduced**", "**partly**", "**not reproduced**"))
