@@ -7,8 +7,8 @@ import time
 import numpy as np
 import torch
 
-from models.estimators import (ESTIMATORS, TrainSettings, adam, finish_batchnorm, minibatches, mixed_precision, timed,
-                               weighted_mean)
+from models.estimators import (ESTIMATORS, TrainSettings, adam, compiled, finish_batchnorm, minibatches,
+                               mixed_precision, timed, weighted_mean)
 from models.families import FittedTorchModel, TorchFamily
 
 
@@ -25,14 +25,14 @@ def fit_mle(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, seed: i
     data = torch.as_tensor(x, dtype=torch.float32, device=device)
     weight = None if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float32, device=device)
     optimizer = adam(module.parameters(), train.lr, device)
+    loss_of = compiled(lambda batch, w: weighted_mean(family.nll(module, batch), w), train.compile)
 
     started, loss = time.perf_counter(), torch.tensor(float("nan"))
     module.train()
     for _ in range(train.epochs):
-        for idx in minibatches(len(data), train.batch_size, generator):
-            idx = idx.to(device)
+        for idx in minibatches(len(data), train.batch_size, generator, device):
             with mixed_precision(device, train.precision):
-                loss = weighted_mean(family.nll(module, data[idx]), None if weight is None else weight[idx])
+                loss = loss_of(data[idx], None if weight is None else weight[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
