@@ -100,18 +100,33 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, ple: PL
         history["nll"].append(float(nll_sum) / max(steps, 1))
         history["penalty"].append(float(penalty_sum) / penalty_steps if penalty_steps else math.nan)
 
-    with torch.no_grad():
-        final = {k: v.detach() for k, v in hyper.emit(hyper.streamed_embedding(family.hyper_features(data))).items()}
+    return finish(family, target, hyper, data, train, ple, history, started)
+
+
+def finish(family: TorchFamily, target: torch.nn.Module, hyper: HyperNetwork, data: torch.Tensor,
+           train: TrainSettings, ple: PLESettings, history: dict[str, list[float]], started: float) -> FittedTorchModel:
+    """The fitted model: H over the whole training set, batchnorm statistics under it, the training summary."""
+    final = final_weights(family, hyper, data)
     finish_batchnorm(family, target, final, data, train)
     target.eval()
+    return FittedTorchModel(family, target, final, info=summary(ple, history, started, hyper), hyper=hyper)
+
+
+@torch.no_grad()
+def final_weights(family: TorchFamily, hyper: HyperNetwork, data: torch.Tensor) -> dict[str, torch.Tensor]:
+    """H over the whole training set (a streamed mean of h1: exact for any batch size or order)."""
+    return {k: v.detach() for k, v in hyper.emit(hyper.streamed_embedding(family.hyper_features(data))).items()}
+
+
+def summary(ple: PLESettings, history: dict[str, list[float]], started: float, hyper: HyperNetwork) -> dict:
+    """The fit's info: last epoch's NLL and penalty, the penalty's share of the objective, seconds, history."""
     last_penalty = next((v for v in reversed(history["penalty"]) if math.isfinite(v)), math.nan)
-    info = {"train_loss": history["nll"][-1] if history["nll"] else math.nan, "train_penalty": last_penalty,
+    return {"train_loss": history["nll"][-1] if history["nll"] else math.nan, "train_penalty": last_penalty,
             # how much of the objective the penalty is, in the last epoch: lam * penalty / (nll + lam * penalty)
             "penalty_share": (ple.lam * last_penalty / (history["nll"][-1] + ple.lam * last_penalty)
                               if math.isfinite(last_penalty) and history["nll"] else 0.0),
             "fit_seconds": time.perf_counter() - started, "hyper_weights": sum(p.numel() for p in hyper.parameters()),
             "history": history}
-    return FittedTorchModel(family, target, final, info=info, hyper=hyper)
 
 
 def objective(family: TorchFamily, target: torch.nn.Module, hyper: HyperNetwork, batch: torch.Tensor,
