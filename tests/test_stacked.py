@@ -127,3 +127,46 @@ def test_bad_input_is_refused_before_any_work():
     assert not stackable("mle", gaussian) and not stackable("ple_closed", gaussian)  # closed forms, not minibatches
     with pytest.raises(ValueError, match="cannot fit the gaussian family stacked"):
         fit_stacked("mle", gaussian, [np.zeros((20, 1))], seeds=[0])
+
+
+# --- lineages in lockstep (tasks/lockstep.py) ----------------------------------------------------------------------
+
+
+def open_study(tmp_path, lineages):
+    from tasks.generation import open_lineage
+    from tasks.layout import StudyPaths
+    from tasks.params import validate
+    from tasks.realdata import prepare_real_data
+    from tasks.scorers import build_scorer
+    from tests.conftest import tiny
+
+    p = validate(tiny(lineages=lineages))
+    paths = StudyPaths(tmp_path, p.study.name)
+    real = prepare_real_data(p, paths)
+    scorer, _ = build_scorer(p, real, paths.cache, torch.device("cpu"))
+    return real, [open_lineage(p, spec.name, paths, real, scorer, torch.device("cpu")) for spec in p.lineages]
+
+
+def test_lineages_of_one_recipe_run_in_lockstep_and_a_group_of_one_is_the_lineage_alone(tmp_path):
+    from tasks.generation import run_generation
+    from tasks.layout import generation_files
+    from tasks.lockstep import lockstep_groups, run_lockstep_generation
+
+    real, lineages = open_study(tmp_path, [{"name": "mle", "seeds": [0, 1]}, {"name": "ple", "seeds": [0]},
+                                           {"name": "iw", "estimator": "mle", "mitigation": "importance",
+                                            "seeds": [0, 1]}])
+    names = [[lin.name for lin in group] for group in lockstep_groups(lineages)]
+    assert names == [["mle-s0", "mle-s1"], ["ple-s0"], ["iw-s0"], ["iw-s1"]]  # importance weights the fit itself
+
+    alone = run_generation(lineages[0], 0, real.train)
+    [together] = run_lockstep_generation(lineages[:1], 0, [real.train])
+    np.testing.assert_allclose(together.next_dataset.pixels, alone.next_dataset.pixels, atol=1e-4)
+    assert together.manifest["metrics"]["fid"] == pytest.approx(alone.manifest["metrics"]["fid"], rel=1e-3)
+
+    pair = run_lockstep_generation(lineages[:2], 0, [real.train] * 2)
+    for lineage, generation in zip(lineages[:2], pair):
+        assert (lineage.folder / generation_files(0)["manifest"]).is_file()
+        assert generation.manifest["info"]["stacked_members"] == 2
+    assert not np.allclose(pair[0].next_dataset.pixels, pair[1].next_dataset.pixels, atol=1e-3)  # own seeds
+    with pytest.raises(ValueError, match="cannot share a stacked fit"):
+        run_lockstep_generation([lineages[0], lineages[2]], 0, [real.train] * 2)
