@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,13 +43,29 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+
+def without_prefect() -> None:
+    """Let ``tasks`` import where Prefect is not installed: the GPU machines' image has PyTorch but no Prefect
+    (nor MLflow or DVC, which this benchmark does not import). Its steps are plain functions, so Prefect's task
+    decorator, used at import time to make the flow's steps, may as well be the identity."""
+    try:
+        import prefect  # noqa: F401
+    except ImportError:
+        stub, policies = types.ModuleType("prefect"), types.ModuleType("prefect.cache_policies")
+        stub.task = lambda fn, **_: fn
+        policies.NO_CACHE = None
+        sys.modules.update({"prefect": stub, "prefect.cache_policies": policies})
+
+
+without_prefect()
+
 import models.estimators.mle as mle_module  # noqa: E402
 import models.estimators.ple as ple_module  # noqa: E402
 from models.estimators import fit  # noqa: E402
 from tasks.generation import PLAIN, open_lineage, resolve_device, run_generation  # noqa: E402
 from tasks.layout import StudyPaths  # noqa: E402
 from tasks.lockstep import lockstep_groups, run_lockstep_generation  # noqa: E402
-from tasks.params import load  # noqa: E402
+from tasks.params import load_raw, validate  # noqa: E402
 from tasks.realdata import prepare_real_data  # noqa: E402
 from tasks.scorers import build_scorer  # noqa: E402
 
@@ -76,6 +93,9 @@ class Sizes:
 
 FULL = Sizes(rows=60_000, hidden=[512, 512, 256, 128, 64], latent=16, small_batch=1024, large_batch=4096, short=1,
              long=6, lineages=(1, 8, 32), generations=2)
+# The CPU table of docs/performance.md: the same model, batches and lineages, a fifth of the images per epoch.
+CPU = Sizes(rows=12_288, hidden=[512, 512, 256, 128, 64], latent=16, small_batch=1024, large_batch=4096, short=1,
+            long=3, lineages=(1, 8, 32), generations=1, cpu_baseline=False)
 QUICK = Sizes(rows=256, hidden=[64, 64, 32, 32, 16], latent=4, small_batch=64, large_batch=128, short=1, long=4,
               lineages=(1, 2), generations=1,
               study=["train.epochs=3", "classifier.epochs=1", "score.samples=80", "score.kid_subset_size=40"],
@@ -203,7 +223,9 @@ def compiled_rows(table: Table, budget: Budget, device: torch.device, sizes: Siz
 
 
 def open_study(overrides: list[str], device: torch.device, root: Path):
-    p = load(REPO / "params.yaml", overrides)
+    raw = load_raw(REPO / "params.yaml", overrides)
+    raw.pop("studies", None)  # the paper studies' sizes: registered by flows/, which needs Prefect, and unused here
+    p = validate(raw)
     paths = StudyPaths(root, p.study.name)
     real = prepare_real_data(p, paths)
     scorer, _ = build_scorer(p, real, paths.cache, device)
@@ -274,10 +296,10 @@ def study_rows(table: Table, budget: Budget, device: torch.device, sizes: Sizes,
                       f"{TEAM_CPU_GENERATION[estimator]} s (README)")
 
 
-def header(device: torch.device, args) -> list[str]:
+def header(device: torch.device, command: list[str]) -> list[str]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     load1, load5, _ = os.getloadavg()
-    return [f"# benchmarks/gpu.py{' --quick' if args.quick else ''}",
+    return [f"# python benchmarks/gpu.py {' '.join(command)}".rstrip(),
             "",
             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; device {device} ({name}); torch {torch.__version__}; "
             f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; load average {load1:.2f} / "
@@ -287,6 +309,8 @@ def header(device: torch.device, args) -> list[str]:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the CPU (seconds)")
+    parser.add_argument("--cpu-sizes", action="store_true",
+                        help="the CPU table's sizes: 12,288 images per epoch, 1 generation per lineage (20+ minutes)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     parser.add_argument("--out", type=Path, help="also write the table here (rewritten after every row)")
     parser.add_argument("--budget", type=float, default=330.0, help="seconds; rows that no longer fit are skipped")
@@ -296,13 +320,13 @@ def main(argv: list[str] | None = None) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    sizes = QUICK if args.quick else FULL
+    sizes = QUICK if args.quick else CPU if args.cpu_sizes else FULL
     device = resolve_device(args.device)
     budget = Budget(args.budget)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # what a GPU user runs: tf32 matmuls for fp32 weights
         torch.backends.cudnn.allow_tf32 = True
-    table = Table(args.out, header(device, args))
+    table = Table(args.out, header(device, sys.argv[1:] if argv is None else argv))
     print("\n".join(table.header), flush=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:  # one project for both studies: the classifier is trained once
