@@ -125,6 +125,12 @@ def test_bad_input_is_refused_before_any_work():
     (_, settings), = entry.settings.items()
     gaussian = entry.obj((1,), settings())
     assert not stackable("mle", gaussian) and not stackable("ple_closed", gaussian)  # closed forms, not minibatches
+
+    class Adversarial(Autoencoder):  # trains more than its NLL (a GAN's discriminator step)
+        def auxiliary_step(self, module, lr, device):
+            return None
+
+    assert stackable("mle", Autoencoder((64,))) and not stackable("mle", Adversarial((64,)))
     with pytest.raises(ValueError, match="cannot fit the gaussian family stacked"):
         fit_stacked("mle", gaussian, [np.zeros((20, 1))], seeds=[0])
 

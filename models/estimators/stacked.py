@@ -44,10 +44,18 @@ from models.hypernet import HyperNetwork
 Tensors = dict[str, torch.Tensor]
 
 
+# Hooks by which a family trains otherwise than by its NLL alone (a GAN's discriminator step, a subset of weights):
+# a family that overrides one is fitted alone, since the stacked step runs the NLL only.
+OWN_TRAINING_HOOKS = ("auxiliary_step", "trained_parameters")
+
+
 def stackable(name: str, family: TorchFamily) -> bool:
-    """Whether :func:`fit_stacked` can fit ``family`` with the named estimator (it trains by minibatches)."""
+    """Whether :func:`fit_stacked` can fit ``family`` with the named estimator: it trains the family by minibatches
+    of its NLL (no closed form, no training hooks of the family's own)."""
     obj = ESTIMATORS.entry(name).obj
-    return obj is fit_ple or (obj is fit_mle and not hasattr(family, "fit_mle"))
+    own_hooks = any(getattr(type(family), hook, None) is not getattr(TorchFamily, hook, None)
+                    for hook in OWN_TRAINING_HOOKS)
+    return not own_hooks and (obj is fit_ple or (obj is fit_mle and not hasattr(family, "fit_mle")))
 
 
 def fit_stacked(name: str, family: TorchFamily, xs: Sequence[np.ndarray], *, seeds: Sequence[int],
