@@ -132,7 +132,7 @@ def vmapped(wrapper: nn.Module, randomness: str, *batched: bool):
     """``f(tensors, *args)``: ``functional_call(wrapper, tensors, args)`` for every member at once (vmap over the
     leading axis of ``tensors``, and of each argument whose ``batched`` flag is set)."""
     def member(tensors: Tensors, *args):
-        return functional_call(wrapper, tensors, args)
+        return functional_call(wrapper, tensors, args, tie_weights=False)  # no tied weights: skip the search
     return vmap(member, in_dims=(0, *(0 if b else None for b in batched)), randomness=randomness)
 
 
