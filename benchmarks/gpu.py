@@ -1,7 +1,11 @@
 """The GPU benchmark of issue 17, prepared to run once on a lent GPU: it prints one table (and writes it to --out).
 
-    timeout 420 python benchmarks/gpu.py --out $OUT/gpu.md     # on the GPU machine: about 5 minutes on an H100
-    python benchmarks/gpu.py --quick                            # the CPU, tiny sizes, seconds (a test runs it)
+    timeout 480 python3 benchmarks/gpu.py --out $OUT/gpu.md   # on a GPU machine: 6 to 7 minutes on an H100
+    python benchmarks/gpu.py --quick                           # the CPU, tiny sizes, seconds (a test runs it)
+    python benchmarks/gpu.py --cpu-sizes --threads 1           # docs/performance.md's CPU table (15 minutes here)
+
+On the GPU machines' image (no Prefect, pydantic or torch-fidelity) first run ``bash benchmarks/gpu_wheels.sh``
+here and carry ``.whl``: docs/performance.md, "The GPU benchmark: what a GPU session runs", has the one command.
 
 Rows, in order of priority (an internal budget, --budget seconds, skips what no longer fits; each row is written
 to --out as soon as it is measured, so a run cut short still leaves its table):
@@ -14,7 +18,8 @@ to --out as soon as it is measured, so a run cut short still leaves its table):
    the final batchnorm pass and compilation cancel out. The PLE/MLE ratio is of epoch times.
 2. **Lineages per hour**: digits lineages of the default study (MLE, 500 epochs, batch 64, all of a generation:
    fit, sample, score, save), one at a time vs S = 1, 8, 32 seeds in lockstep with stacked fits
-   (``tasks.lockstep``). Measured over ``generations`` generations and scaled to the default study's 5.
+   (``tasks.lockstep``). Measured over ``generations`` generations and scaled to the default study's 5. With the
+   compiled rows: one at a time vs S = 32, both with ``train.compile``.
 3. **The default study's time per generation**: generation 0 of the MLE and PLE lineages on this device and on
    this host's CPU, next to the figure measured on the team's 2-core CPU VM (README, "Speed of PLE").
 
