@@ -35,8 +35,8 @@ class TrainSettings(Settings):
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 1e-3
     precision: str = Field("fp32", pattern=r"^(fp32|bf16)$")  # bf16: autocast forward passes (weights stay fp32)
-    # torch.compile of the training step's forward and loss (pays on a GPU at MNIST size, docs/performance.md;
-    # on a small CPU model its compile time outweighs the fit). Same math, so not in the resume hash.
+    # torch.compile of the training step's loss, meant for GPUs (benchmarks/gpu.py measures it; on the team's CPU
+    # it did not pay, docs/performance.md). Same math, so not in the resume hash, like the device.
     compile: bool = False
     # After training, recompute every batchnorm's statistics exactly over the training set under the final
     # weights. Every estimator does the same, so no estimator is favoured by its batchnorm statistics.
