@@ -37,9 +37,14 @@ class TrainSettings(Settings):
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 1e-3
     precision: str = Field("fp32", pattern=r"^(fp32|bf16)$")  # bf16: autocast forward passes (weights stay fp32)
+    # torch.compile of the training step's loss, meant for GPUs (benchmarks/gpu.py measures it; on the team's CPU
+    # it did not pay, docs/performance.md). Same math, so not in the resume hash, like the device.
+    compile: bool = False
     # After training, recompute every batchnorm's statistics exactly over the training set under the final
     # weights. Every estimator does the same, so no estimator is favoured by its batchnorm statistics.
     recalibrate_batchnorm: bool = True
+
+    not_hashed = frozenset({"compile"})
 
 
 def section_values(cls: type[Settings], given: BaseModel | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -57,6 +62,16 @@ def fit(name: str, family: TorchFamily, x: np.ndarray, *, seed: int, device: tor
     ``ple``, ...), as params sections or dicts; what is not given takes the settings class's default.
     ``progress(done, total)`` is called after each epoch by estimators that take it (closed forms do not)."""
     entry = ESTIMATORS.entry(name)
+    kwargs = estimator_settings(name, sections)
+    if progress is not None and "progress" in inspect.signature(entry.obj).parameters:
+        kwargs["progress"] = progress
+    return entry.obj(family, x, seed=seed, device=torch.device(device), sample_weight=sample_weight, **kwargs)
+
+
+def estimator_settings(name: str, sections: dict[str, BaseModel | Mapping[str, Any]]) -> dict[str, Settings]:
+    """The named estimator's settings, validated, by keyword (``train``, ``ple``), with its ``fixed`` values."""
+    entry = ESTIMATORS.entry(name)
+    sections = dict(sections)
     kwargs = {}
     for path, cls in entry.settings.items():
         key = path.rsplit(".", 1)[-1]
@@ -65,17 +80,17 @@ def fit(name: str, family: TorchFamily, x: np.ndarray, *, seed: int, device: tor
         kwargs[key] = cls.model_validate(values)
     if sections:
         raise TypeError(f"estimator {name!r} reads no settings {sorted(sections)} (it reads {sorted(kwargs)})")
-    if progress is not None and "progress" in inspect.signature(entry.obj).parameters:
-        kwargs["progress"] = progress
-    return entry.obj(family, x, seed=seed, device=torch.device(device), sample_weight=sample_weight, **kwargs)
+    return kwargs
 
 
-def minibatches(n: int, batch_size: int, generator: torch.Generator):
+def minibatches(n: int, batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu"):
     """Shuffled index batches covering 0..n-1 once; the last short batch is dropped unless it is the only one.
 
-    BatchNorm needs more than one row per batch, and a ragged last batch of 1 would crash it.
+    BatchNorm needs more than one row per batch, and a ragged last batch of 1 would crash it. The order is drawn
+    on the CPU generator (the same batches on every device) and copied to ``device`` once per epoch: a copy per
+    step would make the host wait for the GPU at every step.
     """
-    order = torch.randperm(n, generator=generator)
+    order = torch.randperm(n, generator=generator).to(device)
     stop = n - n % batch_size if n > batch_size else n
     for start in range(0, stop, batch_size):
         yield order[start:start + batch_size]
@@ -84,6 +99,12 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator):
 def adam(parameters, lr: float, device: torch.device) -> torch.optim.Adam:
     """Adam with the fused kernel (one pass over all parameters; 6x faster than the default step on CPU here)."""
     return torch.optim.Adam(parameters, lr=lr, fused=device.type in ("cpu", "cuda"))
+
+
+def compiled(fn, enabled: bool):
+    """``torch.compile(fn)`` when ``train.compile`` asks for it; every step has the same batch shape (the ragged
+    last batch is dropped), so one static graph serves the whole fit."""
+    return torch.compile(fn, dynamic=False) if enabled else fn
 
 
 def mixed_precision(device: torch.device, precision: str):

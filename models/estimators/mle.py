@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 
-from models.estimators import (ESTIMATORS, Progress, TrainSettings, adam, finish_batchnorm, minibatches,
+from models.estimators import (ESTIMATORS, Progress, TrainSettings, adam, compiled, finish_batchnorm, minibatches,
                                mixed_precision, timed, weighted_mean)
 from models.families import FittedTorchModel, TorchFamily
 
@@ -34,16 +34,16 @@ def fit_mle(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, seed: i
     weight = None if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float32, device=device)
     optimizer = adam(family.trained_parameters(module).values(), train.lr, device)
     auxiliary = family.auxiliary_step(module, train.lr, device)  # a GAN's discriminator step; None for the others
+    loss_of = compiled(lambda batch, w: weighted_mean(family.nll(module, batch), w), train.compile)
 
     started, loss = time.perf_counter(), torch.tensor(float("nan"))
     module.train()
     for epoch in range(train.epochs):
-        for idx in minibatches(len(data), train.batch_size, generator):
-            idx = idx.to(device)
+        for idx in minibatches(len(data), train.batch_size, generator, device):
             with mixed_precision(device, train.precision):
                 if auxiliary is not None:
                     auxiliary(data[idx], None, None if weight is None else weight[idx])
-                loss = weighted_mean(family.nll(module, data[idx]), None if weight is None else weight[idx])
+                loss = loss_of(data[idx], None if weight is None else weight[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from pydantic import Field, PositiveInt
 
-from models.estimators import (ESTIMATORS, Progress, TrainSettings, adam, finish_batchnorm, minibatches,
+from models.estimators import (ESTIMATORS, Progress, TrainSettings, adam, compiled, finish_batchnorm, minibatches,
                                mixed_precision, weighted_mean)
 from models.families import FittedTorchModel, TorchFamily
 from models.hypernet import HyperNetwork
@@ -70,7 +70,7 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, ple: PL
     # The penalty's randomness (synthetic sets, sampled weight entries) has streams of its own, so switching the
     # penalty on changes nothing else: at lambda -> 0 PLE is the lambda = 0 control, step for step.
     sample_generator = torch.Generator(device=device).manual_seed(seed + 1)
-    entry_generator = torch.Generator().manual_seed(seed + 2)
+    entry_generator = torch.Generator(device=device).manual_seed(seed + 2)  # on the device: no copy per step
     target = family.build().to(device)
     data = torch.as_tensor(x, dtype=torch.float32, device=device)
     features = family.hyper_features(data[:2])
@@ -81,53 +81,91 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, ple: PL
     auxiliary = family.auxiliary_step(target, train.lr, device)  # a GAN's discriminator step; None for the others
     dims = family.nll_units()
     every = ple.penalty_every
+    step_objective = compiled(objective, train.compile)
 
     started = time.perf_counter()
     history: dict[str, list[float]] = {"nll": [], "penalty": []}
     target.train()
     step = 0
     for epoch in range(train.epochs):
-        nll_sum, penalty_sum, steps, penalty_steps = torch.zeros(()), torch.zeros(()), 0, 0
-        for idx in minibatches(len(data), train.batch_size, order_generator):
+        # Sums stay on the device, read once per epoch: reading them every step would make the host wait each step.
+        nll_sum, penalty_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+        steps, penalty_steps = 0, 0
+        for idx in minibatches(len(data), train.batch_size, order_generator, device):
             step += 1
-            idx = idx.to(device)
-            batch = data[idx]
+            penalize = ple.lam > 0 and step % every == 0
+            entries = penalty_entries(ple, hyper, entry_generator, device) if penalize else None
+            w = None if weight is None else weight[idx]
             with mixed_precision(device, train.precision):
-                e_x = hyper.embed(family.hyper_features(batch))
-                weights = hyper.emit(e_x)
-                if auxiliary is not None:  # against the model H(X) defines now
-                    auxiliary(batch, weights, None if weight is None else weight[idx])
-                nll = weighted_mean(family.nll(target, batch, weights), None if weight is None else weight[idx]) / dims
-                loss = nll
-                if ple.lam > 0 and step % every == 0:
-                    entries = None
-                    if ple.penalty_entries is not None and ple.penalty_entries < hyper.num_emitted:
-                        entries = torch.randint(hyper.num_emitted, (ple.penalty_entries,),
-                                                generator=entry_generator).to(device)
-                    value = penalty(family, target, hyper, e_x, weights, len(batch), ple.m, sample_generator, entries)
-                    loss = nll + ple.lam * every * value  # lazy: every k-th step, k times the weight
-                    penalty_sum, penalty_steps = penalty_sum + value.detach().float().cpu(), penalty_steps + 1
+                loss, nll, value = step_objective(family, target, hyper, data[idx], w, ple, dims, sample_generator,
+                                                  entries, penalize, auxiliary)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            nll_sum, steps = nll_sum + nll.detach().float().cpu(), steps + 1
+            if penalize:
+                penalty_sum, penalty_steps = penalty_sum + value.detach().float(), penalty_steps + 1
+            nll_sum, steps = nll_sum + nll.detach().float(), steps + 1
         history["nll"].append(float(nll_sum) / max(steps, 1))
         history["penalty"].append(float(penalty_sum) / penalty_steps if penalty_steps else math.nan)
         if progress is not None:
             progress(epoch + 1, train.epochs)
 
-    with torch.no_grad():
-        final = {k: v.detach() for k, v in hyper.emit(hyper.streamed_embedding(family.hyper_features(data))).items()}
+    return finish(family, target, hyper, data, train, ple, history, started)
+
+
+def finish(family: TorchFamily, target: torch.nn.Module, hyper: HyperNetwork, data: torch.Tensor,
+           train: TrainSettings, ple: PLESettings, history: dict[str, list[float]], started: float) -> FittedTorchModel:
+    """The fitted model: H over the whole training set, batchnorm statistics under it, the training summary."""
+    final = final_weights(family, hyper, data)
     finish_batchnorm(family, target, final, data, train)
     target.eval()
+    return FittedTorchModel(family, target, final, info=summary(ple, history, started, hyper), hyper=hyper)
+
+
+@torch.no_grad()
+def final_weights(family: TorchFamily, hyper: HyperNetwork, data: torch.Tensor) -> dict[str, torch.Tensor]:
+    """H over the whole training set (a streamed mean of h1: exact for any batch size or order)."""
+    return {k: v.detach() for k, v in hyper.emit(hyper.streamed_embedding(family.hyper_features(data))).items()}
+
+
+def summary(ple: PLESettings, history: dict[str, list[float]], started: float, hyper: HyperNetwork) -> dict:
+    """The fit's info: last epoch's NLL and penalty, the penalty's share of the objective, seconds, history."""
     last_penalty = next((v for v in reversed(history["penalty"]) if math.isfinite(v)), math.nan)
-    info = {"train_loss": history["nll"][-1] if history["nll"] else math.nan, "train_penalty": last_penalty,
+    return {"train_loss": history["nll"][-1] if history["nll"] else math.nan, "train_penalty": last_penalty,
             # how much of the objective the penalty is, in the last epoch: lam * penalty / (nll + lam * penalty)
             "penalty_share": (ple.lam * last_penalty / (history["nll"][-1] + ple.lam * last_penalty)
                               if math.isfinite(last_penalty) and history["nll"] else 0.0),
             "fit_seconds": time.perf_counter() - started, "hyper_weights": sum(p.numel() for p in hyper.parameters()),
             "history": history}
-    return FittedTorchModel(family, target, final, info=info, hyper=hyper)
+
+
+def objective(family: TorchFamily, target: torch.nn.Module, hyper: HyperNetwork, batch: torch.Tensor,
+              weight: torch.Tensor | None, ple: PLESettings, dims: float, generator: torch.Generator,
+              entries: torch.Tensor | None, penalize: bool,
+              auxiliary=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One step's (loss, NLL per unit, penalty or None) on ``batch``: Eq. 5, the penalty on lazy steps only
+    (``penalize``, weighted penalty_every * lam). ``auxiliary``: the family's own step (a GAN's discriminator),
+    run first, against the model H(X) defines now. The stacked estimator (``stacked.py``) runs the same function
+    for S members at once."""
+    e_x = hyper.embed(family.hyper_features(batch))
+    weights = hyper.emit(e_x)
+    if auxiliary is not None:
+        auxiliary(batch, weights, weight)
+    nll = weighted_mean(family.nll(target, batch, weights), weight) / dims
+    if not penalize:
+        return nll, nll, None
+    value = penalty(family, target, hyper, e_x, weights, len(batch), ple.m, generator, entries)
+    return nll + ple.lam * ple.penalty_every * value, nll, value  # lazy: every k-th step, k times the weight
+
+
+def penalty_entries(ple: PLESettings, hyper: HyperNetwork, generator: torch.Generator, device: torch.device,
+                    members: int | None = None) -> torch.Tensor | None:
+    """The weight entries the penalty evaluates this step (``ple.penalty_entries`` of them; None: every entry),
+    [members, k] for a stacked fit."""
+    if ple.penalty_entries is None or ple.penalty_entries >= hyper.num_emitted:
+        return None
+    shape = (ple.penalty_entries,) if members is None else (members, ple.penalty_entries)
+    return torch.randint(hyper.num_emitted, shape, generator=generator, device=device)
 
 
 def penalty(family: TorchFamily, target: torch.nn.Module, hyper: HyperNetwork, e_x: torch.Tensor,
