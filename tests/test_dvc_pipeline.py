@@ -149,15 +149,16 @@ def test_each_paper_stage_depends_on_its_own_module_and_what_it_imports():
     from flows.studies import STUDIES
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    modules = {name: f"flows/studies/{name}.py" for name in STUDIES.names()}
+    module_file = lambda study: study.__module__.replace(".", "/") + ".py"  # noqa: E731
+    modules = {e.name: module_file(e.obj) for e in STUDIES.entries()}
     for name, study in ((e.name, e.obj) for e in STUDIES.entries()):
         stage = stages[name]
-        needed = imported_files(f"flows.studies.{name}")
+        needed = imported_files(study.__module__)
         if "flows/loop.py" in needed:  # the loop finds its parts at run time
             needed |= {str(f.relative_to(REPO)) for pkg in PLUGIN_PACKAGES for f in (REPO / pkg).glob("*.py")}
         missing = sorted(f for f in needed if not covered(f, stage["deps"]))
         assert not missing, f"stage {name} does not depend on code it runs: {missing}"
-        others = [m for other, m in modules.items() if other != name and covered(m, stage["deps"])]
+        others = [m for other, m in modules.items() if m != modules[name] and covered(m, stage["deps"])]
         assert not others, f"stage {name} depends on other studies' modules: {others}"
         assert stage["params"] == ["seed", *study.params, f"studies.{name}"], name
         assert stage["cmd"] == f"madloop study {name}"
