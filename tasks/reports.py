@@ -427,11 +427,12 @@ def study_on_disk(p: Params, paths: StudyPaths) -> tuple[list[dict[str, Any]], l
     folders = sorted(d for d in paths.data.iterdir() if d.is_dir() and d.name != REAL) if paths.data.is_dir() else []
     for folder in folders:
         finished = []
-        for _, path in manifests(folder):
+        for k, path in manifests(folder):
             try:
                 finished.append(read_manifest(path))
-            except CorruptOutputError as err:  # a run of these params reports it and redoes the generation
-                notes.append(f"{folder.name}: {err}; this and later generations are not shown")
+            except CorruptOutputError as err:  # as collect_rows: the next run reports it and redoes the generation
+                warnings.warn(f"{err}; lineage {folder.name}: generation {k} and later are left out (the next run "
+                              "redoes them)")
                 break
         if not finished:
             continue

@@ -95,7 +95,7 @@ def temp_files(root: Path) -> list[Path]:
 
 def mlflow_runs(root: Path) -> tuple[list, list]:
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("crash")
+    exp = client.get_experiment_by_name("madloop/crash")
     runs = [r for r in client.search_runs([exp.experiment_id], max_results=1000) if r.info.lifecycle_stage == "active"]
     return ([r for r in runs if "mlflow.parentRunId" not in r.data.tags],
             [r for r in runs if "mlflow.parentRunId" in r.data.tags])
@@ -152,8 +152,9 @@ def reference(tmp_path_factory, prefect_server) -> dict:
 
 def test_dvc_add_records_each_generation_as_it_finishes(reference):
     lineage_adds = [add["mle"] for add in reference["adds"] if "mle" in add]
-    assert len(lineage_adds) == GENERATIONS  # once per generation, right after it
-    for k, tracked in enumerate(lineage_adds):
+    # once per generation, right after it (and the study's one add of all its lineages at the end, unchanged)
+    assert len(lineage_adds) == GENERATIONS + 1 and lineage_adds[-1] == lineage_adds[-2]
+    for k, tracked in enumerate(lineage_adds[:GENERATIONS]):
         md5 = reference["snapshot"][k]["md5"]
         assert {name: tracked.get(name) for name in md5} == md5, k  # generation k's files, as its manifest says
         assert f"gen-{k + 1:03d}.json" not in tracked

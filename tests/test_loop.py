@@ -17,7 +17,7 @@ from flows.loop import run_study, self_consuming_loop
 from tasks.datasets import read_parquet
 from tasks.params import validate
 from tasks.resume import StaleOutputsError
-from tasks.storage import file_digest, read_json
+from tasks.storage import file_digest, read_json, read_manifest
 from tasks.versioning import tracked_md5s
 from tests.conftest import tiny
 
@@ -67,7 +67,7 @@ def test_two_generation_loop_end_to_end(project, prefect_server):
     for tag, value in {"lineage": "mle", "estimator": "mle", "loop_mode": "replace", "data_source": "digits",
                        "seed": "0"}.items():
         assert parent.data.tags[tag] == value
-    manifests = [read_json(folder / f"gen-{k:03d}.json")["metrics"] for k in (0, 1)]
+    manifests = [read_manifest(folder / f"gen-{k:03d}.json")["metrics"] for k in (0, 1)]
     for name in METRICS:  # every defined value at its step; an undefined one (NaN) is left out, not logged as NaN
         steps = sorted(m.step for m in client.get_metric_history(parent.info.run_id, name))
         defined = [k for k in (0, 1) if manifests[k][name] is not None and math.isfinite(manifests[k][name])]

@@ -253,7 +253,7 @@ def test_every_new_recipe_runs_two_generations_through_the_flow(project, prefect
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("tiny")
+    experiment = client.get_experiment_by_name("madloop/tiny")
     parents = {r.data.tags["lineage"]: r for r in client.search_runs([experiment.experiment_id], max_results=100)
                if "mlflow.parentRunId" not in r.data.tags}
     assert len(client.get_metric_history(parents["mle-verify"].info.run_id, "verifier_accuracy")) == 2

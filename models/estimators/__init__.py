@@ -38,13 +38,12 @@ class TrainSettings(Settings):
     lr: PositiveFloat = 1e-3
     precision: str = Field("fp32", pattern=r"^(fp32|bf16)$")  # bf16: autocast forward passes (weights stay fp32)
     # torch.compile of the training step's loss, meant for GPUs (benchmarks/gpu.py measures it; on the team's CPU
-    # it did not pay, docs/performance.md). Same math, so not in the resume hash, like the device.
+    # it did not pay, docs/performance.md). In the resume hash: the compiled step draws its random numbers (the
+    # VAE's reparameterization noise) differently, so the weights differ (up to 0.2 after 3 epochs, tested).
     compile: bool = False
     # After training, recompute every batchnorm's statistics exactly over the training set under the final
     # weights. Every estimator does the same, so no estimator is favoured by its batchnorm statistics.
     recalibrate_batchnorm: bool = True
-
-    not_hashed = frozenset({"compile"})
 
 
 def section_values(cls: type[Settings], given: BaseModel | Mapping[str, Any] | None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ statistics depend on its reparameterization noise. One seed, this 2-core VM.) Th
 scored, sampled and saved. w = 0 gives model k exactly, bit for bit.
 
 Logged: ``neon_w``, ``neon_step`` (the relative size of the self-training step, |theta_self - theta_k| /
-|theta_k|) and ``neon_seconds``.
+|theta_k|) as metrics; ``neon_seconds`` goes with ``fit_seconds`` into the manifest's info.
 """
 
 from __future__ import annotations
@@ -69,5 +69,6 @@ class Neon(Mitigation):
         module.eval()
         step = torch.cat([(tuned_weights[n] - base[n]).flatten() for n in parameters]).norm()
         size = torch.cat([base[n].flatten() for n in parameters]).norm()
-        info = {"neon_w": s.w, "neon_step": float(step / size), "neon_seconds": time.perf_counter() - started}
-        return FittedTorchModel(lin.family, module, info=dict(model.info)), info
+        # The time goes with fit_seconds into the manifest's info, not its metrics: a resume compares metrics.
+        timing = {**model.info, "neon_seconds": time.perf_counter() - started}
+        return FittedTorchModel(lin.family, module, info=timing), {"neon_w": s.w, "neon_step": float(step / size)}
