@@ -35,6 +35,7 @@ def test_dvc_repro_runs_resumes_versions_and_skips(project, subprocess_env, tmp_
     for name in ("flows", "tasks", "models"):
         shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    shutil.copytree(REPO / "reports", project / "reports")  # the committed evidence, which experiments must not touch
     shutil.copytree(REPO / ".dvc" / "plots", project / ".dvc" / "plots")  # templates and the offline page
     dvc(project, env, "config", "plots.html_template", "plots/offline.html")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -82,15 +83,29 @@ def test_dvc_repro_runs_resumes_versions_and_skips(project, subprocess_env, tmp_
     dvc(project, env, "get", str(project), "data/studies/tiny/mle/dataset-001.parquet", "-o", str(out))
     assert file_digest(out) == expected
 
+    # an experiment on the default study's training params re-runs that study only: the paper studies carry
+    # their own frozen params (studies.<name>.params), so their stages and committed reports stay as they are
+    evidence = {p: file_digest(p) for p in (project / "reports").rglob("*")
+                if p.is_file() and not p.is_relative_to(project / "reports" / "tiny")}
+    experiment = dvc(project, env, "exp", "run", "study", "-S", "train.epochs=2", "-n", "two-epochs")
+    assert "Running stage 'study'" in experiment.stdout
+    assert {p: file_digest(p) for p in evidence} == evidence
+    assert yaml.safe_load((project / "params.yaml").read_text())["train"]["epochs"] == 2
+    assert "two-epochs" in dvc(project, env, "exp", "list", "--name-only").stdout.split()
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    paper = [name for name, stage in stages.items() if "studies.%s" % name in stage.get("params", [])]
+    assert paper and all("train" not in stages[name]["params"] for name in paper)
+
 
 @pytest.mark.slow
 def test_the_paper_stages_are_locked_to_this_code(subprocess_env):
     """dvc.lock records the paper stages as built from the code in this checkout, so `dvc repro` on a fresh clone
     runs only the default study and not the 35 minutes of paper studies whose reports are committed. After a code
-    change that leaves their outputs as they are: `dvc commit -f table1 fig2 fig3 fig4`, then
+    change that leaves their outputs as they are: `dvc commit -f table1 fig2 ...` (the stages concerned), then
     `dvc repro -s results` (without -s, repro would re-run every stage upstream of it)."""
-    stale = json.loads(dvc(REPO, subprocess_env, "status", "--json", "fig4", "fig3", "table1", "fig2", "families",
-                           "results").stdout)
+    from flows.studies import STUDIES
+
+    stale = json.loads(dvc(REPO, subprocess_env, "status", "--json", *STUDIES.names(), "results").stdout)
     assert stale == {}, f"dvc.lock is behind the code for: {stale}"
 
 
