@@ -293,6 +293,12 @@ def recorded_children(client: MlflowClient, exp_id: str, parent_id: str,
     return done
 
 
+def logged_model_name(lineage: str, k: int) -> str:
+    """MLflow's name of generation k's weights: a lineage name may hold characters a logged model's may not
+    (``ple-lam0.01-s0``: MLflow refuses / : . % " '); they become ``_``."""
+    return re.sub(r"[/:.%\"']", "_", f"{lineage}-gen{k:03d}")
+
+
 def record_nested(client: MlflowClient, exp_id: str, parent_id: str, record: Record, params: dict[str, Any],
                   tags: dict[str, str]) -> str:
     """Generation k's nested run: params, scores at step k (linked to its logged model), the fit's own metrics,
@@ -301,7 +307,7 @@ def record_nested(client: MlflowClient, exp_id: str, parent_id: str, record: Rec
     run_id = client.create_run(exp_id, run_name=f"{lineage}-gen{k:03d}",
                                tags={"mlflow.parentRunId": parent_id, LINEAGE_TAG: lineage, GENERATION_TAG: str(k),
                                      **tags, **record.tags}).info.run_id
-    model = client.create_logged_model(exp_id, name=f"{lineage}-gen{k:03d}", source_run_id=run_id,
+    model = client.create_logged_model(exp_id, name=logged_model_name(lineage, k), source_run_id=run_id,
                                        tags={LINEAGE_TAG: lineage, GENERATION_TAG: str(k), "format": "safetensors",
                                              "dvc.path": str(record.tags["dvc.produced.path"]).rsplit("/", 1)[0]
                                              + "/" + record.model.name})

@@ -264,3 +264,12 @@ def test_the_documented_zombie_run_automation_is_a_valid_prefect_automation():
     text = (REPO / "docs" / "prefect" / "zombie-runs.yaml").read_text()
     automation = AutomationCore.model_validate(yaml.safe_load(text))
     assert automation.trigger.within.total_seconds() == 90 and automation.actions[0].state.value == "CRASHED"
+
+
+def test_logged_model_names_are_what_mlflow_accepts_for_any_lineage_name():
+    """The lambda sweep's lineages are named ple-lam0.01-s0: MLflow refuses '.' in a logged model's name."""
+    from tasks.tracking import logged_model_name
+
+    assert logged_model_name("mle", 3) == "mle-gen003"
+    assert logged_model_name("ple-lam0.01-s0", 0) == "ple-lam0_01-s0-gen000"
+    assert not set("/:.%\"'") & set(logged_model_name("a/b:c.d%e\"f'g", 12))
