@@ -11,6 +11,7 @@ sweep (App. J) runs on the small, imbalanced cells.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,6 +54,23 @@ class Fig3Settings(Settings):
     sweep_weights: list[float] = Field(default_factory=lambda: [0.1, 0.05])  # the lambda sweep's cells
     sweep_sizes: list[PositiveInt] = Field(default_factory=lambda: [20, 50])
     lams: list[float] = Field(default_factory=lambda: [0.0, 0.01, 0.1, 1.0, 10.0])
+    # Cells computed at once, each on one torch thread (1: one cell at a time on torch's threads). Every cell
+    # draws from random streams of its own, so the numbers do not depend on it.
+    cells_at_once: PositiveInt = 2
+
+
+@contextmanager
+def torch_threads(count: int | None):
+    """torch's intra-op threads set to ``count`` inside the block (None: unchanged), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def gmm_arrays(fits: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,7 +87,12 @@ def gmm_logpdf(y: np.ndarray, means, stds, weights) -> np.ndarray:
     z = (y[..., None] - means[:, None]) / stds[:, None]
     comp = np.log(np.maximum(weights[:, None], 1e-300)) - 0.5 * z ** 2 - np.log(stds[:, None]) \
         - 0.5 * math.log(2 * math.pi)
-    return np.logaddexp.reduce(comp, axis=-1)
+    # logaddexp over the K components one at a time: the same operations as np.logaddexp.reduce (bit for bit),
+    # without the generic reduction's strided loop over K = 2 (Monte Carlo KL of 100 seeds: 1.59 -> 0.96 s)
+    out = comp[..., 0]
+    for j in range(1, comp.shape[-1]):
+        out = np.logaddexp(out, comp[..., j])
+    return out
 
 
 def gmm_kl(fits: dict[str, np.ndarray], truth: dict[str, np.ndarray], samples: int, rng: np.random.Generator,
@@ -143,22 +166,32 @@ class Fig3(PaperStudy):
     def run(cls, study: StudyRun) -> dict[str, Any]:
         cfg, p = study.settings, study.params
         cells, sweep = [], []
-        with progress() as bar:
-            for weight in cfg.minority_weights:
-                for n in cfg.sizes:
-                    swept = weight in cfg.sweep_weights and n in cfg.sweep_sizes
-                    lams = sorted({cfg.lam, 0.0, *(cfg.lams if swept else [])})
-                    out = gmm_cell_task(weight, n, cfg=cfg.model_dump(), lams=lams, seed=p.seed,
-                                        progress=ticker(bar, f"fig3 w={weight:g} n={n}: PLE"))
-                    cells.append(cell_row(weight, n, cfg.seeds, cfg.lam, out))
-                    if swept:
-                        sweep += [{"minority_weight": weight, "n": n, "lam": lam,
-                                   "kl_mean": float(out["kl"][lam].mean()),
-                                   "kl_sem": float(out["kl"][lam].std(ddof=1) / math.sqrt(cfg.seeds)),
-                                   "kl_em": float(out["kl"]["em"].mean())} for lam in lams]
-                    c = cells[-1]
-                    study.logger.info(f"fig3 w={weight:g} n={n}: KL_EM {c['kl_mle']:.4g}  KL_PLE {c['kl_ple']:.4g}  "
-                                      f"KL_control {c['kl_control']:.4g}  PLE converged {c['ple_converged_share']:.2f}")
+        grid = [(weight, n) for weight in cfg.minority_weights for n in cfg.sizes]
+        lams_of = {(w, n): sorted({cfg.lam, 0.0, *(cfg.lams if w in cfg.sweep_weights and n in cfg.sweep_sizes
+                                                  else [])}) for w, n in grid}
+        outs: dict[tuple[float, int], dict] = {}
+        with progress() as bar, torch_threads(1 if cfg.cells_at_once > 1 else None):
+            # Waves of cells_at_once cells of the same size (similar cost), as Prefect tasks on the flow's
+            # thread pool: the heavy parts (torch, numpy) release the GIL, so the two cores work at once.
+            by_size = sorted(grid, key=lambda cell: (cell[1], grid.index(cell)))
+            for start in range(0, len(by_size), cfg.cells_at_once):
+                wave = by_size[start:start + cfg.cells_at_once]
+                futures = {(w, n): gmm_cell_task.submit(w, n, cfg=cfg.model_dump(), lams=lams_of[w, n], seed=p.seed,
+                                                        progress=ticker(bar, f"fig3 w={w:g} n={n}: PLE"))
+                           for w, n in wave}
+                outs.update({cell: future.result() for cell, future in futures.items()})
+            for weight, n in grid:
+                swept = weight in cfg.sweep_weights and n in cfg.sweep_sizes
+                lams, out = lams_of[weight, n], outs[weight, n]
+                cells.append(cell_row(weight, n, cfg.seeds, cfg.lam, out))
+                if swept:
+                    sweep += [{"minority_weight": weight, "n": n, "lam": lam,
+                               "kl_mean": float(out["kl"][lam].mean()),
+                               "kl_sem": float(out["kl"][lam].std(ddof=1) / math.sqrt(cfg.seeds)),
+                               "kl_em": float(out["kl"]["em"].mean())} for lam in lams]
+                c = cells[-1]
+                study.logger.info(f"fig3 w={weight:g} n={n}: KL_EM {c['kl_mle']:.4g}  KL_PLE {c['kl_ple']:.4g}  "
+                                  f"KL_control {c['kl_control']:.4g}  PLE converged {c['ple_converged_share']:.2f}")
         write_csv_atomic(study.folder / "fig3.csv", cells)
         write_csv_atomic(study.folder / "fig3_lambda.csv", sweep)
         figure(cells, sweep, study.folder / "fig3.png")
@@ -166,7 +199,7 @@ class Fig3(PaperStudy):
             sel = [c for c in cells if c["minority_weight"] == weight]
             curves = {k: [(c["n"], c[k]) for c in sel] for k in ("kl_mle", "kl_ple", "kl_control", "kl_diff")}
             study.log(f"minority weight {weight:g}", curves, {"minority_weight": f"{weight:g}"})
-        return {}
+        return {"cells_at_once": cfg.cells_at_once}  # into timing.json: how the run time was made
 
     @classmethod
     def section(cls, folder: Path) -> list[str]:
@@ -267,7 +300,9 @@ def section(folder: Path) -> list[str]:
     out = ["## Fig. 3: the imbalanced Gaussian mixture (§5.2)", "", "![Fig. 3](fig3/fig3.png)", "",
            f"`madloop study fig3`: {cells[0]['seeds']} seeds per cell; KL(estimate || truth) by Monte Carlo; "
            "`control` is the same hypernetwork trained with lambda = 0. "
-           f"Run time **{t.get('seconds', 'n/a')} s** on {t.get('machine', 'n/a')} (target: under 600 s). Every "
+           f"Run time **{t.get('seconds', 'n/a')} s** on {t.get('machine', 'n/a')}"
+           + (f", {t['cells_at_once']} cells at a time on one torch thread each" if t.get("cells_at_once", 1) > 1
+              else "") + " (target: under 600 s). Every "
            "cell is in `fig3/fig3.csv`, the lambda sweep in `fig3/fig3_lambda.csv`.", "",
            "| minority weight | n | KL EM (MLE) | KL PLE | KL control | KL_PLE / KL_EM | k/2n "
            "| KL_EM - KL_PLE (95% CI) | PLE wins (share of seeds) | PLE converged |", "|" + "---|" * 10]
