@@ -42,7 +42,7 @@ def mlp(sizes: list[int]) -> nn.Sequential:
 
 
 class LowRankDelta(torch.autograd.Function):
-    """``code @ basis`` for a code of r entries (or a batch of codes), with the gradient of ``basis`` as a
+    """``code @ basis`` for a code of r entries (one per member under vmap), with the gradient of ``basis`` as a
     broadcast product rather than the rank-1 matrix product autograd runs: the same numbers (each entry is one
     product code_i * g_j either way), but on the CPU the (r x 1) @ (1 x P) product took 5.7 ms for the MNIST VAE's
     P = 1.7M weights and the broadcast 2.1 ms (one thread), the biggest single cost of a PLE step there."""
@@ -65,7 +65,7 @@ class LowRankDelta(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_code = grad @ basis.transpose(-1, -2)
         if ctx.needs_input_grad[1]:
-            grad_basis = code.unsqueeze(-1) * grad.unsqueeze(-2) if code.dim() == 1 else code.transpose(-1, -2) @ grad
+            grad_basis = code.unsqueeze(-1) * grad.unsqueeze(-2)
         return grad_code, grad_basis
 
 

@@ -167,13 +167,13 @@ class Fig3(PaperStudy):
         cfg, p = study.settings, study.params
         cells, sweep = [], []
         grid = [(weight, n) for weight in cfg.minority_weights for n in cfg.sizes]
-        lams_of = {(w, n): sorted({cfg.lam, 0.0, *(cfg.lams if w in cfg.sweep_weights and n in cfg.sweep_sizes
-                                                  else [])}) for w, n in grid}
+        swept = {(w, n) for w, n in grid if w in cfg.sweep_weights and n in cfg.sweep_sizes}
+        lams_of = {cell: sorted({cfg.lam, 0.0, *(cfg.lams if cell in swept else [])}) for cell in grid}
         outs: dict[tuple[float, int], dict] = {}
         with progress() as bar, torch_threads(1 if cfg.cells_at_once > 1 else None):
             # Waves of cells_at_once cells of the same size (similar cost), as Prefect tasks on the flow's
             # thread pool: the heavy parts (torch, numpy) release the GIL, so the two cores work at once.
-            by_size = sorted(grid, key=lambda cell: (cell[1], grid.index(cell)))
+            by_size = sorted(grid, key=lambda cell: cell[1])  # stable: grid order within a size
             for start in range(0, len(by_size), cfg.cells_at_once):
                 wave = by_size[start:start + cfg.cells_at_once]
                 futures = {(w, n): gmm_cell_task.submit(w, n, cfg=cfg.model_dump(), lams=lams_of[w, n], seed=p.seed,
@@ -181,10 +181,9 @@ class Fig3(PaperStudy):
                            for w, n in wave}
                 outs.update({cell: future.result() for cell, future in futures.items()})
             for weight, n in grid:
-                swept = weight in cfg.sweep_weights and n in cfg.sweep_sizes
                 lams, out = lams_of[weight, n], outs[weight, n]
                 cells.append(cell_row(weight, n, cfg.seeds, cfg.lam, out))
-                if swept:
+                if (weight, n) in swept:
                     sweep += [{"minority_weight": weight, "n": n, "lam": lam,
                                "kl_mean": float(out["kl"][lam].mean()),
                                "kl_sem": float(out["kl"][lam].std(ddof=1) / math.sqrt(cfg.seeds)),
