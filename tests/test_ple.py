@@ -77,6 +77,26 @@ def test_distance_on_sampled_entries_is_unbiased():
     assert np.mean(estimates) == pytest.approx(full, rel=0.03)
 
 
+def test_sampled_distance_with_sparse_gradient_is_the_dense_one():
+    """distance(..., sparse_grad=True) computes only the sampled entries and gives the basis a sparse gradient:
+    the same value and the same gradients (code, basis, h1) as the dense path, duplicate entries included, and
+    autograd adds it into the emission's dense gradient of the same step."""
+    grads = {}
+    for sparse in (False, True):
+        _, hyper = make_hyper(rank=4)
+        x, y = torch.rand(16, 64), torch.rand(16, 64)
+        entries = torch.cat([torch.randint(hyper.num_emitted, (300,), generator=torch.Generator().manual_seed(3)),
+                             torch.tensor([7, 7, 7])])  # duplicates: their gradients must add up
+        e_x = hyper.embed(x)
+        value = hyper.distance(hyper.embed(y), e_x, entries, sparse_grad=sparse)
+        (value + hyper.emit(e_x)["encoder.0.0.weight"].square().sum()).backward()  # the emission's dense gradient too
+        assert hyper.basis.grad.layout == torch.strided  # dense after accumulation: what fused Adam takes
+        grads[sparse] = (value.detach(), {k: p.grad.clone() for k, p in hyper.named_parameters()})
+    assert torch.allclose(grads[True][0], grads[False][0], rtol=1e-6)
+    for name, dense in grads[False][1].items():
+        assert torch.allclose(grads[True][1][name], dense, rtol=1e-5, atol=1e-9), name
+
+
 def test_uniform_closed_forms_bias_over_many_seeds():
     family = Uniform.of(a=1.0)
     n, seeds = 20, 4000
