@@ -78,17 +78,23 @@ def test_distance_on_sampled_entries_is_unbiased():
 
 
 def test_sampled_distance_with_sparse_gradient_is_the_dense_one():
-    """distance(..., sparse_grad=True) computes only the sampled entries and gives the basis a sparse gradient:
-    the same value and the same gradients (code, basis, h1) as the dense path, duplicate entries included, and
-    autograd adds it into the emission's dense gradient of the same step."""
+    """distance(..., allow_sparse=True) on a big enough target computes only the sampled entries and gives the
+    basis a sparse gradient: the same value and the same gradients (code, basis, h1) as the dense path, duplicate
+    entries included, and autograd adds it into the emission's dense gradient of the same step."""
     grads = {}
     for sparse in (False, True):
         _, hyper = make_hyper(rank=4)
+        hyper.sparse_min_ratio = 0  # this small target would take the dense path, which is cheaper for it
         x, y = torch.rand(16, 64), torch.rand(16, 64)
         entries = torch.cat([torch.randint(hyper.num_emitted, (300,), generator=torch.Generator().manual_seed(3)),
                              torch.tensor([7, 7, 7])])  # duplicates: their gradients must add up
         e_x = hyper.embed(x)
-        value = hyper.distance(hyper.embed(y), e_x, entries, sparse_grad=sparse)
+        value = hyper.distance(hyper.embed(y), e_x, entries, allow_sparse=sparse)
+        nodes, node = [], value.grad_fn
+        while node is not None:  # the chain mean <- abs <- product: which product ran
+            nodes.append(type(node).__name__)
+            node = node.next_functions[0][0] if node.next_functions else None
+        assert any("SampledLowRankDelta" in n for n in nodes) == sparse, nodes
         (value + hyper.emit(e_x)["encoder.0.0.weight"].square().sum()).backward()  # the emission's dense gradient too
         assert hyper.basis.grad.layout == torch.strided  # dense after accumulation: what fused Adam takes
         grads[sparse] = (value.detach(), {k: p.grad.clone() for k, p in hyper.named_parameters()})

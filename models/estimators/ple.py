@@ -98,7 +98,7 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, ple: PL
             w = None if weight is None else weight[idx]
             with mixed_precision(device, train.precision):
                 loss, nll, value = step_objective(family, target, hyper, data[idx], w, ple, dims, sample_generator,
-                                                  entries, penalize, auxiliary, sparse_grad=not train.compile)
+                                                  entries, penalize, auxiliary, allow_sparse=not train.compile)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -142,7 +142,7 @@ def summary(ple: PLESettings, history: dict[str, list[float]], started: float, h
 def objective(family: TorchFamily, target: torch.nn.Module, hyper: HyperNetwork, batch: torch.Tensor,
               weight: torch.Tensor | None, ple: PLESettings, dims: float, generator: torch.Generator,
               entries: torch.Tensor | None, penalize: bool, auxiliary=None,
-              sparse_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+              allow_sparse: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One step's (loss, NLL per unit, penalty or None) on ``batch``: Eq. 5, the penalty on lazy steps only
     (``penalize``, weighted penalty_every * lam). ``auxiliary``: the family's own step (a GAN's discriminator),
     run first, against the model H(X) defines now. The stacked estimator (``stacked.py``) runs the same function
@@ -154,7 +154,7 @@ def objective(family: TorchFamily, target: torch.nn.Module, hyper: HyperNetwork,
     nll = weighted_mean(family.nll(target, batch, weights), weight) / dims
     if not penalize:
         return nll, nll, None
-    value = penalty(family, target, hyper, e_x, weights, len(batch), ple.m, generator, entries, sparse_grad)
+    value = penalty(family, target, hyper, e_x, weights, len(batch), ple.m, generator, entries, allow_sparse)
     return nll + ple.lam * ple.penalty_every * value, nll, value  # lazy: every k-th step, k times the weight
 
 
@@ -170,7 +170,7 @@ def penalty_entries(ple: PLESettings, hyper: HyperNetwork, generator: torch.Gene
 
 def penalty(family: TorchFamily, target: torch.nn.Module, hyper: HyperNetwork, e_x: torch.Tensor,
             weights: dict[str, torch.Tensor], size: int, m: int, generator: torch.Generator,
-            entries: torch.Tensor | None = None, sparse_grad: bool = False) -> torch.Tensor:
+            entries: torch.Tensor | None = None, allow_sparse: bool = False) -> torch.Tensor:
     """(1/m) sum_j mean|H(Y_j) - H(X)| with Y_j ~ model(H(X)), ``size`` points each (Eq. 5's penalty, per unit).
 
     ``e_x`` is mean_i h1(x_i) of the batch X and ``weights`` = H(X). Y_j is drawn through the family's
@@ -180,7 +180,7 @@ def penalty(family: TorchFamily, target: torch.nn.Module, hyper: HyperNetwork, e
     total = 0.0
     for _ in range(m):
         y = family.sample(target, size, generator, weights=weights)
-        total = total + hyper.distance(hyper.embed(family.hyper_features(y)), e_x, entries, sparse_grad)
+        total = total + hyper.distance(hyper.embed(family.hyper_features(y)), e_x, entries, allow_sparse)
     return total / m
 
 
