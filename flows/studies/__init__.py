@@ -123,6 +123,10 @@ def run(name: str, p: Params, root: Path) -> dict[str, Any]:
 # batchnorm and leaky ReLU". The widths are not given; these are ours, sized for the data.
 PAPER_VAE_DIGITS = {"hidden": [256, 128, 128, 64, 32], "latent_dim": 8}  # 8x8 digits
 PAPER_VAE_MNIST = {"hidden": [512, 512, 256, 128, 64], "latent_dim": 16}  # 28x28: about 1.7M weights
+# Training at 28x28: 128 images a step, about the Adam steps of 100 epochs at 64 (720 vs 700 at R_I = 5). The
+# hypernetwork's cost is fixed per step, so PLE costs 1.6-1.8x MLE per generation here, 2.0x at batch 64
+# (docs/performance.md); both estimators also train better.
+MNIST5K_TRAIN = {"epochs": 240, "batch_size": 128}
 
 
 class LoopStudySettings(Settings):

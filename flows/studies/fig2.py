@@ -16,9 +16,9 @@ import numpy as np
 from pydantic import Field, PositiveInt
 
 from flows.loop import self_consuming_loop
-from flows.studies import (PAPER_VAE_DIGITS, PAPER_VAE_MNIST, STUDIES, Claim, LoopStudySettings, PaperStudy, StudyRun,
-                           fmt, loop_generations, num, pyplot, read_csv, run_time, seed_lineages, study_params, style,
-                           timing, verdict_from)
+from flows.studies import (MNIST5K_TRAIN, PAPER_VAE_DIGITS, PAPER_VAE_MNIST, STUDIES, Claim, LoopStudySettings,
+                           PaperStudy, StudyRun, fmt, loop_generations, num, pyplot, read_csv, run_time, seed_lineages,
+                           study_params, style, timing, verdict_from)
 from tasks.layout import StudyPaths, generation_files
 from tasks.params import validate
 from tasks.reports import columns_of
@@ -39,7 +39,7 @@ class Fig2Mnist5kSettings(Fig2Settings):
     """The MAD curve on mnist5k: 28x28, the paper's VAE at MNIST size, the residual domain classifier."""
 
     params: dict[str, Any] = Field(default_factory=lambda: {
-        "data": {"source": "mnist5k"}, "model": {"vae": dict(PAPER_VAE_MNIST)}, "train": {"epochs": 100},
+        "data": {"source": "mnist5k"}, "model": {"vae": dict(PAPER_VAE_MNIST)}, "train": dict(MNIST5K_TRAIN),
         "classifier": {"arch": "resnet", "channels": [16, 32], "epochs": 15}})
 
 

@@ -20,9 +20,9 @@ import torch
 from pydantic import Field
 
 from flows.loop import self_consuming_loop
-from flows.studies import (PAPER_VAE_DIGITS, PAPER_VAE_MNIST, STUDIES, Claim, LoopStudySettings, PaperStudy, StudyRun,
-                           fmt, loop_generations, num, pyplot, read_csv, run_time, seed_lineages, study_params, style,
-                           timing, verdict_from)
+from flows.studies import (MNIST5K_TRAIN, PAPER_VAE_DIGITS, PAPER_VAE_MNIST, STUDIES, Claim, LoopStudySettings,
+                           PaperStudy, StudyRun, fmt, loop_generations, num, pyplot, read_csv, run_time, seed_lineages,
+                           study_params, style, timing, verdict_from)
 from tasks.generation import fit_model, open_lineage, resolve_device
 from tasks.layout import StudyPaths
 from tasks.params import validate
@@ -47,7 +47,7 @@ class Table1Mnist5kSettings(Table1Settings):
     """Fairness (§5.1) on mnist5k: 28x28, the paper's VAE at MNIST size, the residual domain classifier."""
 
     params: dict[str, Any] = Field(default_factory=lambda: {
-        "data": {"source": "mnist5k"}, "model": {"vae": dict(PAPER_VAE_MNIST)}, "train": {"epochs": 100},
+        "data": {"source": "mnist5k"}, "model": {"vae": dict(PAPER_VAE_MNIST)}, "train": dict(MNIST5K_TRAIN),
         "classifier": {"arch": "resnet", "channels": [16, 32], "epochs": 15}})
 
 
