@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.estimators import adam, keep_freed_memory  # noqa: E402
+from models.estimators import adam  # noqa: E402
 from models.families import build_family  # noqa: E402
 from models.estimators.ple import objective, penalty_entries  # noqa: E402
 from models.hypernet import HyperNetwork  # noqa: E402
@@ -53,7 +53,6 @@ def main() -> None:
     p = load(args.params, args.overrides)
     device = resolve_device(p.device)
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    keep_freed_memory()  # as every fit does
     with tempfile.TemporaryDirectory() as tmp:
         real = prepare_real_data(p, StudyPaths(Path(tmp), p.study.name))
     data = torch.as_tensor(real.train.pixels, dtype=torch.float32, device=device)

@@ -13,11 +13,7 @@ on first lookup.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import inspect
-import platform
 import time
 from typing import Any, Callable, Mapping
 
@@ -64,32 +60,11 @@ def fit(name: str, family: TorchFamily, x: np.ndarray, *, seed: int, device: tor
     """Fit ``family`` to x with the named estimator. ``sections`` hold its settings by section name (``train``,
     ``ple``, ...), as params sections or dicts; what is not given takes the settings class's default.
     ``progress(done, total)`` is called after each epoch by estimators that take it (closed forms do not)."""
-    keep_freed_memory()
     entry = ESTIMATORS.entry(name)
     kwargs = estimator_settings(name, sections)
     if progress is not None and "progress" in inspect.signature(entry.obj).parameters:
         kwargs["progress"] = progress
     return entry.obj(family, x, seed=seed, device=torch.device(device), sample_weight=sample_weight, **kwargs)
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-@functools.cache
-def keep_freed_memory() -> None:
-    """Have glibc keep freed memory for the next step instead of handing it back to the OS.
-
-    A hypernetwork step frees and reallocates gradients of tens of MB (the MNIST VAE's basis gradient is 27 MB).
-    By default glibc serves such sizes with fresh pages (mmap, or a heap top it trimmed), which the kernel zeroes
-    on first touch: on the team's 2-core CPU, steps without it took 1 to 2 ms longer (of 15 ms), some with 2,000
-    page faults each (benchmarks/ple_overhead.py; docs/performance.md). With it, blocks up to 32 MB (glibc's
-    largest heap threshold) come from the heap, and up to 256 MB of free heap stays with the process. Where memory
-    comes from changes no number. A no-op off glibc; once per process."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
-    libc.mallopt(M_TRIM_THRESHOLD, 256 * 2**20)
 
 
 def estimator_settings(name: str, sections: dict[str, BaseModel | Mapping[str, Any]]) -> dict[str, Settings]:

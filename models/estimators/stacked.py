@@ -34,8 +34,8 @@ from pydantic import BaseModel
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from models.estimators import (ESTIMATORS, TrainSettings, adam, compiled, estimator_settings, keep_freed_memory,
-                               mixed_precision, weighted_mean)
+from models.estimators import (ESTIMATORS, TrainSettings, adam, compiled, estimator_settings, mixed_precision,
+                               weighted_mean)
 from models.estimators.mle import fit_mle
 from models.estimators.ple import PLESettings, final_weights, fit_ple, objective, penalty_entries, summary
 from models.families import FittedTorchModel, TorchFamily
@@ -74,7 +74,6 @@ def fit_stacked(name: str, family: TorchFamily, xs: Sequence[np.ndarray], *, see
         raise ValueError(f"stacked fit: every member's data must have one shape, got {shapes}")
     if sample_weights is not None and len(sample_weights) != len(xs):
         raise ValueError(f"stacked fit: {len(sample_weights)} weight vectors for {len(xs)} datasets")
-    keep_freed_memory()
     device = torch.device(device)
     data = torch.as_tensor(np.stack(xs), dtype=torch.float32, device=device)
     weight = None if sample_weights is None else torch.as_tensor(np.stack(sample_weights), dtype=torch.float32,
