@@ -83,10 +83,17 @@ def child_env(env: dict, hook: dict | None) -> dict:
     return out
 
 
+def default_sigint() -> None:
+    """In the child before exec: Ctrl-C as in a terminal. A suite started in the background (``cmd &`` from a
+    script) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler: the Ctrl-C test's
+    child slept through its SIGINT until the test timed out (seen in two CI runs started that way)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def madloop(root: Path, env: dict, *args: str, hook: dict | None = None, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--quiet", *args], cwd=root,
                             env=child_env(env, hook), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **kwargs)
+                            preexec_fn=default_sigint, **kwargs)
 
 
 def temp_files(root: Path) -> list[Path]:
