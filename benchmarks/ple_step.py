@@ -62,8 +62,8 @@ def main() -> None:
     target = family.build().to(device)
     features = family.hyper_features(data[:2]).flatten(1).shape[1]
     hyper = HyperNetwork(target, features, list(p.ple.hidden), p.ple.rank, family.trained_parameters(target)).to(device)
-    forced = HyperNetwork.sparse_min_ratio if args.sparse_min_ratio is None else args.sparse_min_ratio
-    hyper.sparse_min_ratio = forced
+    if args.sparse_min_ratio is not None:
+        hyper.sparse_min_ratio = args.sparse_min_ratio
     mle_adam, hyper_adam = adam(target.parameters(), p.train.lr, device), adam(hyper.parameters(), p.train.lr, device)
     samples, picks = torch.Generator(device=device).manual_seed(1), torch.Generator(device=device).manual_seed(2)
     dims = family.nll_units()

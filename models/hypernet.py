@@ -89,10 +89,10 @@ class SampledLowRankDelta(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         code, basis, entries = ctx.saved_tensors
-        code, basis = code.to(grad.dtype), basis.to(grad.dtype)  # bf16 autocast: as in LowRankDelta
+        code = code.to(grad.dtype)  # bf16 autocast: as in LowRankDelta (no-ops in fp32)
         grad_code = grad_basis = None
-        if ctx.needs_input_grad[0]:
-            grad_code = basis.index_select(1, entries) @ grad
+        if ctx.needs_input_grad[0]:  # cast the k sampled columns, not the whole r x P basis
+            grad_code = basis.index_select(1, entries).to(grad.dtype) @ grad
         if ctx.needs_input_grad[1]:
             rank, k = len(code), len(entries)
             rows = torch.arange(rank, device=entries.device).repeat_interleave(k)
