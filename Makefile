@@ -15,9 +15,11 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 # torch 2.14.1 / torchvision 0.29.1 come from this machine's local wheels with Python 3.11's pip
 # (see DEVELOPERS.md); requirements.lock pins every package, pyproject.toml states the ranges.
+# --no-cache-dir: the venv alone is about 6 GB (torch's CUDA build); a second copy in pip's cache is disk that a
+# CI machine may not have (one CI run failed with "No space left on device" during this install).
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -r requirements.lock
+	$(PIP) install -q --no-cache-dir -r requirements.lock
 	$(PIP) install -q --no-deps -e .
 	@touch $@
 
