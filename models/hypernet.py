@@ -75,7 +75,7 @@ class SampledLowRankDelta(torch.autograd.Function):
     step also paid a full r x P product, a dense r x P gradient and its accumulation (on the CPU, for the MNIST
     VAE's P = 1.7M, the penalized step's backward took 2.6 times the plain step's, most of it that gradient).
     Autograd adds the sparse gradient in place into the dense one the emission gives ``basis`` the same step.
-    Not under vmap or torch.compile (sparse gradients are not supported there): see ``HyperNetwork.distance``."""
+    Not under vmap or torch.compile (sparse gradients are not supported there): see ``HyperNetwork.difference``."""
 
     @staticmethod
     def forward(code: torch.Tensor, basis: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
@@ -103,7 +103,7 @@ class SampledLowRankDelta(torch.autograd.Function):
 
 
 class HyperNetwork(nn.Module):
-    sparse_min_ratio = 32  # emitted weights per sampled penalty entry from which the sparse path pays (distance)
+    sparse_min_ratio = 32  # emitted weights per sampled penalty entry from which the sparse path pays (difference)
 
     def __init__(self, target: nn.Module, input_dim: int, hidden: list[int], rank: int | None,
                  emitted: dict[str, nn.Parameter] | None = None):
@@ -158,10 +158,10 @@ class HyperNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.emit(self.embed(x))
 
-    def distance(self, embedding_a: torch.Tensor, embedding_b: torch.Tensor,
-                 entries: torch.Tensor | None = None, allow_sparse: bool = False) -> torch.Tensor:
-        """mean |H_a - H_b| over every emitted weight, or over a random subset of ``entries`` (an unbiased estimate
-        of the same mean, far cheaper for big targets). The biases cancel: only the linear part is evaluated.
+    def difference(self, embedding_a: torch.Tensor, embedding_b: torch.Tensor,
+                   entries: torch.Tensor | None = None, allow_sparse: bool = False) -> torch.Tensor:
+        """H_a - H_b over every emitted weight, flattened, or over the given ``entries`` only (the penalty's random
+        subset). The biases cancel: only the linear part is evaluated, at the difference of the embeddings.
 
         ``allow_sparse`` (not under vmap or torch.compile): where the target is big next to the sample (at least
         ``sparse_min_ratio`` emitted weights per entry), compute only the sampled entries and give the basis a
@@ -171,8 +171,14 @@ class HyperNetwork(nn.Module):
         if (allow_sparse and entries is not None and self.rank is not None
                 and self.num_emitted >= self.sparse_min_ratio * entries.numel()):
             code = self.code(embedding_a - embedding_b)
-            return SampledLowRankDelta.apply(code.to(self.basis.dtype), self.basis, entries).abs().mean()
-        return self.flat_delta(embedding_a - embedding_b, entries).abs().mean()
+            return SampledLowRankDelta.apply(code.to(self.basis.dtype), self.basis, entries)
+        return self.flat_delta(embedding_a - embedding_b, entries)
+
+    def distance(self, embedding_a: torch.Tensor, embedding_b: torch.Tensor,
+                 entries: torch.Tensor | None = None, allow_sparse: bool = False) -> torch.Tensor:
+        """mean |H_a - H_b| over every emitted weight, or over a random subset of ``entries`` (an unbiased estimate
+        of the same mean, far cheaper for big targets): :meth:`difference`, averaged."""
+        return self.difference(embedding_a, embedding_b, entries, allow_sparse).abs().mean()
 
     @torch.no_grad()
     def streamed_embedding(self, data: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
@@ -182,6 +188,25 @@ class HyperNetwork(nn.Module):
             part = self.embed_sum(data[start:start + batch_size]).double()
             total = part if total is None else total + part
         return (total / len(data)).float()
+
+
+class FixedInputHyperNetwork(HyperNetwork):
+    """The re-parameterisation control: the same factorised head, W = b + U (V e), with e a fixed vector that does
+    not depend on the data. Trained by the NLL alone it is MLE in H's coordinates (b, U, V): what the hypernetwork's
+    parameterisation does to training, without H reading its input. e is what the freshly initialised h1 gives,
+    averaged, for 64 standard normal inputs (drawn from torch's global stream, which the estimator seeds): an
+    embedding of the scale H's own starts with. h1 is kept (frozen, unused) so both networks have the same
+    modules."""
+
+    def __init__(self, target: nn.Module, input_dim: int, hidden: list[int], rank: int | None,
+                 emitted: dict[str, nn.Parameter] | None = None):
+        super().__init__(target, input_dim, hidden, rank, emitted)
+        with torch.no_grad():
+            self.register_buffer("fixed_embedding", self.h1(torch.randn(64, input_dim)).mean(dim=0))
+        self.h1.requires_grad_(False)
+
+    def embed_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fixed_embedding * len(x)
 
 
 @torch.no_grad()

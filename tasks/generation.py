@@ -99,11 +99,12 @@ def open_lineage(study: Params, name: str, paths: StudyPaths, real: RealData, sc
 def fit_model(lineage: Lineage, data: Dataset, seed: int, sample_weight: np.ndarray | None = None,
               progress: Callable[[int, int], None] | None = None) -> FittedTorchModel:
     """Train the lineage's family on ``data`` with its estimator and the settings it declares; ``progress(done,
-    total)`` hears of every epoch (models.estimators.fit)."""
+    total)`` hears of every epoch (models.estimators.fit). The rows' class labels go along for the hypernetworks'
+    per-class diagnostics (they never change a fit)."""
     entry = ESTIMATORS.entry(lineage.spec.estimator)
     sections = {path.rsplit(".", 1)[-1]: section(lineage.params, path) for path in entry.settings}
     return fit(entry.name, lineage.family, data.pixels, seed=seed, device=lineage.device, sample_weight=sample_weight,
-               progress=progress, **sections)
+               progress=progress, groups=data.label, **sections)
 
 
 def load_model(family: TorchFamily, tensors: dict[str, torch.Tensor], device: torch.device) -> FittedTorchModel:

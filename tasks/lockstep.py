@@ -49,7 +49,8 @@ def fit_lockstep(lineages: list[Lineage], k: int, datasets: list[Dataset]) -> li
     entry = ESTIMATORS.entry(first.spec.estimator)
     sections = {path.rsplit(".", 1)[-1]: section(first.params, path) for path in entry.settings}
     return fit_stacked(entry.name, first.family, [d.pixels for d in datasets],
-                       seeds=[derive_seed(lin.seed, k, FIT) for lin in lineages], device=first.device, **sections)
+                       seeds=[derive_seed(lin.seed, k, FIT) for lin in lineages], device=first.device,
+                       groups=[d.label for d in datasets], **sections)
 
 
 def run_lockstep_generation(lineages: list[Lineage], k: int, datasets: list[Dataset],

@@ -55,15 +55,20 @@ def section_values(cls: type[Settings], given: BaseModel | Mapping[str, Any] | N
 
 
 def fit(name: str, family: TorchFamily, x: np.ndarray, *, seed: int, device: torch.device | str = "cpu",
-        sample_weight: np.ndarray | None = None, progress: Progress | None = None,
+        sample_weight: np.ndarray | None = None, progress: Progress | None = None, groups: np.ndarray | None = None,
         **sections: BaseModel | Mapping[str, Any]) -> FittedTorchModel:
     """Fit ``family`` to x with the named estimator. ``sections`` hold its settings by section name (``train``,
     ``ple``, ...), as params sections or dicts; what is not given takes the settings class's default.
-    ``progress(done, total)`` is called after each epoch by estimators that take it (closed forms do not)."""
+    ``progress(done, total)`` is called after each epoch by estimators that take it (closed forms do not).
+    ``groups``: a class label per row (-1 unknown), for estimators that report per-class diagnostics (the
+    hypernetworks' input dependence); it never changes the fit."""
     entry = ESTIMATORS.entry(name)
     kwargs = estimator_settings(name, sections)
-    if progress is not None and "progress" in inspect.signature(entry.obj).parameters:
+    accepts = inspect.signature(entry.obj).parameters
+    if progress is not None and "progress" in accepts:
         kwargs["progress"] = progress
+    if groups is not None and "groups" in accepts:
+        kwargs["groups"] = groups
     return entry.obj(family, x, seed=seed, device=torch.device(device), sample_weight=sample_weight, **kwargs)
 
 

@@ -37,7 +37,8 @@ from torch.func import functional_call, stack_module_state, vmap
 from models.estimators import (ESTIMATORS, TrainSettings, adam, compiled, estimator_settings, mixed_precision,
                                weighted_mean)
 from models.estimators.mle import fit_mle
-from models.estimators.ple import PLESettings, final_weights, fit_ple, objective, penalty_entries, summary
+from models.estimators.ple import (PLESettings, diagnostics, final_weights, fit_ple, objective, penalty_entries,
+                                   summary)
 from models.families import FittedTorchModel, TorchFamily
 from models.hypernet import HyperNetwork
 
@@ -60,8 +61,10 @@ def stackable(name: str, family: TorchFamily) -> bool:
 
 def fit_stacked(name: str, family: TorchFamily, xs: Sequence[np.ndarray], *, seeds: Sequence[int],
                 device: torch.device | str = "cpu", sample_weights: Sequence[np.ndarray] | None = None,
-                randomness: str = "different", **sections: BaseModel | Mapping[str, Any]) -> list[FittedTorchModel]:
-    """Fit member s on ``xs[s]`` with seed ``seeds[s]``, all at once; settings as for ``models.estimators.fit``."""
+                randomness: str = "different", groups: Sequence[np.ndarray] | None = None,
+                **sections: BaseModel | Mapping[str, Any]) -> list[FittedTorchModel]:
+    """Fit member s on ``xs[s]`` with seed ``seeds[s]``, all at once; settings (and ``groups``, member s's class
+    labels for the hypernetworks' diagnostics) as for ``models.estimators.fit``."""
     if not stackable(name, family):
         raise ValueError(f"estimator {name!r} cannot fit the {family.name} family stacked (it does not train it by "
                          f"minibatches); fit each lineage alone")
@@ -79,8 +82,9 @@ def fit_stacked(name: str, family: TorchFamily, xs: Sequence[np.ndarray], *, see
     weight = None if sample_weights is None else torch.as_tensor(np.stack(sample_weights), dtype=torch.float32,
                                                                  device=device)
     kwargs = estimator_settings(name, sections)
-    fit_members = stacked_ple if ESTIMATORS.entry(name).obj is fit_ple else stacked_mle
-    return fit_members(family, data, weight, list(seeds), device, randomness, **kwargs)
+    if ESTIMATORS.entry(name).obj is fit_ple:
+        return stacked_ple(family, data, weight, list(seeds), device, randomness, groups=groups, **kwargs)
+    return stacked_mle(family, data, weight, list(seeds), device, randomness, **kwargs)
 
 
 # --- shared pieces -----------------------------------------------------------------------------------------------
@@ -244,8 +248,8 @@ class MemberNLL(nn.Module):
 
 
 def stacked_ple(family: TorchFamily, data: torch.Tensor, weight: torch.Tensor | None, seeds: list[int],
-                device: torch.device, randomness: str, *, train: TrainSettings,
-                ple: PLESettings) -> list[FittedTorchModel]:
+                device: torch.device, randomness: str, *, train: TrainSettings, ple: PLESettings,
+                groups: Sequence[np.ndarray] | None = None) -> list[FittedTorchModel]:
     members = len(seeds)
     feature_dim = family.hyper_features(data[0, :2]).flatten(1).shape[1]
 
@@ -305,6 +309,8 @@ def stacked_ple(family: TorchFamily, data: torch.Tensor, weight: torch.Tensor | 
     for s, (target, hyper) in enumerate(zip(targets, hypers)):
         unstack(target, buffers, "target", s)
         target.eval()
-        models.append(FittedTorchModel(family, target, finals[s], info=summary(ple, history[s], started, hyper),
-                                       hyper=hyper))
+        info = summary(ple, history[s], started, hyper)
+        info.update(diagnostics(family, target, hyper, data[s], ple, train.batch_size, seeds[s],
+                                None if groups is None else groups[s]))  # each member's, as its single run's
+        models.append(FittedTorchModel(family, target, finals[s], info=info, hyper=hyper))
     return timing(models, started)
