@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from models.hypernet import mlp
+from models.penalty import penalized
+from models.penalty import penalty as eq5_penalty
 from models.scalar import ScalarFamily
 
 
@@ -99,9 +101,11 @@ def unconstrained(family: ScalarFamily, natural: dict[str, torch.Tensor]) -> dic
     return out
 
 
-def sample_prior(family: ScalarFamily, batch: int, spread: float, generator: torch.Generator) -> dict:
+def sample_prior(family: ScalarFamily, batch: int, spread: float, generator: torch.Generator,
+                 centre: dict[str, float] | None = None) -> dict:
+    """``batch`` parameter draws, uniform over the prior box (log-uniform for scales and rates)."""
     out = {}
-    for name, (low, high, scale) in family.prior_box(spread).items():
+    for name, (low, high, scale) in family.prior_box(spread, centre).items():
         u = torch.rand(batch, generator=generator)
         out[name] = (math.log(low) + u * (math.log(high) - math.log(low))).exp() if scale == "log" \
             else low + u * (high - low)
@@ -122,24 +126,35 @@ def flat_raw(raw: dict[str, torch.Tensor], batch_dims: int) -> torch.Tensor:
 
 
 def penalty_term(raw_y: torch.Tensor, raw_x: torch.Tensor, kind: str) -> torch.Tensor:
-    """raw_y [B, m, P] (H of m synthetic sets per dataset), raw_x [B, P]. Two readings of Eq. 5's |.|:
+    """raw_y [B, m, P] (H of m synthetic sets per dataset), raw_x [B, P]: Eq. 5's penalty
+    (``models.penalty.penalty``) of each dataset, averaged over the B datasets. ``kind``: ``per_set``,
+    (1/m) sum_j |H(Y_j) - H(X)|, Eq. 5 as printed (it also penalizes the spread of H(Y_j)); ``mean``,
+    |(1/m) sum_j H(Y_j) - H(X)|, the Lagrangian relaxation of Eq. 4's constraint E[H(Y) - H(X)] = 0, the one the
+    closed forms of App. E-F solve. Both average over the P outputs."""
+    return eq5_penalty(raw_y - raw_x[:, None], kind, "mean").mean()
 
-    ``per_set``: (1/m) sum_j |H(Y_j) - H(X)|, Eq. 5 as printed (it also penalizes the spread of H(Y_j));
-    ``mean``: |(1/m) sum_j H(Y_j) - H(X)|, the Lagrangian relaxation of Eq. 4's constraint
-    E[H(Y) - H(X)] = 0, the one the closed forms of App. E-F solve. Both average over the P outputs."""
-    if kind == "per_set":
-        return (raw_y - raw_x[:, None]).abs().mean()
-    if kind == "mean":
-        return (raw_y.mean(dim=1) - raw_x).abs().mean()
-    raise ValueError(f"unknown penalty {kind!r} (per_set or mean)")
+
+def amortized_objective(model: "SetEstimator", x: torch.Tensor, *, lam: float, m: int, penalty: str,
+                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(loss, NLL per point, penalty or None) of H on the datasets x [B, n, 1]: Eq. 5 with the NLL averaged over
+    the B datasets' points and the penalty over H's outputs in unconstrained coordinates (:func:`unconstrained`),
+    Y_j ~ family(H(X)) reparameterized (``generator``: the synthetic sets' stream)."""
+    family = model.family[0]
+    natural_x = model(x)
+    nll = family.nll_natural(expand(natural_x), x).mean()
+    if lam <= 0:
+        return nll, nll, None
+    y = draw(family, natural_x, x.shape[1], generator, sets=m)  # [B, m, n, 1]
+    h_y = flat_raw(unconstrained(family, model(y)), 2)  # [B, m, P]
+    value = penalty_term(h_y, flat_raw(unconstrained(family, natural_x), 1), penalty)
+    return penalized(nll, value, lam), nll, value
 
 
 def train_amortized_ple(family: ScalarFamily, n: int, *, lam: float, m: int, steps: int, batch: int, lr: float,
                         hidden: list[int], head_hidden: list[int], spread: float, penalty: str, seed: int,
-                        progress=None) -> SetEstimator:
-    """Train H on datasets of size n drawn over the prior box: loss = NLL(X; H(X)) per point
-    + lam/m sum_j mean|H(Y_j) - H(X)| over H's outputs in unconstrained coordinates (:func:`unconstrained`),
-    Y_j ~ family(H(X)) reparameterized (Eq. 5); a cosine learning-rate schedule over ``steps``."""
+                        progress=None, centre: dict[str, float] | None = None) -> SetEstimator:
+    """Train H on datasets of size n drawn over the prior box (around ``centre``, default the family's truth):
+    :func:`amortized_objective`, Eq. 5 per point; a cosine learning-rate schedule over ``steps``."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)  # the training datasets: the same for every lambda
     penalty_generator = torch.Generator().manual_seed(seed + 1)  # the synthetic sets: the penalty's own stream
@@ -148,13 +163,8 @@ def train_amortized_ple(family: ScalarFamily, n: int, *, lam: float, m: int, ste
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     for step in range(steps):
         with torch.no_grad():
-            x = draw(family, sample_prior(family, batch, spread, generator), n, generator)
-        natural_x = model(x)
-        loss = family.nll_natural(expand(natural_x), x).mean()
-        if lam > 0:
-            y = draw(family, natural_x, n, penalty_generator, sets=m)  # [B, m, n, 1]
-            h_y = flat_raw(unconstrained(family, model(y)), 2)  # [B, m, P]
-            loss = loss + lam * penalty_term(h_y, flat_raw(unconstrained(family, natural_x), 1), penalty)
+            x = draw(family, sample_prior(family, batch, spread, generator, centre), n, generator)
+        loss, _, _ = amortized_objective(model, x, lam=lam, m=m, penalty=penalty, generator=penalty_generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -183,9 +193,12 @@ class BatchedMLP(nn.Module):
             self.weights.append(nn.Parameter((torch.rand(copies, n_in, n_out, generator=generator) * 2 - 1) * bound))
             self.biases.append(nn.Parameter((torch.rand(copies, 1, n_out, generator=generator) * 2 - 1) * bound))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        """``members``: run only these copies (x then holds their inputs only, [len(members), N, d_in])."""
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if members is not None:
+                w, b = w[members], b[members]
             x = torch.baddbmm(b, x, w)
             if i < last:
                 x = torch.relu(x)
@@ -193,17 +206,25 @@ class BatchedMLP(nn.Module):
 
 
 def fit_gmm_ple_batch(family: ScalarFamily, x: np.ndarray, *, lam: float, m: int, steps: int, batch: int, lr: float,
-                      hidden: list[int], head_hidden: list[int], seed: int, finish_steps: int = 0,
-                      finish_lr: float = 1e-3, tol: float = 1e-5, progress=None) -> dict[str, np.ndarray]:
+                      hidden: list[int], head_hidden: list[int], seed: int, finish_lr: float = 1e-3,
+                      max_finish_steps: int = 0, reference_nll: np.ndarray | None = None, nll_gap: float = 0.0,
+                      finish_m: int | None = None, check_every: int = 50, progress=None) -> dict[str, np.ndarray]:
     """PLE of a 1-D GMM for S datasets at once, one hypernetwork per dataset (§5.2): x [S, n] -> natural
     parameters of each fit ([S, K] each), and each fit's diagnostics.
 
     ``steps`` minibatch steps (``batch`` points; synthetic sets share that size) with a cosine learning-rate
-    schedule from ``lr``, then ``finish_steps`` full-batch steps at ``finish_lr`` (every point, a deterministic
-    NLL term): what the minibatch noise leaves undone. The convergence check: a fit has converged when its
-    full-batch objective changed by less than ``tol`` (relative) over the last tenth of the finish
-    (``converged``, 1/0 per seed, and ``final_change``). The penalty's synthetic sets and the minibatches draw
-    from random streams of their own, so lambda changes nothing else."""
+    schedule from ``lr`` down to ``finish_lr``, then full-batch steps at ``finish_lr`` (every point: what the
+    minibatch noise leaves undone), ``finish_m`` synthetic sets each (default m; Eq. 5's per-set penalty has the
+    same expectation for any m, so fewer sets only add noise, at a fraction of the cost on big n).
+
+    Trained to a tolerance: given each dataset's ``reference_nll`` (EM's NLL per point), a fit trains in the
+    finish until its training NLL per point is within ``nll_gap`` of its reference (checked every
+    ``check_every`` steps; from then on its weights stay as they are), or for ``max_finish_steps`` steps at most
+    (the cap). Without a reference, every fit takes ``max_finish_steps`` full-batch steps. Returned per seed
+    besides the parameters: ``nll`` (the fit's training NLL per point), ``finish_steps`` (full-batch steps it
+    took), and with a reference ``nll_gap`` (NLL minus the reference's) and ``within_gap`` (1 when it reached the
+    tolerance, 0 when the cap stopped it). The penalty's synthetic sets and the minibatches draw from random
+    streams of their own, so lambda changes nothing else."""
     generator = torch.Generator().manual_seed(seed)  # initialization and minibatches: the same for every lambda
     penalty_generator = torch.Generator().manual_seed(seed + 1)
     data = torch.as_tensor(x, dtype=torch.float32)[..., None]  # [S, n, 1]
@@ -211,54 +232,76 @@ def fit_gmm_ple_batch(family: ScalarFamily, x: np.ndarray, *, lam: float, m: int
     k = family.raw_shapes["means"][0]
     h1 = BatchedMLP(copies, [1, *hidden], generator)
     h2 = BatchedMLP(copies, [hidden[-1], *head_hidden, 3 * k], generator)
-    optimizer = torch.optim.Adam([*h1.parameters(), *h2.parameters()], lr=lr, fused=True)
+    parameters = [*h1.parameters(), *h2.parameters()]
+    optimizer = torch.optim.Adam(parameters, lr=lr, fused=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=finish_lr)
 
-    def estimate(points: torch.Tensor) -> torch.Tensor:  # [S, b, 1] -> raw [S, 3K]
-        return h2(h1(points).mean(dim=1, keepdim=True))[:, 0]
+    def estimate(points: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:  # [A, b, 1] -> [A, 3K]
+        return h2(h1(points, members).mean(dim=1, keepdim=True), members)[:, 0]
 
     def natural(raw: torch.Tensor) -> dict[str, torch.Tensor]:
         means, variances, logits = raw.split(k, dim=-1)
         return family.natural_from({"means": means, "variances": variances, "logits": logits})
 
-    def objective(points: torch.Tensor) -> torch.Tensor:  # per seed [S]
-        raw_x = estimate(points)
+    def objective(points: torch.Tensor, sets: int, members: torch.Tensor | None = None) -> torch.Tensor:  # [A]
+        raw_x = estimate(points, members)
         params = natural(raw_x)
         loss = family.nll_natural(expand(params), points).mean(dim=1)
         if lam > 0:
-            penalty = 0.0
-            for _ in range(m):
-                u = torch.rand(copies, points.shape[1], 1, generator=penalty_generator).clamp(1e-7, 1 - 1e-7)
+            differences = []
+            for _ in range(sets):
+                u = torch.rand(*points.shape[:2], 1, generator=penalty_generator).clamp(1e-7, 1 - 1e-7)
                 y = family.sample_natural(expand(params), u, penalty_generator)
-                penalty = penalty + (estimate(y) - raw_x).abs().mean(dim=-1)
-            loss = loss + lam * penalty / m
+                differences.append(estimate(y, members) - raw_x)
+            loss = penalized(loss, eq5_penalty(torch.stack(differences, dim=1), "per_set", "mean"), lam)
         return loss
 
+    @torch.no_grad()
+    def training_nll() -> torch.Tensor:  # [S]: each fit's NLL per point on its whole dataset, in float64
+        return family.nll_natural(expand(natural(estimate(data))), data).mean(dim=1).double()
+
     size = min(batch, n)
-    history = []
-    for step in range(steps + finish_steps):
-        if step == steps:
-            for group in optimizer.param_groups:
-                group["lr"] = finish_lr
-        full = step >= steps or size >= n
-        points = data if full else torch.gather(
+    total = steps + max_finish_steps
+    for step in range(steps):
+        points = data if size >= n else torch.gather(
             data, 1, torch.stack([torch.randperm(n, generator=generator)[:size] for _ in range(copies)])[..., None])
-        loss = objective(points)
         optimizer.zero_grad(set_to_none=True)
-        loss.sum().backward()  # summed over seeds: independent problems
+        objective(points, m).sum().backward()  # summed over seeds: independent problems
         optimizer.step()
-        if step < steps:
-            schedule.step()
-        else:
-            history.append(loss.detach())
+        schedule.step()
         if progress is not None:
-            progress(step + 1, steps + finish_steps)
+            progress(step + 1, total)
+
+    for group in optimizer.param_groups:
+        group["lr"] = finish_lr
+    reference = None if reference_nll is None else torch.as_tensor(reference_nll, dtype=torch.float64)
+    active = torch.ones(copies, dtype=torch.bool)
+    taken = torch.zeros(copies)
+    for step in range(max_finish_steps):
+        if reference is not None and step % check_every == 0:
+            active &= training_nll() - reference > nll_gap  # a fit within its tolerance stops here for good
+            if not active.any():
+                break
+        members = active.nonzero()[:, 0]
+        every = len(members) == copies
+        frozen = [p.detach().clone() for p in parameters] if not every else None
+        optimizer.zero_grad(set_to_none=True)
+        objective(data if every else data[members], finish_m or m, None if every else members).sum().backward()
+        optimizer.step()
+        if frozen is not None:  # Adam moves a row with a zero gradient too (its momentum): put the others back
+            with torch.no_grad():
+                for p, before in zip(parameters, frozen):
+                    p[~active] = before[~active]
+        taken += active.float()
+        if progress is not None:
+            progress(steps + step + 1, total)
+
     with torch.no_grad():
         # The fit is H over the whole dataset (a streamed mean would be the same: h1 is per point).
         params = natural(estimate(data))
     out = {name: value.double().numpy() for name, value in params.items()}
-    if len(history) >= 10:
-        window = max(1, len(history) // 10)
-        change = ((history[-1] - history[-1 - window]).abs() / history[-1].abs().clamp_min(1e-12)).double().numpy()
-        out.update(final_change=change, converged=(change < tol).astype(np.float64))
+    nll = training_nll()
+    out.update(nll=nll.numpy(), finish_steps=taken.double().numpy())
+    if reference is not None:
+        out.update(nll_gap=(nll - reference).numpy(), within_gap=(nll - reference <= nll_gap).double().numpy())
     return out

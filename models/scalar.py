@@ -118,11 +118,12 @@ class ScalarFamily(TorchFamily):
     def hyper_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.point_features(x).flatten(1)
 
-    def prior_box(self, spread: float) -> dict[str, tuple[float, float, str]]:
-        """Ranges of each natural parameter around the truth (amortized training, per-seed truths): scales and
-        rates x/÷ ``spread`` (log-uniform), locations +- ``spread`` true scales, probabilities in the logit box
-        +- log(spread) around the truth's logit (linear in p between its ends)."""
-        box, truth = {}, self.true_natural()
+    def prior_box(self, spread: float, centre: dict[str, float] | None = None) -> dict[str, tuple[float, float, str]]:
+        """Ranges of each natural parameter around the truth, or around ``centre`` (parameters by name, the truth's
+        for those not given) (amortized training, per-seed truths): scales and rates x/÷ ``spread``
+        (log-uniform), locations +- ``spread`` scales, probabilities in the logit box +- log(spread) around the
+        centre's logit (linear in p between its ends)."""
+        box, truth = {}, {**self.true_natural(), **(centre or {})}
         for name, value in truth.items():
             role = self.roles.get(name, "scale")
             if role == "location":

@@ -63,32 +63,47 @@ TINY_LOOP = {"train": {"epochs": 3}, "classifier": {"epochs": 2}, "score": {"sam
 
 @pytest.mark.slow
 def test_fig4_and_fig3_write_their_csv_png_and_mlflow_runs(project, prefect_server):
-    params = tiny(studies={"fig4": {"distributions": ["uniform", "exponential"], "seeds": 60, "generations": 4,
-                                    "steps": 30, "m": 10, "batch": 16},
+    params = tiny(studies={"fig4": {"distributions": ["uniform", "geometric"], "seeds": 60, "generations": 4,
+                                    "steps": 30, "m": 10, "batch": 16, "forms": ["per_set", "mean"], "lams": [0.1, 1.0]},
                            "fig3": {"minority_weights": [0.2], "sizes": [30], "seeds": 4, "steps": 20, "m": 2,
-                                    "finish_steps": 10, "kl_samples": 2000, "em_max_iter": 500,
+                                    "max_finish_steps": 10, "check_every": 5, "kl_samples": 2000, "em_max_iter": 500,
                                     "sweep_weights": [0.2], "sweep_sizes": [30], "lams": [0.0, 1.0]}})
     paper_study("fig4", params=params, root=str(project))
     folder = project / "reports" / "fig4"
     rows = read(folder / "fig4.csv")
     assert {"distribution", "parameter", "estimator", "generation", "mean", "sem", "median", "normalized",
             "target"} <= set(rows[0])
+    hypernetworks = {"ple", "ple_per_set_lam1", "ple_mean_lam0.1", "ple_mean_lam1", "hyper_nopenalty"}
     assert {(r["distribution"], r["estimator"]) for r in rows} == {
-        ("uniform", "mle"), ("uniform", "ple_closed"), ("exponential", "mle"), ("exponential", "ple"),
-        ("exponential", "hyper_nopenalty"), ("exponential", "ple_lam1_mean")}
+        ("uniform", "mle"), ("uniform", "mle_clipped"), ("uniform", "ple_closed"), ("geometric", "mle"),
+        ("geometric", "mle_clipped"), *(("geometric", h) for h in hypernetworks)}
     assert len([r for r in rows if r["distribution"] == "uniform" and r["estimator"] == "mle"]) == 4
     assert (folder / "fig4.png").stat().st_size > 10_000
     seeds = pd.read_parquet(folder / "fig4_seeds.parquet")
-    assert len(seeds) == 60 * (2 + 4) and seeds.truth.nunique() > 100  # a truth per seed (and per distribution)
+    assert len(seeds) == 60 * (3 + 7) and seeds.truth.nunique() > 100  # a truth per seed (and per distribution)
     mle = seeds[(seeds.distribution == "uniform") & (seeds.estimator == "mle")]
     assert (mle["last"] <= mle["truth"]).all()  # max(X) never exceeds its (shrinking) truth
+    # every truth off the box's centre (the geometric's at p = 0.35: logit -0.62, half-width log 10)
+    geometric = seeds[(seeds.distribution == "geometric") & (seeds.estimator == "mle")]
+    offset = np.abs(np.log(geometric.truth / (1 - geometric.truth)) - np.log(0.35 / 0.65)) / np.log(10)
+    assert offset.min() >= 0.3 - 1e-9 and offset.max() <= 0.7 + 1e-9
+    verdicts = read(folder / "fig4_verdicts.csv")  # both forms at both lambdas, each with its calibration slope
+    assert {(r["form"], float(r["lam"])) for r in verdicts if r["distribution"] == "geometric"} == {
+        ("per_set", 0.1), ("per_set", 1.0), ("mean", 0.1), ("mean", 1.0)}
+    assert all(r["vs_mle_clipped_verdict"] for r in verdicts)
+    assert all((r["vs_mle_verdict"] == "void (does not track the truth)") == (abs(float(r["calibration_slope"]) - 1)
+                                                                               > 0.2) for r in verdicts)
+    assert (folder / "fig4_lambda.png").is_file()
 
     paper_study("fig3", params=params, root=str(project))
     cells = read(project / "reports" / "fig3" / "fig3.csv")
     assert len(cells) == 1 and float(cells[0]["kl_mle"]) >= 0 and float(cells[0]["kl_ple"]) >= 0
-    assert float(cells[0]["kl_control"]) >= 0 and 0 <= float(cells[0]["ple_converged_share"]) <= 1
+    assert float(cells[0]["kl_control"]) >= 0 and 0 <= float(cells[0]["ple_within_share"]) <= 1
+    assert float(cells[0]["ple_nll_gap_median"]) > -1e-3  # EM is the MLE: a fit's training NLL is not far below it
+    assert 0 <= float(cells[0]["ple_finish_steps_mean"]) <= 10
     assert float(cells[0]["kl_diff"]) == pytest.approx(float(cells[0]["kl_mle"]) - float(cells[0]["kl_ple"]))
-    assert {float(r["lam"]) for r in read(project / "reports" / "fig3" / "fig3_lambda.csv")} == {0.0, 0.1, 1.0}
+    sweep = read(project / "reports" / "fig3" / "fig3_lambda.csv")
+    assert {float(r["lam"]) for r in sweep} == {0.0, 0.1, 1.0} and all("nll_gap_median" in r for r in sweep)
     assert (project / "reports" / "fig3" / "fig3.png").is_file()
 
     from mlflow.tracking import MlflowClient

@@ -15,6 +15,7 @@ import json
 import math
 import platform
 import time
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -90,6 +91,21 @@ def progress() -> Progress:
 def ticker(bar: Progress, description: str) -> Callable[[int, int], None]:
     task_id = bar.add_task(description, total=None)
     return lambda done, total: bar.update(task_id, completed=done, total=total)
+
+
+@contextmanager
+def torch_threads(count: int | None):
+    """torch's intra-op threads set to ``count`` inside the block (None: unchanged), restored after: studies that
+    run several computations at once on a thread pool give each one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @flow(name="paper-study", flow_run_name="{name}")
@@ -227,7 +243,10 @@ def loop_generations(project: Path, studies: list[str], started_at: float) -> di
 
 
 STYLE = {"mle": ("tab:red", "MLE"), "ple": ("tab:blue", "PLE (hypernetwork)"),
-         "ple_closed": ("tab:green", "PLE (closed form)"), "hyper_nopenalty": ("tab:gray", "hypernetwork, lambda=0")}
+         "ple_closed": ("tab:green", "PLE (closed form)"), "hyper_nopenalty": ("tab:gray", "hypernetwork, lambda=0"),
+         "mle_clipped": ("tab:pink", "MLE clipped to the box"),
+         "ple_mean_lam1": ("tab:orange", "PLE, mean form, lambda=1"),
+         "mle_factorised": ("tab:brown", "MLE through H's head, fixed input")}
 
 
 def style(estimator: str) -> tuple[str, str]:
