@@ -221,9 +221,10 @@ def fit_gmm_ple_batch(family: ScalarFamily, x: np.ndarray, *, lam: float, m: int
     finish until its training NLL per point is within ``nll_gap`` of its reference (checked every
     ``check_every`` steps; from then on its weights stay as they are), or for ``max_finish_steps`` steps at most
     (the cap). Without a reference, every fit takes ``max_finish_steps`` full-batch steps. Returned per seed
-    besides the parameters: ``nll`` (the fit's training NLL per point), ``finish_steps`` (full-batch steps it
-    took), and with a reference ``nll_gap`` (NLL minus the reference's) and ``within_gap`` (1 when it reached the
-    tolerance, 0 when the cap stopped it). The penalty's synthetic sets and the minibatches draw from random
+    besides the parameters: ``nll`` (the fit's training NLL per point), ``penalty`` (Eq. 5's per-set penalty at
+    the fitted H, m fresh synthetic sets of n points), ``finish_steps`` (full-batch steps it took), and with a
+    reference ``nll_gap`` (NLL minus the reference's) and ``within_gap`` (1 when it reached the tolerance, 0 when
+    the cap stopped it). The penalty's synthetic sets and the minibatches draw from random
     streams of their own, so lambda changes nothing else."""
     generator = torch.Generator().manual_seed(seed)  # initialization and minibatches: the same for every lambda
     penalty_generator = torch.Generator().manual_seed(seed + 1)
@@ -298,10 +299,17 @@ def fit_gmm_ple_batch(family: ScalarFamily, x: np.ndarray, *, lam: float, m: int
 
     with torch.no_grad():
         # The fit is H over the whole dataset (a streamed mean would be the same: h1 is per point).
-        params = natural(estimate(data))
+        raw = estimate(data)
+        params = natural(raw)
+        check = torch.Generator().manual_seed(seed + 2)  # the penalty at the fit: a stream of its own
+        differences = []
+        for _ in range(m):
+            u = torch.rand(copies, n, 1, generator=check).clamp(1e-7, 1 - 1e-7)
+            differences.append(estimate(family.sample_natural(expand(params), u, check)) - raw)
+        penalty_at_fit = eq5_penalty(torch.stack(differences, dim=1), "per_set", "mean")
     out = {name: value.double().numpy() for name, value in params.items()}
     nll = training_nll()
-    out.update(nll=nll.numpy(), finish_steps=taken.double().numpy())
+    out.update(nll=nll.numpy(), finish_steps=taken.double().numpy(), penalty=penalty_at_fit.double().numpy())
     if reference is not None:
         out.update(nll_gap=(nll - reference).numpy(), within_gap=(nll - reference <= nll_gap).double().numpy())
     return out

@@ -208,6 +208,13 @@ class FixedInputHyperNetwork(HyperNetwork):
     def embed_sum(self, x: torch.Tensor) -> torch.Tensor:
         return self.fixed_embedding * len(x)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fixed_embedding
+
+    @torch.no_grad()
+    def streamed_embedding(self, data: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        return self.fixed_embedding.clone()
+
 
 @torch.no_grad()
 def recalibrate_batchnorm(module: nn.Module, weights: dict[str, torch.Tensor] | None, data: torch.Tensor,

@@ -64,7 +64,8 @@ TINY_LOOP = {"train": {"epochs": 3}, "classifier": {"epochs": 2}, "score": {"sam
 @pytest.mark.slow
 def test_fig4_and_fig3_write_their_csv_png_and_mlflow_runs(project, prefect_server):
     params = tiny(studies={"fig4": {"distributions": ["uniform", "geometric"], "seeds": 60, "generations": 4,
-                                    "steps": 30, "m": 10, "batch": 16, "forms": ["per_set", "mean"], "lams": [0.1, 1.0]},
+                                    "steps": 30, "m": 10, "batch": 16, "forms": ["per_set", "mean"],
+                                    "lams": [0.1, 1.0]},
                            "fig3": {"minority_weights": [0.2], "sizes": [30], "seeds": 4, "steps": 20, "m": 2,
                                     "max_finish_steps": 10, "check_every": 5, "kl_samples": 2000, "em_max_iter": 500,
                                     "sweep_weights": [0.2], "sweep_sizes": [30], "lams": [0.0, 1.0]}})
@@ -157,6 +158,31 @@ def test_table1_and_fig2_run_the_loop_with_controls_and_verdicts(project, prefec
                     "Does H use its input?"):
         assert heading in results
 
+
+
+@pytest.mark.slow
+def test_the_lambda_study_sweeps_both_units_beside_its_controls(project, prefect_server):
+    """A tiny lambda study (digits, one seed, two lambdas in code units, one in the paper's): every recipe's row
+    carries its metrics, its training NLL and the penalty's diagnostics; the paper-unit run sits at its code-unit
+    equivalent; the section states its claims."""
+    params = tiny(studies={"lambda": {"lams": [0.1, 1e6], "paper_lams": [0.1], "datasets": {
+        "digits": {"seeds": [0], "params": TINY_LOOP}}}})
+    paper_study("lambda", params=params, root=str(project))
+    folder = project / "reports" / "lambda"
+    rows = {r["group"]: r for r in read(folder / "lambda_runs.csv")}
+    assert set(rows) == {"mle", "hyper_nopenalty", "mle_factorised", "ple-code-0.1", "ple-code-1e6", "ple-paper-0.1"}
+    for row in rows.values():
+        assert float(row["nll"]) > 0 and row["fid"] != ""
+    assert float(rows["mle_factorised"]["input_dependence"]) == 0 < float(rows["hyper_nopenalty"]["input_dependence"])
+    assert float(rows["ple-code-1e6"]["gradient_share"]) > 100 * float(rows["ple-code-0.1"]["gradient_share"]) > 0
+    paper = rows["ple-paper-0.1"]  # lambda_code = lambda_literal x P / (B x D)
+    assert float(paper["lam_code"]) == pytest.approx(0.1 * float(paper["literal_factor"])) and paper["units"] == "paper"
+    manifest = json.loads((project / "data" / "studies" / "lambda-digits" / "ple-paper-0.1-s0" / "gen-000.json")
+                          .read_text())
+    assert manifest["recipe"]["ple.nll_reduction"] == "sum" and "gradient_share" in manifest["info"]
+    assert (folder / "lambda.png").is_file()
+    results = write_results(project).read_text()
+    assert "## The lambda study" in results and "(b) as lambda grows PLE converges to MLE" in results
 
 def test_vectorized_em_reaches_scikit_learns_likelihood():
     from models.families.gmm import GaussianMixture1D, em_batch

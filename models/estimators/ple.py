@@ -252,6 +252,8 @@ def diagnostics(family: TorchFamily, target: torch.nn.Module, hyper: HyperNetwor
       weight, the objective's units). These are the per-step pulls Adam sees, not the full-data gradients, which at
       a stationary point of the objective balance exactly whatever lambda is. ``penalty_gradient_ratio`` is the
       same without lam (what it would be at lam = 1: defined for the lambda = 0 control too).
+    - ``penalty_at_fit``: the penalty itself at the fitted H on those batches (every emitted weight, the
+      objective's units): comparable across lambdas, the lambda = 0 control included.
     - ``input_dependence``: ||H(A) - H(B)|| / ||H(all)|| (L2 over the emitted weights) for two halves of the
       training set: the two largest classes in ``groups`` (the majority and the minority; ``input_split`` 1), or,
       without two labelled classes, the rows below and above the median of the data's first principal component
@@ -273,7 +275,7 @@ def gradient_shares(family: TorchFamily, target: torch.nn.Module, hyper: HyperNe
     sample_generator = torch.Generator(device=data.device).manual_seed(seed + 4)
     size = min(batch_size, len(data))
     dims = family.nll_units()
-    nll_norms, penalty_norms = [], []
+    nll_norms, penalty_norms, values = [], [], []
     for _ in range(batches):
         batch = data[torch.randperm(len(data), generator=order)[:size].to(data.device)]
         e_x = hyper.embed(family.hyper_features(batch))
@@ -283,9 +285,11 @@ def gradient_shares(family: TorchFamily, target: torch.nn.Module, hyper: HyperNe
                         ple.penalty_reduction)
         nll_norms.append(grad_norm(nll, params))
         penalty_norms.append(grad_norm(value, params))
+        values.append(float(value.detach()))
     nll_norm, penalty_norm = float(np.mean(nll_norms)), float(np.mean(penalty_norms))
     ratio = penalty_norm / nll_norm if nll_norm > 0 else math.nan
-    return {"gradient_share": ple.lam * ratio, "penalty_gradient_ratio": ratio}
+    return {"gradient_share": ple.lam * ratio, "penalty_gradient_ratio": ratio,
+            "penalty_at_fit": float(np.mean(values))}
 
 
 def grad_norm(value: torch.Tensor, params: list[torch.Tensor]) -> float:
