@@ -22,6 +22,7 @@ one per estimator it supports, one generation (modes and mitigations are the sam
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import typing
 from typing import Any
@@ -32,7 +33,7 @@ from models.estimators import ESTIMATORS
 from models.families import FAMILIES
 from tasks.mitigations import MITIGATIONS
 from tasks.modes import MODES
-from tasks.params import (ParamsError, section, digest, flatten, lineage_params, lineage_recipe, schema, score_recipe,
+from tasks.params import (ParamsError, digest, flatten, lineage_params, lineage_recipe, schema, score_recipe,
                           set_dotted, validate)
 from tasks.registries import SOURCES
 from tasks.resume import param_diff
@@ -161,14 +162,17 @@ def outputs(generations, score_too: bool) -> list[dict[str, Any]]:
 def test_every_key_redoes_rescores_or_reuses_exactly_what_it_shapes(family, raw, tmp_path):
     base_p = validate(raw)
     base = hashes(raw)
-    # a loop study's own params (studies.<name>.params) are one free-form key each: changed as a whole
-    keys = list(dict.fromkeys(re.sub(r"^(studies\.[^.]+\.params)\..*$", r"\1", k)
+    # a loop study's own params (studies.<name>.params, or deeper: studies.lambda.datasets.<d>.params) are one
+    # free-form key each: changed as a whole
+    keys = list(dict.fromkeys(re.sub(r"^(studies\..*?\.params)\..*$", r"\1", k)
                               for k in flatten(base_p.model_dump(mode="json")) if not k.startswith("lineages")))
     keys += ["lineages"]
     groups: dict[str, dict[str, dict[str, Any]]] = {name: {"reused": {}, "rescored": {}} for name in base}
     verdicts: dict[str, dict[str, list[str]]] = {}
     dumped = flatten(base_p.model_dump(mode="json"))
-    dumped.update({k: section(base_p, k) for k in keys if k.endswith(".params") and k.startswith("studies.")})
+    tree = base_p.model_dump(mode="json")
+    dumped.update({k: functools.reduce(lambda node, part: node[part], k.split("."), tree) for k in keys
+                   if k.endswith(".params") and k.startswith("studies.")})
     for key in keys:
         new = None if key == "lineages" else changed_value(raw, key, dumped[key])
         if new is None:
