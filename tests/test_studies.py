@@ -180,6 +180,12 @@ def test_the_lambda_study_sweeps_both_units_beside_its_controls(project, prefect
     manifest = json.loads((project / "data" / "studies" / "lambda-digits" / "ple-paper-0.1-s0" / "gen-000.json")
                           .read_text())
     assert manifest["recipe"]["ple.nll_reduction"] == "sum" and "gradient_share" in manifest["info"]
+    from mlflow.tracking import MlflowClient  # the diagnostics reach MLflow too, as every fit's train.* metrics
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lambda").experiment_id
+    assert client.search_runs([experiment], "metrics.`train.gradient_share` > 0")
+    assert client.search_runs([experiment], "metrics.`train.input_dependence` > 0")
     assert (folder / "lambda.png").is_file()
     results = write_results(project).read_text()
     assert "## The lambda study" in results and "(b) as lambda grows PLE converges to MLE" in results
@@ -208,7 +214,7 @@ def test_fig4_theory_matches_the_closed_forms_it_describes():
 
     n, generations, seeds = 20, 10, 4000
     family = Uniform.of()
-    truths = draw_truths(family, seeds, 3.0, np.random.default_rng(0))
+    truths = draw_truths(family, seeds, 10.0, [0.3, 0.7], None, np.random.default_rng(0))
     for name, estimate in (("mle", lambda x: family.closed_mle(x, 0)),
                            ("ple_closed", lambda x: family.closed_ple(x, 0))):
         history = normalize(family, "a", run_lineages(family, estimate, n, truths, generations, seed=1)["a"], truths)
@@ -218,6 +224,30 @@ def test_fig4_theory_matches_the_closed_forms_it_describes():
             se = history[g].std() / np.sqrt(seeds)
             assert history[g].mean() == pytest.approx(predicted[g]["mean"], abs=4 * se)
             assert np.median(history[g]) == pytest.approx(predicted[g]["median"], rel=0.02)
+
+
+def test_fig4_truths_sit_off_the_box_centre_and_the_calibration_rule_sees_a_constant_estimator():
+    """Each seed's truth is 0.3-0.7 of the box's half-width from its centre, on either side; the MLE clipped to the
+    box stays in it; the calibration slope is about 1 for the MLE and 0 for an estimator that ignores its data."""
+    from flows.studies.fig4 import box_coordinates, calibration, calibration_slope, clipped_to_box, draw_truths
+    from models.families.analytic import Exponential, Geometric
+
+    geometric = Geometric.of()
+    truths = draw_truths(geometric, 2000, 10.0, [0.3, 0.7], {"p": 0.35}, np.random.default_rng(0))["p"]
+    mid, half = box_coordinates(geometric, 10.0, {"p": 0.35})["p"]
+    share = np.abs(np.log(truths / (1 - truths)) - mid) / half
+    assert mid == pytest.approx(np.log(0.35 / 0.65)) and share.min() >= 0.3 - 1e-9 and share.max() <= 0.7 + 1e-9
+    assert 0.4 < (np.log(truths / (1 - truths)) > mid).mean() < 0.6  # both sides
+    low, high, _ = geometric.prior_box(10.0, {"p": 0.35})["p"]
+    clipped = clipped_to_box(geometric, 10.0, {"p": 0.35}, lambda x: geometric.closed_mle(x, 0))
+    x = geometric.draw_batch({"p": np.full(500, 0.97)}, 25, np.random.default_rng(1))  # often all zeros: p = 1
+    assert (clipped(x)["p"] <= high + 1e-12).all() and (geometric.closed_mle(x, 0)["p"] > high).any()
+    exponential = Exponential.of()
+    rows = calibration(exponential, {"mle": lambda x: exponential.closed_mle(x, 0),
+                                     "constant": lambda x: {"rate": np.full(len(x), 0.5)}}, 25, 2000, 0, 10.0,
+                       [0.3, 0.7], None)
+    slope = {e: calibration_slope(exponential, [r for r in rows if r["estimator"] == e]) for e in ("mle", "constant")}
+    assert slope["mle"] == pytest.approx(1.0, abs=0.05) and slope["constant"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_paired_comparison_finds_a_real_shift_and_not_noise():
