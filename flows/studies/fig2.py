@@ -138,17 +138,18 @@ def claims(rows: list[dict]) -> list[Claim]:
         test = paired([growth[other][s] for s in seeds], [growth["ple"][s] for s in seeds])
         out.append(Claim(
             f"PLE degrades more slowly than {who}",
-            f"the paired difference over seeds of log(FID_last / FID_0), {who} minus PLE, must be > 0: reproduced "
-            "when its 95% interval is above 0, partly when only its mean is, otherwise not reproduced",
-            test.text(), verdict_from([test])))
+            f"the paired difference over seeds of log(FID_last / FID_0), {who} minus PLE, must be > 0 (a two-sided "
+            "paired t-test at 0.05): reproduced when significant above 0, not reproduced when significant below, "
+            "inconclusive otherwise", test.text(), verdict_from([test])))
     factors = np.exp(list(growth["ple"].values()))
     mean, low, high = interval(np.log(factors))
-    verdict = ("reproduced" if math.exp(high) <= BARELY else "partly" if math.exp(mean) <= BARELY
-               else "not reproduced")
+    verdict = ("reproduced" if math.exp(high) <= BARELY else "not reproduced" if math.exp(low) > BARELY
+               else "inconclusive")
     out.append(Claim(
         "PLE's FID barely moves over the loop",
         f"PLE's FID growth factor FID_last / FID_0 (geometric mean over seeds) must stay at most {BARELY}: reproduced "
-        "when the upper end of its 95% interval does, partly when only the point estimate does",
+        "when the upper end of its 95% interval (log scale) does, not reproduced when its lower end is above it, "
+        "inconclusive when the interval straddles it",
         f"growth factor {fmt(math.exp(mean))} (95% CI {fmt(math.exp(low))} to {fmt(math.exp(high))}, n = "
         f"{len(factors)}); MLE's {fmt(math.exp(interval(list(growth['mle'].values()))[0]))}", verdict))
     return out

@@ -19,12 +19,12 @@ class Fairness(ImageMetric):
     """Minority share, per-class FID, R_Fair, fairness discrepancy."""
 
     order = 20
-    columns = (Column("minority_share", headline=True, summary=True, rank=True, better="higher"),
-               Column("fid_majority", headline=True, better="lower"),
-               Column("fid_minority", headline=True, better="lower"),
-               Column("r_fair", headline=True, summary=True, rank=True),
-               Column("kid_majority", better="lower"), Column("kid_minority", better="lower"),
-               Column("majority_share"), Column("fairness_discrepancy", better="lower"))
+    columns = (Column("minority_share", headline=True, summary=True, rank=True, better="higher", scale="unit"),
+               Column("fid_majority", headline=True, better="lower", scale="log"),
+               Column("fid_minority", headline=True, better="lower", scale="log"),
+               Column("r_fair", headline=True, summary=True, rank=True, scale="log"),
+               Column("kid_majority", better="lower", scale="log"), Column("kid_minority", better="lower", scale="log"),
+               Column("majority_share", scale="unit"), Column("fairness_discrepancy", better="lower", scale="log"))
 
     @classmethod
     def compute(cls, scorer, samples, labels, seed):

@@ -20,13 +20,16 @@ from tasks.registries import SCORERS
 @dataclass(frozen=True)
 class Column:
     """A metric column. ``headline``: leads the per-generation CSV; ``summary``: in summary.md and the terminal
-    table; ``rank``: in the recipe ranking; ``better``: "lower", "higher" or "" (no direction)."""
+    table; ``rank``: in the recipe ranking; ``better``: "lower", "higher" or "" (no direction); ``scale``: what
+    kind of quantity it is, which decides its interval over seeds (``tasks.stats``: "linear", "log" for positive
+    skewed quantities, "unit" for shares in [0, 1])."""
 
     name: str
     headline: bool = False
     summary: bool = False
     rank: bool = False
     better: str = ""
+    scale: str = "linear"
 
 
 class Scorer:

@@ -196,8 +196,8 @@ class ImageScorer(Scorer):
         (``TorchFamily.held_out_columns``: a flow's bits per dimension)."""
         extra = getattr(family, "held_out_columns", {})
         return [column for metric in image_metrics_in_order() for column in metric.columns] + \
-            [Column("minority_share_train"), Column("reference_size")] + \
-            [Column(name, summary=True, better=b) for name, b in extra.items()]
+            [Column("minority_share_train", scale="unit"), Column("reference_size")] + \
+            [Column(name, summary=True, better=b, scale="log") for name, b in extra.items()]
 
     @classmethod
     def build(cls, p, real: RealData, cache_dir: Path, device: torch.device) -> tuple["ImageScorer", str]:

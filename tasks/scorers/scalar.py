@@ -35,9 +35,11 @@ class ScalarScorer(Scorer):
 
     @classmethod
     def columns(cls, family) -> list[Column]:
-        names = list(family.of().true_estimates())
-        return [*(Column(f"param.{n}", summary=True) for n in names), *(Column(f"bias.{n}") for n in names),
-                Column("kl", summary=True, better="lower"), Column("wasserstein", summary=True, better="lower")]
+        scales = family.of().estimate_scales()
+        return [*(Column(f"param.{n}", summary=True, scale=s) for n, s in scales.items()),
+                *(Column(f"bias.{n}") for n in scales),
+                Column("kl", summary=True, better="lower", scale="log"),
+                Column("wasserstein", summary=True, better="lower", scale="log")]
 
     @classmethod
     def build(cls, p, real, cache_dir: Path, device) -> tuple["ScalarScorer", str]:
