@@ -117,11 +117,12 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".",
     p = validate(params)
     paths = StudyPaths(Path(root).resolve(), p.study.name)
     device = resolve_device(p.device)
-    real = prepare_real_data_task(p, paths)
-    scorer, scorer_note = build_scorer_task(p, real, paths.cache, device)
+    real = prepare_real_data_task(p, paths, [p.lineage(lineage)])
+    scorer, scorer_note = build_scorer_task(p, real.split, paths.cache, device)
     lin = open_lineage(p, lineage, paths, real, scorer, device)
     tag_this_run("madloop", f"study:{p.study.name}", *lineage_tags(lin))
-    state = LineageState(**verified) if verified else inspect_lineage(lin.folder, lin.recipe, real_train_data(paths))
+    state = LineageState(**verified) if verified else inspect_lineage(lin.folder, lin.recipe,
+                                                                      real_train_data(paths, lin.real_file))
     generations = lin.params.loop.generations
     start = resume_point(lin, state, logger)
     if start:
@@ -157,7 +158,7 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".",
     if manifests:
         watch.table(lineage_rows(lin.spec, manifests))
 
-    dataset = real.train if start == 0 else load_generation_dataset(lin.folder, start)
+    dataset = lin.real.train if start == 0 else load_generation_dataset(lin.folder, start)
     lin.mitigation.resume(manifests)
     pending: list[dict[str, Any]] = []
     flushed = time.monotonic()
@@ -212,12 +213,15 @@ def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite
                                    find_dvc_root(paths.root) if p.dvc.track else None):
         logger.info(line)
     device = resolve_device(p.device)
-    real = prepare_real_data_task(p, paths)
-    _, scorer_note = build_scorer_task(p, real, paths.cache, device)
+    real = prepare_real_data_task(p, paths, plan.lineages)
+    _, scorer_note = build_scorer_task(p, real.split, paths.cache, device)
+    sizes = sorted({len(r.train) for r in real.lineages.values()})
+    rows = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
     what = (f"classes {p.data.majority}/{p.data.minority} (R_I = {p.data.imbalance_ratio:g})"
-            if real.num_classes else f"draws of the {p.model.family} truth")
-    logger.info(f"study {p.study.name!r}: {len(real.train)} real training rows of {p.data.source}, {what}; "
-                f"{scorer_note}; device {device}")
+            if real.split.num_classes else f"draws of the {p.model.family} truth")
+    draws = len(set(real.files.values()))
+    logger.info(f"study {p.study.name!r}: {rows} real training rows of {p.data.source}, {what}, {draws} real draw{'s' if draws > 1 else ''} "
+                f"(data.draw: {p.data.draw}); {scorer_note}; device {device}")
     if p.dvc.track:
         dvc_add_task(paths.root, [paths.real])
     rows: list[dict[str, Any]] | None = None
@@ -225,13 +229,13 @@ def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite
         fan_out(lineage_deployment, p, [spec.name for spec in plan.lineages], paths.root)
     else:
         rows = []
-        train_sha = real_train_data(paths)
         # In-process lineages send no heartbeats of their own: the study's flow run, in the same process, already
         # does (a crash stops both), and joining each one's heartbeat thread, which sleeps in 1 s steps, held up
         # the end of its lineage by up to 1 s (docs/performance.md).
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             for spec in plan.lineages:
-                state = inspect_lineage(paths.lineage(spec.name), lineage_recipe(p, spec), train_sha)
+                state = inspect_lineage(paths.lineage(spec.name), lineage_recipe(p, spec),
+                                        real_train_data(paths, real.files[spec.name]))
                 rows += lineage_loop(params=p.model_dump(mode="json"), lineage=spec.name, root=str(paths.root),
                                      verified=state.as_dict(), dvc_add_at_end=False)
         if p.dvc.track:  # one `dvc add` for every lineage (slow generations were also added one by one)

@@ -33,7 +33,9 @@ PLUGIN_GROUP = "madloop.plugins"
 
 class Settings(BaseModel):
     """A strict params section: unknown keys are errors, assignments are validated. ``not_hashed`` names the
-    fields that change no output (``data.download``), so no resume hash holds them.
+    fields that change no output (``data.download``), so no resume hash holds them. ``study_wide`` names the fields
+    that decide what every lineage of a study shares (the data split, the scorer's classes), so a lineage's ``set:``
+    may not change them.
 
     Every part's settings inherit the value rules: numbers are finite (``.inf`` and ``.nan`` are refused, as no
     knob means anything at infinity and NaN would travel into weights and manifests), and types are strict (``true``
@@ -42,6 +44,7 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
     not_hashed: ClassVar[frozenset[str]] = frozenset()
+    study_wide: ClassVar[frozenset[str]] = frozenset()
 
 
 def settings_of(cls: type[Settings], section: BaseModel) -> Settings:

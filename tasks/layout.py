@@ -3,7 +3,8 @@
 Under the project root (``data/`` is DVC's, ``reports/`` is git's)::
 
     data/studies/<study>/.madloop.lock  the study lock (one writer per study: tasks.lock)
-    data/studies/<study>/real/          train.parquet (dataset 0), test.parquet, manifest.json
+    data/studies/<study>/real/          train-s<seed>-<key>.parquet (each lineage seed's dataset 0), test.parquet,
+                                        manifest.json
     data/studies/<study>/<lineage>/     dataset-001.parquet ...  the datasets generations 1.. train on
                                         model-000.safetensors ... generation k's model weights
                                         samples-000.png ...       a grid of its samples
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REAL = "real"  # the real data's folder: not a lineage name
-REAL_TRAIN, REAL_TEST, REAL_MANIFEST = "train.parquet", "test.parquet", "manifest.json"
+REAL_TEST, REAL_MANIFEST = "test.parquet", "manifest.json"
 GENERATIONS_CSV, METRICS_JSON, SUMMARY_MD = "generations.csv", "metrics.json", "summary.md"
 RANKING_CSV, RANKING_MD, RECIPES_PNG = "lineages.csv", "lineages.md", "recipes.png"
 RECIPES_CSV = "recipes.csv"  # per recipe and generation: mean and 95% interval over its seeds
@@ -29,6 +30,11 @@ TIMING_JSON = "timing.json"
 RESULTS_MD = "RESULTS.md"
 REPORT_FILES = (RESULTS_MD,)  # files directly under reports/: no study may be named like them
 STUDY_LOCK = ".madloop.lock"
+
+
+def real_train_name(seed: int, key: str) -> str:
+    """Dataset 0 of the lineages whose real draw has seed ``seed`` and recipe hash prefix ``key``, under real/."""
+    return f"train-s{seed}-{key}.parquet"
 
 
 def dataset_name(k: int) -> str:

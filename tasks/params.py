@@ -22,7 +22,7 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, create_model,
@@ -31,7 +31,7 @@ from pydantic import (BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveI
 from models.estimators import ESTIMATORS
 from models.families import FAMILIES
 from models.registry import Registry, Settings, load_plugins
-from tasks.registries import MITIGATIONS, MODES, SCORERS, SOURCES
+from tasks.registries import IMAGE_METRICS, MITIGATIONS, MODES, SCORERS, SOURCES
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # safe as a folder name, an MLflow name and a DVC stage key
 MAX_SEED = 2 ** 32 - 1  # numpy's and torch's seeds are 32-bit here
@@ -52,13 +52,24 @@ class StudyParams(Section):
 
 
 class DataParams(Section):
-    """The real data: a source (``tasks.sources``: each adds its own fields here) and the class imbalance."""
+    """The real data: a source (``tasks.sources``: each adds its own fields here), the class imbalance, and how
+    lineages draw their dataset 0 from the source's training split.
+
+    ``draw``: ``per_seed`` (default) gives every lineage seed its own real draw (which minority rows, for the 1-D
+    families which draws of the truth), so intervals over seeds include the real data's noise, and lineages of one
+    seed (MLE, PLE, the control) pair on the same data; ``shared`` gives every lineage the study seed's draw.
+    ``fresh_pool``: the share of each class's training rows kept out of dataset 0 for the ``fresh`` loop mode (real
+    images no model of the lineage has seen)."""
+
+    study_wide: ClassVar[frozenset[str]] = frozenset({"source", "majority", "minority", "max_per_class"})
 
     source: str = "digits"
     majority: int | str = 3
     minority: int | str = 6
     imbalance_ratio: float = Field(5.0, ge=1.0)  # R_I = majority count / minority count
     max_per_class: PositiveInt | None = None  # cap on real rows per class (quick runs on big sources)
+    draw: Literal["per_seed", "shared"] = "per_seed"  # each lineage seed its own real draw, or the study seed's
+    fresh_pool: float = Field(0.0, ge=0.0, lt=1.0)  # share of each class kept out of dataset 0 for `fresh`
 
     @field_validator("source")
     @classmethod
@@ -457,9 +468,41 @@ def lineage_seed(params: Params, lineage: LineageParams) -> int:
     return params.seed if lineage.seed is None else lineage.seed
 
 
+# What a lineage's ``set:`` may not change: sections every lineage of a study shares (its name, where it records,
+# and the scorer with its metrics, which score every lineage against the same references), the top-level keys that
+# are not a lineage's, and every field a settings class declares ``study_wide`` (the data split, the classes).
+STUDY_SECTIONS = ("study", "tracking", "dvc", "studies")
+NOT_A_LINEAGES = {"seed": "a lineage's seed is its own `seed:` field (or `seeds: [...]` for several)",
+                  "device": "the study runs on one device: set it for the whole study",
+                  "plugins": "plug-ins are imported once, for the whole study", "lineages": "not a lineage's key"}
+
+
+def study_wide_problem(key: str) -> str | None:
+    """Why a lineage's ``set:`` may not carry ``key``, or None when the lineage can vary it."""
+    top = key.split(".")[0]
+    if top in NOT_A_LINEAGES:
+        return NOT_A_LINEAGES[top]
+    shared = [*STUDY_SECTIONS, *(path for registry in (SCORERS, IMAGE_METRICS) for entry in registry.entries()
+                                 for path in entry.settings)]
+    section_ = next((path for path in shared if key == path or key.startswith(path + ".")), None)
+    if section_ is not None:
+        return (f"{section_} is the whole study's (every lineage is recorded and scored the same way): set it for the "
+                "whole study")
+    for path, classes in declared_sections().items():
+        if any(key == f"{path}.{name}" for cls in classes for name in cls.study_wide):
+            return ("it decides the real data every lineage of the study shares (the split, the classes, the "
+                    "scorer): set it for the whole study")
+    return None
+
+
 def lineage_params(p: Params, lineage: LineageParams) -> Params:
     """The params this lineage runs under: the study's, with the lineage's own overrides and the values its
-    estimator fixes (``hyper_nopenalty``: ``ple.lam`` = 0)."""
+    estimator fixes (``hyper_nopenalty``: ``ple.lam`` = 0). A ``set:`` key the lineage cannot vary is refused
+    (:func:`study_wide_problem`): every key it carries is honoured."""
+    for key in lineage.set:
+        problem = study_wide_problem(key)
+        if problem:
+            raise ParamsError(f"lineage {lineage.name!r}: set: {key}: cannot vary per lineage: {problem}")
     raw = p.model_dump(mode="json")
     keys = {**lineage.overrides(), **ESTIMATORS.entry(lineage.estimator).fixed}
     if not keys:

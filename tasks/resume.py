@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.layout import (REAL, REAL_TRAIN, REPORT_FILES, StudyPaths, generation_files, generation_of,
+from tasks.layout import (REAL, REPORT_FILES, StudyPaths, generation_files, generation_of,
                           reports_folder)
 from tasks.params import (LineageParams, Params, ParamsError, digest, flatten, lineage_recipe, real_data_recipe,
                           tracking_uri_problem)
@@ -124,9 +124,10 @@ def quarantine_from(paths: StudyPaths, folder: Path, k: int) -> Path | None:
     return move_to_trash(paths, doomed)
 
 
-def real_train_data(paths: StudyPaths) -> str:
-    """The content sha256 of dataset 0, as the real data's (verified) manifest records it."""
-    return read_manifest(paths.real_manifest)["data"][REAL_TRAIN]
+def real_train_data(paths: StudyPaths, file: str) -> str:
+    """The content sha256 of a lineage's dataset 0 (``file`` under real/), as the real data's (verified) manifest
+    records it."""
+    return read_manifest(paths.real_manifest)["data"][file]
 
 
 # --- preflight: everything that can be wrong is found before any work -----------------------------------------
@@ -169,6 +170,11 @@ def preflight(p: Params, root: Path, lineages: list[str] | None = None, overwrit
     root = root.resolve()
     paths = StudyPaths(root, p.study.name)
     chosen = check_world(p, root, lineages)
+    from tasks.realdata import data_problem  # loads the source: only once the rest of the world checked out
+
+    problem = data_problem(p, paths, chosen)
+    if problem:
+        raise ParamsError(f"invalid params: {problem}")
 
     stale: dict[Path, list[str]] = {}
     if paths.real_manifest.is_file():

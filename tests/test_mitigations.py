@@ -27,6 +27,7 @@ from tasks.reports import rank_recipes, ranking_markdown
 from tasks.scorers import build_scorer
 from tasks.storage import read_json
 from tests.conftest import tiny
+from tests.kit import dataset_zero
 
 NEW_RECIPES = [
     {"name": "mle-subsample", "estimator": "mle", "mode": "accumulate_subsample", "set": {"loop.subsample_size": 100}},
@@ -228,7 +229,7 @@ def test_every_new_recipe_runs_two_generations_through_the_flow(project, prefect
     # dvc add after each generation is tested elsewhere (test_loop, test_dvc_pipeline); here it would only add time
     self_consuming_loop(params=tiny(lineages=NEW_RECIPES, dvc={"track": False}), root=str(project))
     study = project / "data" / "studies" / "tiny"
-    n_real = len(read_parquet(study / "real" / "train.parquet"))
+    n_real = len(dataset_zero(study, NEW_RECIPES[0]["name"]))
     for recipe in NEW_RECIPES:
         for k in (0, 1):
             manifest = read_json(study / recipe["name"] / f"gen-{k:03d}.json")

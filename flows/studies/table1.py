@@ -121,6 +121,7 @@ def uses_input(study: StudyRun, cfg: Table1Settings) -> dict[str, Any]:
     real = prepare_real_data(sub, paths)
     scorer, _ = build_scorer(sub, real, paths.cache, device)
     lineage = open_lineage(sub, "ple", paths, real, scorer, device)
+    real = lineage.real
     model = fit_model(lineage, real.train, seed=0)
     hyper, family = model.hyper, lineage.family
     out: dict[str, Any] = {"ratio": 1.0, "weights": hyper.num_emitted}

@@ -28,6 +28,12 @@ class LoopMode:
         """Why this mode cannot run with ``family`` (a class), or None."""
         return None
 
+    @classmethod
+    def data_problem(cls, p, real) -> str | None:
+        """Why this mode cannot run a lineage with params ``p`` on its real data ``real``
+        (``tasks.datasets.RealData``) for ``loop.generations`` generations, or None: checked before any work."""
+        return None
+
     def synthetic_rows(self) -> int:
         """How many samples model k contributes to dataset k+1 (default ``loop.synthetic_size``, or as many as there
         are real training rows)."""

@@ -38,6 +38,10 @@ class Scorer:
 
     rank_by: str | None = None  # the metric recipes are ranked by (lower first); None: no ranking
 
+    def for_lineage(self, real) -> "Scorer":
+        """The scorer as one lineage sees it (``real``: its ``tasks.datasets.RealData``); by default the same."""
+        return self
+
     @classmethod
     def columns(cls, family) -> list[Column]:
         raise NotImplementedError
@@ -54,5 +58,7 @@ def scorer_class(family_name: str) -> type[Scorer]:
 
 
 def build_scorer(p, real, cache_dir: Path, device) -> tuple[Any, str]:
-    """The scorer for the family's kind, and a line for the log."""
+    """The scorer for the family's kind, and a line for the log (``real``: the study's ``tasks.datasets.RealSplit``,
+    or a ``tasks.realdata.StudyReal``, whose split it takes)."""
+    real = getattr(real, "split", real)
     return scorer_class(p.model.family).build(p, real, cache_dir, device)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +18,7 @@ from pydantic import Field, PositiveInt, model_validator
 from models.classifier import DomainClassifier, load_classifier, predict, save_classifier, train_classifier
 from models.fidelity import CLASSIFIER_EXTRACTOR, INCEPTION_EXTRACTOR, Features
 from models.registry import Settings
-from tasks.datasets import Dataset, RealData, evaluation_reference
+from tasks.datasets import Dataset, RealData, RealSplit, evaluation_reference
 from tasks.layout import trash_folder
 from tasks.metrics import IMAGE_METRICS, image_metrics_in_order
 from tasks.scorers import SCORERS, Column, Scorer
@@ -88,7 +88,7 @@ def cached_accuracy(path: Path, test: Dataset, device: torch.device) -> float:
     return acc
 
 
-def ensure_classifier(real: RealData, p, cache_dir: Path, device: torch.device) -> tuple[Path, float]:
+def ensure_classifier(real: RealSplit, p, cache_dir: Path, device: torch.device) -> tuple[Path, float]:
     """Train the domain classifier once per training set (reused from the cache after that, once verified); its
     test accuracy. A cache entry that fails verification goes to the trash and is trained again (derived data).
     Studies share the cache: one process at a time checks or writes it."""
@@ -180,7 +180,7 @@ class ImageScorer(Scorer):
     device: torch.device
     fingerprint: str = ""  # sha256 of the feature extractor's weights: a retrained classifier means new scores
     _cache: tuple = (None, None)
-    train: np.ndarray | None = None  # the real training images (dataset 0): what memorisation is measured against
+    train: np.ndarray | None = None  # the lineage's dataset 0 (``for_lineage``): what memorisation is measured against
     score_settings: Any = None  # params' score section: metric plug-ins read their own settings under it
 
     @classmethod
@@ -200,7 +200,7 @@ class ImageScorer(Scorer):
             [Column(name, summary=True, better=b, scale="log") for name, b in extra.items()]
 
     @classmethod
-    def build(cls, p, real: RealData, cache_dir: Path, device: torch.device) -> tuple["ImageScorer", str]:
+    def build(cls, p, real: RealSplit, cache_dir: Path, device: torch.device) -> tuple["ImageScorer", str]:
         classifier_file, acc = ensure_classifier(real, p, cache_dir, device)
         scorer = cls.from_classifier(p, real, classifier_file, device)
         note = (f"domain classifier accuracy {acc:.3f} on the {len(real.test)}-image test split; scores against "
@@ -208,7 +208,7 @@ class ImageScorer(Scorer):
         return scorer, note
 
     @classmethod
-    def from_classifier(cls, p, real: RealData, classifier_file: Path, device: torch.device) -> "ImageScorer":
+    def from_classifier(cls, p, real: RealSplit, classifier_file: Path, device: torch.device) -> "ImageScorer":
         s, d = p.score, p.data
         weights = s.inception_weights if s.feature_extractor == "inception" else str(classifier_file)
         features = Features(INCEPTION_EXTRACTOR if s.feature_extractor == "inception" else CLASSIFIER_EXTRACTOR,
@@ -221,8 +221,11 @@ class ImageScorer(Scorer):
                                              for c in (d.majority, d.minority)},
                    majority=d.majority, minority=d.minority, kid_subset_size=s.kid_subset_size,
                    prc_neighborhood=s.prc_neighborhood, min_class_samples=s.min_class_samples, samples=s.samples,
-                   bootstrap=s.bootstrap, device=device, fingerprint=file_digest(Path(weights)),
-                   train=real.train.pixels, score_settings=s)
+                   bootstrap=s.bootstrap, device=device, fingerprint=file_digest(Path(weights)), score_settings=s)
+
+    def for_lineage(self, real: RealData) -> "ImageScorer":
+        """Memorisation is measured against the lineage's own dataset 0."""
+        return replace(self, train=real.train.pixels)
 
     def features_of(self, pixels: np.ndarray) -> torch.Tensor:
         """Features of an image set, extracted once: the metrics of one ``score`` call share them."""

@@ -43,7 +43,7 @@ class ScalarScorer(Scorer):
 
     @classmethod
     def build(cls, p, real, cache_dir: Path, device) -> tuple["ScalarScorer", str]:
-        family = build_family(p.model.family, real.train.shape, p.model)
+        family = build_family(p.model.family, real.test.shape, p.model)
         return cls(family, p.score.mc_samples), f"1-D family {family.name}, truth {family.true_estimates()}"
 
     def evaluate(self, model, seed: int) -> tuple[np.ndarray, dict[str, float]]:

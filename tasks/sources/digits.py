@@ -10,6 +10,8 @@ from tasks.sources import SOURCES, Source, SourceSplit
 
 
 class DigitsSettings(Settings):
+    study_wide = frozenset({"test_fraction"})  # the split every lineage shares
+
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0)  # digits: the held-out share (a stratified split)
 
 

@@ -12,6 +12,7 @@ from tasks.sources import SOURCES, Source, SourceSplit
 
 class TorchvisionSettings(Settings):
     not_hashed = frozenset({"download"})  # where the files came from changes no output
+    study_wide = frozenset({"root", "download"})
 
     root: str | None = None  # local torchvision root for mnist/cifar10 (relative to the project root)
     download: bool = False  # let torchvision download into root (default data/raw) when online
