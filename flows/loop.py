@@ -214,7 +214,7 @@ def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite
         logger.info(line)
     device = resolve_device(p.device)
     real = prepare_real_data_task(p, paths, plan.lineages)
-    _, scorer_note = build_scorer_task(p, real.split, paths.cache, device)
+    scorer, scorer_note = build_scorer_task(p, real.split, paths.cache, device)
     sizes = sorted({len(r.train) for r in real.lineages.values()})
     rows = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
     what = (f"classes {p.data.majority}/{p.data.minority} (R_I = {p.data.imbalance_ratio:g})"
@@ -242,7 +242,7 @@ def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite
             dvc_add_task.with_options(task_run_name="dvc-add [lineages]")(
                 paths.root, [paths.lineage(spec.name) for spec in plan.lineages])
     everyone = rows is not None and len(plan.lineages) == len(p.lineages)
-    rows = write_reports_task(p, paths, p.lineages, rows if everyone else None)
+    rows = write_reports_task(p, paths, p.lineages, rows if everyone else None, getattr(scorer, "labeller", None))
     study_summary_artifact(p.study.name, (paths.reports / SUMMARY_MD).read_text())
     recipes = recipe_summary(p, rows, p.lineages)
     if seeded(recipes):

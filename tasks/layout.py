@@ -27,6 +27,7 @@ GENERATIONS_CSV, METRICS_JSON, SUMMARY_MD = "generations.csv", "metrics.json", "
 RANKING_CSV, RANKING_MD, RECIPES_PNG = "lineages.csv", "lineages.md", "recipes.png"
 RECIPES_CSV = "recipes.csv"  # per recipe and generation: mean and 95% interval over its seeds
 TIMING_JSON = "timing.json"
+LABELLER_JSON = "labeller.json"  # the image scorer's labeller, checked on held-out images (tasks.reports)
 RESULTS_MD = "RESULTS.md"
 REPORT_FILES = (RESULTS_MD,)  # files directly under reports/: no study may be named like them
 STUDY_LOCK = ".madloop.lock"

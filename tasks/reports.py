@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from tasks import as_task
-from tasks.layout import (GENERATIONS_CSV, METRICS_JSON, RANKING_CSV, RANKING_MD, REAL, RECIPES_CSV, RECIPES_PNG,
+from tasks.layout import (GENERATIONS_CSV, LABELLER_JSON, METRICS_JSON, RANKING_CSV, RANKING_MD, REAL, RECIPES_CSV, RECIPES_PNG,
                           SUMMARY_MD, StudyPaths)
 from tasks.params import LineageParams, Params, ParamsError, digest, lineage_recipe, lineage_seed, set_dotted, validate
 from tasks.resume import manifests
 from tasks.scorers import Column, scorer_class
 from tasks.stats import SCALE_NOTE, SIGNIFICANCE, holm, interval, paired, summarize, welch
-from tasks.storage import CorruptOutputError, read_manifest, write_atomic, write_csv_atomic, write_json_atomic
+from tasks.storage import (CorruptOutputError, read_json, read_manifest, write_atomic, write_csv_atomic,
+                           write_json_atomic)
 
 KEYS = ("lineage", "estimator", "generation")
 
@@ -88,11 +89,17 @@ def summary_columns(p: Params) -> list[str]:
 
 
 def write_reports(p: Params, paths: StudyPaths, lineages: list[LineageParams],
-                  rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                  rows: list[dict[str, Any]] | None = None, labeller: dict[str, float] | None = None
+                  ) -> list[dict[str, Any]]:
     """generations.csv (dvc plots), metrics.json (dvc metrics: each lineage's last generation), summary.md and the
-    recipe ranking. ``rows``: the lineages' rows when the caller has them (else read from the manifests)."""
+    recipe ranking. ``rows``: the lineages' rows when the caller has them (else read from the manifests);
+    ``labeller``: the image scorer's check of its labeller (labeller.json; else the one written before)."""
     rows = collect_rows(p, paths, lineages) if rows is None else rows
     paths.reports.mkdir(parents=True, exist_ok=True)
+    if labeller:
+        write_json_atomic(paths.reports / LABELLER_JSON, labeller)
+    elif (paths.reports / LABELLER_JSON).is_file():
+        labeller = read_json(paths.reports / LABELLER_JSON)
     columns = [*KEYS, *metric_columns(p, rows)]
 
     write_csv_atomic(paths.reports / GENERATIONS_CSV,
@@ -104,7 +111,8 @@ def write_reports(p: Params, paths: StudyPaths, lineages: list[LineageParams],
     write_json_atomic(paths.reports / METRICS_JSON, final)
     recipes = recipe_summary(p, rows, lineages)
     write_csv_atomic(paths.reports / RECIPES_CSV, recipe_csv_rows(p, rows, recipes))
-    write_atomic(paths.reports / SUMMARY_MD, lambda tmp: tmp.write_text(summary_markdown(p, rows, recipes)))
+    write_atomic(paths.reports / SUMMARY_MD,
+                 lambda tmp: tmp.write_text(labeller_markdown(labeller) + summary_markdown(p, rows, recipes)))
     ranking = rank_recipes(p, rows, lineages)
     if ranking:
         write_csv_atomic(paths.reports / RANKING_CSV, [{c: fmt(v) for c, v in r.items()} for r in ranking])
@@ -358,6 +366,19 @@ def recipe_markdown(p: Params, rows: list[dict[str, Any]], recipes: list[dict[st
     lines += [f"| {e['recipe']} | {e['generation']} | {e['seeds']} | "
               + " | ".join(with_interval(e, m) for m in metrics) + " |" for e in recipes]
     return "\n".join(lines) + "\n"
+
+
+def labeller_markdown(labeller: dict[str, float] | None) -> str:
+    """The labeller's check, for every report whose numbers depend on its labels ("" when there is none)."""
+    if not labeller:
+        return ""
+    return (f"Labeller (the domain classifier that labels generated images), on {labeller['held_out_images']} held-out "
+            f"real images: accuracy {labeller['accuracy']:.3f}; majority precision "
+            f"{labeller['precision_majority']:.3f}, recall {labeller['recall_majority']:.3f}; minority precision "
+            f"{labeller['precision_minority']:.3f}, recall {labeller['recall_minority']:.3f}. A second labeller "
+            f"(another architecture and seed): accuracy {labeller['check_accuracy']:.3f}, agreeing with the first on "
+            f"{labeller['agreement_held_out']:.3f} of those images; on each generation's samples its agreement is "
+            "the label_agreement column, and its minority share minority_share_check.\n\n")
 
 
 def summary_markdown(p: Params, rows: list[dict[str, Any]], recipes: list[dict[str, Any]]) -> str:
