@@ -235,6 +235,15 @@ def style(estimator: str) -> tuple[str, str]:
     return STYLE.get(estimator, ("tab:purple", estimator))
 
 
+def errors(sel: list[dict], key: str) -> list[list[float]]:
+    """Asymmetric error bars from summaries' 95% intervals (``{key}_low``, ``{key}_high``; zero where undefined)."""
+    def gap(a: float, b: float) -> float:
+        return max(a - b, 0.0) if math.isfinite(a) and math.isfinite(b) else 0.0
+
+    return [[gap(num(s[key]), num(s.get(f"{key}_low"))) for s in sel],
+            [gap(num(s.get(f"{key}_high")), num(s[key])) for s in sel]]
+
+
 def pyplot():
     import matplotlib
 

@@ -9,6 +9,7 @@ penalty what does it (PLE vs the lambda = 0 control)?
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,12 @@ from typing import Any
 from pydantic import Field, PositiveInt, field_validator
 
 from flows.loop import self_consuming_loop
-from flows.studies import (STUDIES, LoopStudySettings, PaperStudy, StudyRun, fmt, loop_generations, num, pyplot,
+from flows.studies import (STUDIES, LoopStudySettings, PaperStudy, StudyRun, errors, fmt, loop_generations, num, pyplot,
                            read_csv, run_time, seed_lineages, study_params, style, timing)
 from tasks.params import validate
 from models.families import FAMILIES
 from tasks.scorers import scorer_class
-from tasks.stats import SIGNIFICANCE, Comparison, adjusted, paired, summarize
+from tasks.stats import SCALE_NOTE, SIGNIFICANCE, Comparison, adjusted, paired, summarize
 from tasks.storage import write_csv_atomic
 
 KEYS = ("family", "estimator", "generation")
@@ -66,7 +67,7 @@ class Families(PaperStudy):
             sub["tracking"]["experiment"] = "families"
             rows += [{"family": family, **row} for row in
                      self_consuming_loop(params=sub, root=str(study.project), overwrite=True)]
-        summary = summarize(rows, list(KEYS), metric_names(cfg.families, rows))
+        summary = summarize(rows, list(KEYS), metric_names(cfg.families, rows), metric_scales(cfg.families))
         write_csv_atomic(study.folder / "families_runs.csv", rows)
         write_csv_atomic(study.folder / "families.csv", summary)
         figure(summary, study.folder / "families.png")
@@ -78,6 +79,12 @@ class Families(PaperStudy):
         return section(folder)
 
 
+def metric_scales(families: list[str]) -> dict[str, str]:
+    """Each metric's kind of quantity (tasks.stats), which decides its interval over seeds."""
+    return {c.name: c.scale for f in families for c in scorer_class(f).columns(FAMILIES.get(f))} | {
+        "fit_seconds": "log"}
+
+
 def metric_names(families: list[str], rows: list[dict]) -> list[str]:
     """The scorer's columns of every family (a flow adds bits per dimension), then the fit time."""
     names = [c.name for f in families for c in scorer_class(f).columns(FAMILIES.get(f))]
@@ -85,7 +92,7 @@ def metric_names(families: list[str], rows: list[dict]) -> list[str]:
 
 
 def figure(summary: list[dict], path: Path, metric: str = "fid") -> None:
-    """FID vs generation, one panel per family, mean +- standard error over seeds per estimator."""
+    """FID vs generation, one panel per family, centre and 95% interval over seeds per estimator."""
     plt = pyplot()
     families = list(dict.fromkeys(s["family"] for s in summary))
     fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.6), squeeze=False)
@@ -97,7 +104,7 @@ def figure(summary: list[dict], path: Path, metric: str = "fid") -> None:
                 continue
             color, label = style(estimator)
             ax.errorbar([s["generation"] for s in sel], [s[metric] for s in sel],
-                        yerr=[s[f"{metric}_sem"] for s in sel], color=color, marker="o", capsize=3, label=label)
+                        yerr=errors(sel, metric), color=color, marker="o", capsize=3, label=label)
         ax.set_xlabel("generation")
         ax.set_ylabel("FID (lower is better)")
         ax.set_title(family)
@@ -168,7 +175,8 @@ def section(folder: Path) -> list[str]:
            "minority share last |", "|---|---|---|---|---|---|---|---|"]
 
     def cell(s: dict, key: str) -> str:
-        return f"{fmt(num(s[key]))} ± {fmt(num(s[key + '_sem']), 2)}"
+        value, low, high = num(s[key]), num(s.get(f"{key}_low")), num(s.get(f"{key}_high"))
+        return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]" if math.isfinite(low) else fmt(value)
 
     for family in families:
         for estimator in estimators:
@@ -178,7 +186,7 @@ def section(folder: Path) -> list[str]:
             out.append(f"| {family} | {estimator} | {cell(first, 'fid')} | {cell(end, 'fid')} | "
                        f"{fmt(num(first['recall']))} | {fmt(num(end['recall']))} | {fmt(num(end['precision']))} | "
                        f"{fmt(num(end['minority_share']))} |")
-    out += ["", "Mean ± standard error over seeds.", "",
+    out += ["", f"Centre [95% interval] over seeds. {SCALE_NOTE}", "",
             "Paper: PLE \"can be used for any generative model\"; its MAD curve (Fig. 2, a BigGAN on CIFAR-10) "
             "collapses with MLE and barely moves with PLE. Two questions per family:", "",
             "1. Does PLE slow collapse? PLE vs MLE.",
@@ -186,13 +194,16 @@ def section(folder: Path) -> list[str]:
             f"Rule, fixed before the numbers: {RULE}", "",
             "| family | question | FID growth, PLE − other | last FID, PLE − other | verdict |",
             "|---|---|---|---|---|"]
+    judged = 0
     for family in families:
         for question, other in (("1. PLE slows collapse (vs mle)", "mle"),
                                 ("2. the penalty does it (vs hyper_nopenalty)", "hyper_nopenalty")):
             if "ple" not in estimators or other not in estimators:
                 continue
-            growth, end = compare(runs, family, "ple", other, last)
+            growth, end = adjusted(list(compare(runs, family, "ple", other, last)))
             out.append(f"| {family} | {question} | {growth.text()} | {end.text()} | **{verdict(growth, end)}** |")
+            judged += 1
+    out += ["", f"{judged} claims, {2 * judged} tests in all (two measures per claim, Holm-adjusted together)."]
     bpd = [f"{e} {fmt(num(at[('flow', e, 0)]['bpd']))} -> {fmt(num(at[('flow', e, last)]['bpd']))}"
            for e in estimators if ("flow", e, 0) in at and "bpd" in at[("flow", e, 0)]]
     if bpd:

@@ -7,7 +7,7 @@ are the next unused rows of the lineage's fresh-data pool (``data.fresh_pool``: 
 training split kept out of dataset 0 when it is drawn), in dataset 0's class mix: generation k takes the k-th
 slice of a fixed permutation of each class's pool, so no row is ever drawn twice and a resumed run draws the same
 rows. A study whose pool cannot supply ``loop.generations`` slices is refused before any work
-(docs/families.md, "Fresh data", tabulates what a pool supports).
+(docs/data.md, "Fresh data", tabulates what a pool supports: :func:`generations_supported`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,15 @@ def fresh_counts(p, real) -> tuple[int, dict[int, int]]:
         return total, {}
     majority = round(total * float((real.train.label == p.data.majority).mean()))
     return total, {p.data.majority: majority, p.data.minority: total - majority}
+
+
+def generations_supported(p, real) -> int:
+    """How many generations the lineage's fresh-data pool can supply (no limit for the 1-D families' truth)."""
+    if real.num_classes == 0:
+        return 10 ** 9
+    _, per_class = fresh_counts(p, real)
+    pool = real.train_full.label[real.pool_index]
+    return min(int((pool == label).sum()) // need if need else 10 ** 9 for label, need in per_class.items())
 
 
 def pool_slice(real, label: int, per_generation: int, k: int, seed: int) -> np.ndarray:
@@ -53,7 +62,7 @@ class Fresh(LoopMode):
         pool = real.train_full.label[real.pool_index]
         for label, need in per_class.items():
             have = int((pool == label).sum())
-            if need * p.loop.generations > have:
+            if need * p.loop.generations > have:  # generations_supported(p, real) < p.loop.generations
                 return (f"data.fresh_pool: {p.loop.generations} generations take {need} fresh images of class {label} "
                         f"each ({need * p.loop.generations} in all), the pool holds {have}: raise data.fresh_pool "
                         f"(now {p.data.fresh_pool:g}), or lower loop.real_fraction or loop.generations")
