@@ -137,9 +137,25 @@ class DvcParams(Section):
     track: bool = True  # dvc add every generation's outputs (needs a DVC repo at the project root)
 
 
+class SlurmParams(Section):
+    """What each lineage's Slurm job asks for, when a study fans out to a Slurm work pool (``madloop run --fan-out
+    slurm``; tasks/slurm.py). Per lineage through its ``set`` ({name: ple, set: {slurm.gpus: 1}}). Decides where
+    lineages run, never what they make: no resume hash holds it."""
+
+    not_hashed: ClassVar[frozenset[str]] = frozenset(
+        {"partition", "cpus", "memory_gb", "gpus", "time_minutes", "extra_args"})
+
+    partition: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")  # null: the cluster's default partition
+    cpus: PositiveInt = 1  # --cpus-per-task; also the job's OMP_NUM_THREADS (torch's threads)
+    memory_gb: PositiveFloat = 4.0  # --mem
+    gpus: NonNegativeInt = 0  # --gres=gpu:<gpus>
+    time_minutes: PositiveInt = 240  # --time; a job that reaches it is stopped, its lineage resumes next run
+    extra_args: list[str] = Field(default_factory=list)  # more sbatch options, e.g. [--account=lab, --qos=normal]
+
+
 CORE_SECTIONS: dict[str, type[Section]] = {
     "study": StudyParams, "data": DataParams, "model": ModelParams, "loop": LoopParams,
-    "tracking": TrackingParams, "dvc": DvcParams,
+    "tracking": TrackingParams, "dvc": DvcParams, "slurm": SlurmParams,
 }
 
 
