@@ -27,9 +27,9 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
 from flows.slurm import WORKER_TYPE, ensure_lineage_deployment, ensure_pool, pool_type, worker_while
-from tasks.params import Params, ParamsError
-from tasks.slurm import check as check_slurm
-from tasks.slurm import lineage_settings, loopback_problem
+from tasks.params import Params, ParamsError, lineage_params
+from tasks.slurm import SlurmParams, SlurmUnfit, loopback_problem
+from tasks.slurm import check as check_resources
 from tasks.tracking import client_for, experiment_id, tracking_uri
 
 LINEAGE_FLOW = "lineage"  # the name of flows.loop.lineage_loop, which lineage deployments must run
@@ -56,6 +56,24 @@ class FanOut:
         return [{**settings[name].model_dump(mode="json"), "working_dir": str(root)} for name in lineages]
 
 
+def lineage_settings(p: Params, lineages: list[str]) -> dict[str, SlurmParams]:
+    """Each lineage's Slurm job: the study's ``slurm`` section with the lineage's own ``set`` on top."""
+    return {name: lineage_params(p, p.lineage(name)).slurm for name in lineages}
+
+
+def check_slurm(p: Params, lineages: list[str], target: str) -> None:
+    try:
+        check_resources(lineage_settings(p, lineages), p.slurm, target)
+    except SlurmUnfit as err:
+        raise ParamsError(str(err)) from None
+
+
+def check_target(target: str, p: Params, lineages: list[str]) -> None:
+    """What can be checked before a Prefect server is reached: a Slurm pool's controller and resources."""
+    if "/" not in target:
+        check_slurm(p, lineages, target)
+
+
 def prepare_fan_out(target: str, p: Params, lineages: list[str]) -> FanOut:
     """Check the target before any work (ParamsError naming what is wrong), registering a Slurm pool's pool and
     lineage deployment when missing."""
@@ -64,7 +82,10 @@ def prepare_fan_out(target: str, p: Params, lineages: list[str]) -> FanOut:
             raise ParamsError(f"--fan-out {target!r}: expected a lineage deployment ('lineage/gpu') or a Slurm "
                               "work pool ('slurm')")
         check_slurm(p, lineages, target)
-        ensure_pool(target)  # refuses a pool of another type
+        try:
+            ensure_pool(target)
+        except SlurmUnfit as err:  # a pool of another type
+            raise ParamsError(str(err)) from None
         target = FanOut(ensure_lineage_deployment(target, LINEAGE_FLOW), target, slurm=True)
     else:
         pool = check_deployment(target)
@@ -90,7 +111,8 @@ def run_lineage_deployment(deployment: str, params: dict[str, Any], lineage: str
                          tags=["madloop", f"study:{study}", f"lineage:{lineage}"], job_variables=job_variables or None)
     if run.state is None or not run.state.is_completed():
         state = f"{run.state.name}: {run.state.message}" if run.state else "without a state"
-        raise LineageRunError(f"lineage {lineage!r} (flow run {run.name!r} of {deployment}) ended {state}")
+        job = f", Slurm job {run.infrastructure_pid}" if job_variables and run.infrastructure_pid else ""
+        raise LineageRunError(f"lineage {lineage!r} (flow run {run.name!r} of {deployment}{job}) ended {state}")
     return str(run.id)
 
 
@@ -111,8 +133,7 @@ def fan_out(target: FanOut, p: Params, lineages: list[str], root: Path) -> None:
         futures = run_lineage_deployment.map(target.deployment, unmapped(p.model_dump(mode="json")), lineages,
                                              str(root), target.job_variables(p, lineages, root))
         futures.wait()
-    failed = [f"{name}: {future.state.message}" for name, future in zip(lineages, futures)
-              if not future.state.is_completed()]
+    failed = [str(future.result(raise_on_failure=False)) for future in futures if not future.state.is_completed()]
     if failed:
         raise LineageRunError(f"{len(failed)} of {len(lineages)} lineages failed: " + "; ".join(failed))
 

@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-from flows.fanout import fan_out, prepare_fan_out
+from flows.fanout import check_target, fan_out, prepare_fan_out
 from tasks import as_task
 from tasks.generation import (PLAIN, TASKS, Lineage, Steps, load_generation_dataset, load_generation_model, load_model,
                               open_lineage, rescore_manifest, resolve_device, run_generation)
@@ -256,6 +256,8 @@ def run_study(p: Params, root: Path, lineages: list[str] | None = None, overwrit
     the study's flow run starts."""
     check_names(p, root)
     check_world(p, root.resolve(), lineages)  # before the lock file is made: bad input leaves nothing behind
+    if lineage_deployment:
+        check_target(lineage_deployment, p, [s.name for s in p.lineages if lineages is None or s.name in lineages])
     with study_lock(StudyPaths(root.resolve(), p.study.name).lock, p.study.name, wait=wait, on_wait=on_wait):
         plan = preflight(p, root, lineages, overwrite)
         with api():

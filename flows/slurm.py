@@ -42,15 +42,14 @@ from prefect.settings import PREFECT_API_URL, PREFECT_WORKER_QUERY_SECONDS, temp
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 from pydantic import Field
 
-from tasks.params import ParamsError, SlurmParams
-from tasks.slurm import SlurmError, cancel, job_state, resource_args, submit, thread_env
+from tasks.slurm import SlurmError, SlurmParams, SlurmUnfit, cancel, job_state, resource_args, submit, thread_env
 
 WORKER_TYPE = "madloop-slurm"
 OUTPUT = ".madloop/slurm/%j.out"  # each job's stdout and stderr, under its working directory (the project)
 JOB_POLL_SECONDS = 3.0  # how often the worker asks the controller about each of its jobs
 QUERY_SECONDS = 2.0  # how often a study's own worker looks for its lineages' flow runs (Prefect's default: 10)
 LINEAGE_ENTRYPOINT = "flows.loop.lineage_loop"  # a module path: the job imports the installed madloop
-DEFAULTS = SlurmParams()  # the one home of the defaults: tasks.params.SlurmParams
+DEFAULTS = SlurmParams()  # the one home of the defaults: tasks.slurm.SlurmParams
 logger = get_logger("madloop.slurm")
 
 
@@ -124,11 +123,12 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
             state = await self.wait_for(job)
         finally:
             self.jobs.pop(job, None)
-        if state is not None and state.state == "COMPLETED":
-            return SlurmWorkerResult(status_code=state.exit_code, identifier=job)
-        message = state.describe(job) if state else f"Slurm job {job} ended (the controller has forgotten it)"
-        await self.crash_unless_final(flow_run, message)
-        return SlurmWorkerResult(status_code=(state.exit_code if state else 0) or 1, identifier=job)
+        if state is None or state.state != "COMPLETED":
+            await self.crash_unless_final(
+                flow_run, state.describe(job) if state else f"Slurm job {job} ended (the controller forgot it)")
+        # The flow run's state now says how the job ended; a non-zero status here would only add Prefect's
+        # generic advice about pods and ECS tasks to the log.
+        return SlurmWorkerResult(status_code=0, identifier=job)
 
     async def wait_for(self, job: str):
         while True:
@@ -178,7 +178,7 @@ def ensure_pool(pool: str) -> None:
             client.create_work_pool(WorkPoolCreate(name=pool, type=WORKER_TYPE,
                                                    base_job_template=SlurmWorker.get_default_base_job_template()))
     elif kind != WORKER_TYPE:
-        raise ParamsError(f"--fan-out {pool}: work pool {pool!r} is a {kind!r} pool, not a Slurm pool "
+        raise SlurmUnfit(f"--fan-out {pool}: work pool {pool!r} is a {kind!r} pool, not a Slurm pool "
                           f"({WORKER_TYPE}): name a lineage deployment instead (e.g. lineage/{pool})")
 
 

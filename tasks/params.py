@@ -32,6 +32,7 @@ from models.estimators import ESTIMATORS
 from models.families import FAMILIES
 from models.registry import Registry, Settings, load_plugins
 from tasks.registries import MITIGATIONS, MODES, SCORERS, SOURCES
+from tasks.slurm import SlurmParams
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # safe as a folder name, an MLflow name and a DVC stage key
 MAX_SEED = 2 ** 32 - 1  # numpy's and torch's seeds are 32-bit here
@@ -135,22 +136,6 @@ def tracking_uri_problem(uri: str) -> str | None:
 
 class DvcParams(Section):
     track: bool = True  # dvc add every generation's outputs (needs a DVC repo at the project root)
-
-
-class SlurmParams(Section):
-    """What each lineage's Slurm job asks for, when a study fans out to a Slurm work pool (``madloop run --fan-out
-    slurm``; tasks/slurm.py). Per lineage through its ``set`` ({name: ple, set: {slurm.gpus: 1}}). Decides where
-    lineages run, never what they make: no resume hash holds it."""
-
-    not_hashed: ClassVar[frozenset[str]] = frozenset(
-        {"partition", "cpus", "memory_gb", "gpus", "time_minutes", "extra_args"})
-
-    partition: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")  # null: the cluster's default partition
-    cpus: PositiveInt = 1  # --cpus-per-task; also the job's OMP_NUM_THREADS (torch's threads)
-    memory_gb: PositiveFloat = 4.0  # --mem
-    gpus: NonNegativeInt = 0  # --gres=gpu:<gpus>
-    time_minutes: PositiveInt = 240  # --time; a job that reaches it is stopped, its lineage resumes next run
-    extra_args: list[str] = Field(default_factory=list)  # more sbatch options, e.g. [--account=lab, --qos=normal]
 
 
 CORE_SECTIONS: dict[str, type[Section]] = {

@@ -1,5 +1,5 @@
 """Slurm through the commands every cluster user has (``sbatch``, ``scontrol``, ``sinfo``, ``scancel``): a lineage's
-job from its ``slurm`` params (``tasks.params.SlurmParams``), its state, and the checks that a controller answers
+job from its ``slurm`` params (``SlurmParams``, a core params section), its state, and the checks that a controller answers
 and that its partitions can grant what each lineage asks for, made before any work starts.
 
 The commands, not Slurm's REST API (``slurmrestd``): they need no token and no extra daemon, and they are the same
@@ -15,15 +15,33 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import ClassVar, Mapping
 from urllib.parse import urlparse
 
-from tasks.params import Params, ParamsError, SlurmParams, lineage_params
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+
+from models.registry import Settings
 
 TIMEOUT_SECONDS = 30.0  # a controller that does not answer in this long is not reachable
 # A job's state once it has ended (scontrol's JobState); any other state is still queued or running.
 ENDED = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
                    "PREEMPTED", "TIMEOUT", "REVOKED", "SPECIAL_EXIT"})
+
+
+class SlurmParams(Settings):
+    """What each lineage's Slurm job asks for, when a study fans out to a Slurm work pool (``madloop run --fan-out
+    slurm``). Per lineage through its ``set`` ({name: ple, set: {slurm.gpus: 1}}). Decides where
+    lineages run, never what they make: no resume hash holds it."""
+
+    not_hashed: ClassVar[frozenset[str]] = frozenset(
+        {"partition", "cpus", "memory_gb", "gpus", "time_minutes", "extra_args"})
+
+    partition: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")  # null: the cluster's default partition
+    cpus: PositiveInt = 1  # --cpus-per-task; also the job's OMP_NUM_THREADS (torch's threads)
+    memory_gb: PositiveFloat = 4.0  # --mem
+    gpus: NonNegativeInt = 0  # --gres=gpu:<gpus>
+    time_minutes: PositiveInt = 240  # --time; a job that reaches it is stopped, its lineage resumes next run
+    extra_args: list[str] = Field(default_factory=list)  # more sbatch options, e.g. [--account=lab, --qos=normal]
 
 
 class SlurmError(RuntimeError):
@@ -178,37 +196,36 @@ def partitions() -> dict[str, Partition]:
     return out
 
 
-def lineage_settings(p: Params, lineages: list[str]) -> dict[str, SlurmParams]:
-    """Each lineage's job settings: the study's ``slurm`` section with the lineage's own ``set`` on top."""
-    return {name: lineage_params(p, p.lineage(name)).slurm for name in lineages}
+class SlurmUnfit(ValueError):
+    """No controller answers, or it cannot grant a job: the message names the setting."""
 
 
-def check(p: Params, lineages: list[str], target: str = "slurm") -> None:
-    """ParamsError, naming the setting, unless a Slurm controller answers and every lineage's job can be granted:
-    its partition exists and is up, and one of its nodes has the CPUs, memory and GPUs, within its time limit;
-    then the controller itself judges each distinct job (``sbatch --test-only``, which also covers
-    ``extra_args``)."""
+def check(settings: Mapping[str, SlurmParams], study: SlurmParams, target: str = "slurm") -> None:
+    """SlurmUnfit, naming the setting, unless a Slurm controller answers and every lineage's job (``settings``:
+    lineage -> its slurm params; ``study``: the study's own) can be granted: its partition exists and is up, and one
+    of its nodes has the CPUs, memory and GPUs, within its time limit; then the controller itself judges each
+    distinct job (``sbatch --test-only``, which also covers ``extra_args``)."""
     try:
         known = partitions()
     except SlurmError as err:
-        raise ParamsError(f"--fan-out {target}: no Slurm controller answers here ({err})") from None
+        raise SlurmUnfit(f"--fan-out {target}: no Slurm controller answers here ({err})") from None
     if not known:
-        raise ParamsError(f"--fan-out {target}: the Slurm controller reports no partitions")
+        raise SlurmUnfit(f"--fan-out {target}: the Slurm controller reports no partitions")
     judged: set[tuple] = set()
-    for name, settings in lineage_settings(p, lineages).items():
-        whose = "" if settings == p.slurm else f" (lineage {name!r})"
-        problem = partition_problem(settings, known)
+    for name, lineage in settings.items():
+        whose = "" if lineage == study else f" (lineage {name!r})"
+        problem = partition_problem(lineage, known)
         if problem:
-            raise ParamsError(f"{problem}{whose}")
-        args = tuple(resource_args(settings))
+            raise SlurmUnfit(f"{problem}{whose}")
+        args = tuple(resource_args(lineage))
         if args in judged:
             continue
         judged.add(args)
         try:
             slurm("sbatch", "--test-only", "--job-name=madloop-check", "--output=/dev/null", *args, "--wrap=true")
         except SlurmError as err:
-            raise ParamsError(f"slurm: the controller would not accept the job{whose}: "
-                              f"{str(err).removeprefix('sbatch: ')} (sbatch {shlex.join(args)})") from None
+            raise SlurmUnfit(f"slurm: the controller would not accept the job{whose}: "
+                             f"{str(err).removeprefix('sbatch: ')} (sbatch {shlex.join(args)})") from None
 
 
 def partition_problem(settings: SlurmParams, known: dict[str, Partition]) -> str | None:
