@@ -159,13 +159,22 @@ class Partition:
 
 
 def minutes(text: str) -> float:
-    """Slurm's time format (``infinite``, ``1-00:00:00``, ``2:00:00``, ``30:00``, ``45``) in minutes."""
-    if text.strip().lower() in ("infinite", "unlimited", "n/a", ""):
+    """Slurm's time format in minutes: ``minutes``, ``minutes:seconds``, ``hours:minutes:seconds``,
+    ``days-hours[:minutes[:seconds]]``; ``infinite`` is math.inf."""
+    text = text.strip().lower()
+    if text in ("infinite", "unlimited", "n/a", ""):
         return math.inf
-    days, _, rest = text.rpartition("-")
-    parts = [int(x) for x in rest.split(":")]
-    h, m, s = ([0] * (3 - len(parts)) + parts) if len(parts) > 1 else (0, parts[0], 0)
-    return int(days or 0) * 1440 + h * 60 + m + s / 60
+    days, dash, rest = text.partition("-")
+    if dash:
+        h, m, sec = ([int(x) for x in rest.split(":")] + [0, 0])[:3]
+        return int(days) * 1440 + h * 60 + m + sec / 60
+    parts = [int(x) for x in text.split(":")]
+    if len(parts) == 1:  # minutes
+        return float(parts[0])
+    if len(parts) == 2:  # minutes:seconds
+        return parts[0] + parts[1] / 60
+    h, m, sec = parts
+    return h * 60 + m + sec / 60
 
 
 def gpu_count(gres: str) -> int:
