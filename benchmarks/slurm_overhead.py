@@ -140,7 +140,12 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/madloop-slurm-bench"))
+    parser.add_argument("--report", type=Path, default=None, metavar="RESULT_JSON",
+                        help="print the table of an earlier run's result.json, and stop")
     args = parser.parse_args()
+    if args.report is not None:
+        report(json.loads(args.report.read_text()))
+        return
 
     up = subprocess.run(["make", "-s", "-C", str(REPO), "slurm"], capture_output=True, text=True)
     if up.returncode != 0:
@@ -187,25 +192,36 @@ def main() -> None:
         if started_slurm:
             subprocess.run(["make", "-s", "-C", str(REPO), "slurm-down"], capture_output=True)
 
-    n = args.lineages
-    load = os.getloadavg()
-    print(f"{n} lineages x {args.generations} generations x {args.epochs} epochs (digits, mle seeds 0-{n - 1}); "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {load[0]:.1f} at the "
-          f"end; one thread per process\n")
-    print("| run | wall (s) | vs plain | per lineage: claimed | queued | started | work | ended (s) |")
+    result = {"lineages": args.lineages, "generations": args.generations, "epochs": args.epochs, "wall": wall,
+              "per_lineage": per, "load_average": os.getloadavg(), "cpus": os.cpu_count(),
+              "machine": platform.processor() or platform.machine()}
+    (args.workdir / "result.json").write_text(json.dumps(result, indent=1))
+    report(result)
+
+
+def report(result: dict) -> None:
+    """The table, and the overheads per lineage: what a lineage costs beyond its own work in the plain run."""
+    n, wall, per = result["lineages"], result["wall"], result["per_lineage"]
+    print(f"{n} lineages x {result['generations']} generations x {result['epochs']} epochs (digits, mle seeds "
+          f"0-{n - 1}); {result['machine']}, {result['cpus']} CPUs, load average {result['load_average'][0]:.1f} at "
+          "the end; one thread per process\n")
+    print("| run | wall (s) | vs plain | per lineage: claimed | queued | started | flow run | ended (s) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for mode, label in (("plain", "plain `madloop run`"), ("process", "process pool, 2 at once"),
                         ("slurm", "Slurm, 2 CPUs")):
         b = per[mode]
         cells = [f"{b[k]:.1f}" if k in b else "" for k in ("claimed", "queued", "started", "work", "ended")]
         print(f"| {label} | {wall[mode]:.0f} | {wall[mode] / wall['plain']:.2f} | " + " | ".join(cells) + " |")
-    slurm = per["slurm"]
-    print(f"\nSlurm submission overhead per lineage (claimed + started + ended, not queueing for a CPU): "
-          f"{slurm['claimed'] + slurm['started'] + slurm['ended']:.1f} s; the process pool's (claimed + started): "
-          f"{per['process']['claimed'] + per['process']['started']:.1f} s; "
-          f"(slurm - process pool) wall / lineages: {(wall['slurm'] - wall['process']) / n:+.1f} s")
-    (args.workdir / "result.json").write_text(json.dumps({"wall": wall, "per_lineage": per, "load": load}, indent=1))
-
+    own = per["plain"]["work"]  # the lineage's own work, as a subflow of the plain run
+    slurm, pool = per["slurm"], per["process"]
+    # The process pool's "claimed" is mostly waiting for one of the worker's 2 slots (queueing), so it is left out.
+    print(f"\noverhead per lineage, beyond its {own:.1f} s in the plain run: as a Slurm job "
+          f"{slurm['claimed'] + slurm['started'] + slurm['work'] - own + slurm['ended']:.1f} s (worker pick-up and "
+          f"sbatch {slurm['claimed']:.1f}, job start to flow run {slurm['started']:.1f}, the flow run's own set-up "
+          f"{slurm['work'] - own:.1f}, flow run end to job end {slurm['ended']:.1f}); on the process pool "
+          f"{pool['started'] + pool['work'] - own:.1f} s (process start {pool['started']:.1f}, set-up "
+          f"{pool['work'] - own:.1f}). Slurm vs the process pool, wall time: x{wall['slurm'] / wall['process']:.2f}, "
+          f"{(wall['slurm'] - wall['process']) / n:+.1f} s per lineage")
 
 if __name__ == "__main__":
     main()

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run only this lineage of params.lineages (repeatable)")
     serve.add_argument("--fan-out", nargs="?", const="lineage/served", default=None, metavar="DEPLOYMENT",
                        help="run each lineage as its own flow run, in parallel: alone, this process serves them; "
-                            "with a lineage deployment (lineage/gpu from prefect.yaml), its work pool's workers do")
+                            "with a lineage deployment (lineage/gpu from prefect.yaml), its work pool's workers do; "
+                            "with a Slurm work pool (slurm), each is a Slurm job")
     serve.add_argument("--name", default=None, help="deployment name (default: the study name)")
     return parser
 
