@@ -110,8 +110,14 @@ def first(states, kind: str) -> float:
 
 
 def slurm_times(job: str) -> dict[str, float]:
-    out = subprocess.run(["scontrol", "show", "job", "--oneliner", job], capture_output=True, text=True).stdout
-    fields = dict(re.findall(r"(\w+)=(\S*)", out))
+    """A job's submit, start and end (whole seconds). Read once it has ended: a running job's EndTime is the
+    end of its time limit; the study returns when its flow runs end, which can be before their jobs do."""
+    for _ in range(600):
+        out = subprocess.run(["scontrol", "show", "job", "--oneliner", job], capture_output=True, text=True).stdout
+        fields = dict(re.findall(r"(\w+)=(\S*)", out))
+        if fields.get("JobState") not in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING"):
+            break
+        time.sleep(0.2)
     return {key: datetime.fromisoformat(fields[key]).timestamp() for key in ("SubmitTime", "StartTime", "EndTime")}
 
 
