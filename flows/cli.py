@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--wait", action="store_true",
                      help="when another run of the same study is in progress, wait for it to end instead of stopping "
                           "(exit code 2)")
+    run.add_argument("--fan-out", default=None, metavar="TARGET",
+                     help="run each lineage as its own flow run, all at once: on a Slurm work pool (e.g. slurm: each "
+                          "lineage a Slurm job with its slurm params; this run submits and watches them) or a lineage "
+                          "deployment's pool (e.g. lineage/gpu from prefect.yaml); needs PREFECT_API_URL on a cluster")
 
     show = commands.add_parser(
         "show", help="print the table of a study's finished generations, as they are on disk",
@@ -94,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run only this lineage of params.lineages (repeatable)")
     serve.add_argument("--fan-out", nargs="?", const="lineage/served", default=None, metavar="DEPLOYMENT",
                        help="run each lineage as its own flow run, in parallel: alone, this process serves them; "
-                            "with a lineage deployment (lineage/gpu from prefect.yaml), its work pool's workers do")
+                            "with a lineage deployment (lineage/gpu from prefect.yaml), its work pool's workers do; "
+                            "with a Slurm work pool (slurm), each is a Slurm job")
     serve.add_argument("--name", default=None, help="deployment name (default: the study name)")
     return parser
 
@@ -309,7 +314,8 @@ def run_command(args) -> int:
     started = time.perf_counter()
     with progress_bar(not args.quiet):
         rows = run_study(p, root, args.lineage, args.overwrite, wait=args.wait, api=prefect_api,
-                         on_wait=lambda line: print(f"madloop: {line}", file=sys.stderr, flush=True))
+                         on_wait=lambda line: print(f"madloop: {line}", file=sys.stderr, flush=True),
+                         lineage_deployment=args.fan_out)
     if not args.quiet:
         print_table(p, rows)
         print(f"\nfinished in {time.perf_counter() - started:.0f} s. Compare lineages:\n"

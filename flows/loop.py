@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-from flows.fanout import fan_out
+from flows.fanout import check_target, fan_out, prepare_fan_out
 from tasks import as_task
 from tasks.generation import (PLAIN, TASKS, Lineage, Steps, load_generation_dataset, load_generation_model, load_model,
                               open_lineage, rescore_manifest, resolve_device, run_generation)
@@ -209,6 +209,7 @@ def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite
     tag_this_run("madloop", f"study:{p.study.name}")
     plan = preflight(p, Path(root), lineages, overwrite)
     paths = plan.paths
+    target = prepare_fan_out(lineage_deployment, p, [s.name for s in plan.lineages]) if lineage_deployment else None
     for line in clean_up_dead_runs(p, paths, [self_consuming_loop.name, lineage_loop.name],
                                    find_dvc_root(paths.root) if p.dvc.track else None):
         logger.info(line)
@@ -225,8 +226,8 @@ def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite
     if p.dvc.track:
         dvc_add_task(paths.root, [paths.real])
     rows: list[dict[str, Any]] | None = None
-    if lineage_deployment:
-        fan_out(lineage_deployment, p, [spec.name for spec in plan.lineages], paths.root)
+    if target:
+        fan_out(target, p, [spec.name for spec in plan.lineages], paths.root)
     else:
         rows = []
         # In-process lineages send no heartbeats of their own: the study's flow run, in the same process, already
@@ -252,14 +253,19 @@ def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite
 
 
 def run_study(p: Params, root: Path, lineages: list[str] | None = None, overwrite: bool = False,
-              wait: bool = False, on_wait=print, api=nullcontext):
+              wait: bool = False, on_wait=print, api=nullcontext, lineage_deployment: str | None = None):
     """Validate against the world first (no Prefect run, and with ``api`` no Prefect server, is started for bad
     input), then run the flow, holding the study's lock throughout (``wait``: wait for another run of the study to
-    end instead of refusing to start)."""
+    end instead of refusing to start). ``lineage_deployment``: fan the lineages out (flows.fanout), checked before
+    the study's flow run starts."""
     check_names(p, root)
     check_world(p, root.resolve(), lineages)  # before the lock file is made: bad input leaves nothing behind
+    if lineage_deployment:
+        check_target(lineage_deployment, p, [s.name for s in p.lineages if lineages is None or s.name in lineages])
     with study_lock(StudyPaths(root.resolve(), p.study.name).lock, p.study.name, wait=wait, on_wait=on_wait):
-        preflight(p, root, lineages, overwrite)
+        plan = preflight(p, root, lineages, overwrite)
         with api():
+            if lineage_deployment:
+                prepare_fan_out(lineage_deployment, p, [spec.name for spec in plan.lineages])
             return self_consuming_loop(params=p.model_dump(mode="json"), root=str(root), lineages=lineages,
-                                       overwrite=False)
+                                       overwrite=False, lineage_deployment=lineage_deployment)

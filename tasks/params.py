@@ -32,6 +32,7 @@ from models.estimators import ESTIMATORS
 from models.families import FAMILIES
 from models.registry import Registry, Settings, load_plugins
 from tasks.registries import IMAGE_METRICS, MITIGATIONS, MODES, SCORERS, SOURCES
+from tasks.slurm import SlurmParams
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # safe as a folder name, an MLflow name and a DVC stage key
 MAX_SEED = 2 ** 32 - 1  # numpy's and torch's seeds are 32-bit here
@@ -150,7 +151,7 @@ class DvcParams(Section):
 
 CORE_SECTIONS: dict[str, type[Section]] = {
     "study": StudyParams, "data": DataParams, "model": ModelParams, "loop": LoopParams,
-    "tracking": TrackingParams, "dvc": DvcParams,
+    "tracking": TrackingParams, "dvc": DvcParams, "slurm": SlurmParams,
 }
 
 
