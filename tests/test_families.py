@@ -131,9 +131,46 @@ def test_diffusion_penalty_sampling_is_short_and_differentiable_and_scoring_is_f
     assert len(calls) == TINY["diffusion"].sample_steps
     calls.clear()
     weights = {k: v.detach().clone().requires_grad_() for k, v in module.named_parameters()}
-    fam.sample(module, 4, torch.Generator().manual_seed(0), weights=weights).sum().backward()
+    fam.sample(module, 4, torch.Generator().manual_seed(0), weights=weights, penalty=True).sum().backward()
     assert calls == [False, True, True]  # penalty_steps 3, the gradient through the last 2 (penalty_grad_steps)
     assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in weights.values())
+
+
+def test_diffusion_sampler_is_chosen_by_the_caller_never_by_the_autograd_mode():
+    """The loop's sampler with autograd on is the loop's sampler (the same samples as without), and the penalty's
+    sampler without autograd is still the penalty's: only the ``penalty`` argument chooses."""
+    fam = family("diffusion")
+    module = fam.build()
+    calls = []
+    module.register_forward_hook(lambda m, args, out: calls.append(1))
+    weights = {k: v.detach().clone().requires_grad_() for k, v in module.named_parameters()}
+    drawn = {}
+    for grad in (False, True):
+        for penalty in (False, True):
+            calls.clear()
+            with torch.set_grad_enabled(grad):
+                drawn[grad, penalty] = fam.sample(module, 4, torch.Generator().manual_seed(0), weights=weights,
+                                                  penalty=penalty).detach()
+            steps = TINY["diffusion"].penalty_steps if penalty else TINY["diffusion"].sample_steps
+            assert len(calls) == steps, (grad, penalty)
+    assert torch.equal(drawn[False, False], drawn[True, False])
+    assert torch.equal(drawn[False, True], drawn[True, True])
+    assert not torch.allclose(drawn[False, False], drawn[False, True])
+
+
+def test_the_ple_penalty_asks_for_the_penalty_sampler():
+    from models.estimators.ple import penalty
+    from models.hypernet import HyperNetwork
+
+    fam = family("diffusion")
+    target = fam.build()
+    hyper = HyperNetwork(target, 64, [8], 2)
+    x = torch.as_tensor(digits_like(8))
+    e_x = hyper.embed(fam.hyper_features(x))
+    calls = []
+    target.register_forward_hook(lambda m, args, out: calls.append(1))
+    penalty(fam, target, hyper, e_x, hyper.emit(e_x), 8, 1, torch.Generator().manual_seed(0))
+    assert len(calls) == TINY["diffusion"].penalty_steps
 
 
 @pytest.mark.parametrize("estimator", ["mle", "ple"])

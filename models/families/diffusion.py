@@ -17,9 +17,9 @@ DDPM's full ancestral sampler). x_0 is predicted and clipped to [-1, 1] at every
 ordinary differentiable function of the denoiser's weights, so samples are differentiable in ``weights``.
 docs/families.md compares the default sampler's FID with full sampling's.
 
-Inside the PLE penalty (sampling while autograd records, i.e. during training; scoring and the next dataset
-sample without autograd and so with the full sampler), the sampler runs ``penalty_steps`` deterministic DDIM
-steps (eta 0) instead, and the gradient flows through the last ``penalty_grad_steps`` of them only: the earlier
+Inside the PLE penalty (``sample(..., penalty=True)``, the argument PLE's penalty passes; scoring and the next
+dataset sample with ``penalty=False``, whatever the autograd mode), the sampler runs ``penalty_steps``
+deterministic DDIM steps (eta 0) instead, and the gradient flows through the last ``penalty_grad_steps`` of them only: the earlier
 steps run without autograd, so the penalty reaches H through H(X), through H(Y_j) and through the last steps'
 use of H(X)'s weights (on inputs the earlier steps made, detached). That keeps a PLE step affordable on a CPU
 (PLE per generation at most about 2x MLE: docs/performance.md); the samples Y_j are then coarser than the
@@ -131,16 +131,18 @@ class DiffusionFamily(TorchFamily):
         x_t = abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps
         return (run(module, weights, x_t, t) - eps).pow(2).sum(dim=1).view(draws, n).mean(dim=0)
 
-    def sample(self, module, n, generator=None, temperature=1.0, weights=None):
+    def sample(self, module, n, generator=None, temperature=1.0, weights=None, penalty=False):
+        """``sample_steps`` DDIM steps with ``eta``; ``penalty`` (PLE's synthetic sets): ``penalty_steps``
+        deterministic steps, autograd (where it is on) recording the last ``penalty_grad_steps`` only."""
         s = self.settings
         device = module.alpha_bar.device
-        in_penalty = torch.is_grad_enabled()  # sampling under autograd: the PLE penalty (see the module docstring)
-        steps, eta = (s.penalty_steps, 0.0) if in_penalty else (s.sample_steps, s.eta)
-        grad_from = steps - s.penalty_grad_steps if in_penalty else 0
+        steps, eta = (s.penalty_steps, 0.0) if penalty else (s.sample_steps, s.eta)
+        grad_from = steps - s.penalty_grad_steps if penalty else 0
         times = torch.linspace(module.timesteps - 1, 0, steps, device=device).round().long()
         x = torch.randn(n, module.data_dim, generator=generator, device=device) * temperature
+        recording = torch.is_grad_enabled()
         for i, t in enumerate(times.tolist()):
-            with torch.set_grad_enabled(in_penalty and i >= grad_from):
+            with torch.set_grad_enabled(recording and i >= grad_from):
                 t_prev = int(times[i + 1]) if i + 1 < steps else -1
                 x = self.ddim_step(module, weights, x, t, t_prev, eta, generator)
         return ((x.clamp(-1.0, 1.0) + 1.0) / 2.0).reshape(n, *self.data_shape)

@@ -139,7 +139,7 @@ class FlowFamily(TorchFamily):
     def nll(self, module, x, weights=None):
         return run(module, weights, x.flatten(1))
 
-    def sample(self, module, n, generator=None, temperature=1.0, weights=None):
+    def sample(self, module, n, generator=None, temperature=1.0, weights=None, penalty=False):
         device = module.layers[0].mask.device
         z = torch.randn(n, module.dim, generator=generator, device=device) * temperature
         return run(module, weights, z, generate=True).reshape(n, *self.data_shape)

@@ -80,7 +80,7 @@ class GANFamily(TorchFamily):
         z = torch.randn(len(x), module.latent_dim, device=x.device)
         return F.softplus(-module.discriminator(self.generate(module, z, weights))).squeeze(1)
 
-    def sample(self, module, n, generator=None, temperature=1.0, weights=None):
+    def sample(self, module, n, generator=None, temperature=1.0, weights=None, penalty=False):
         z = torch.randn(n, module.latent_dim, generator=generator, device=next(module.parameters()).device)
         return self.generate(module, z * temperature, weights).reshape(n, *self.data_shape)
 

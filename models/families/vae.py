@@ -69,7 +69,7 @@ class VAEFamily(TorchFamily):
     def nll(self, module, x, weights=None):
         return run(module, weights, x.flatten(1))
 
-    def sample(self, module, n, generator=None, temperature=1.0, weights=None):
+    def sample(self, module, n, generator=None, temperature=1.0, weights=None, penalty=False):
         device = next(module.parameters()).device
         # The latent prior's temperature is the sampling-bias knob: < 1 cherry-picks typical samples.
         z = torch.randn(n, self.settings.latent_dim, generator=generator, device=device) * temperature
