@@ -39,8 +39,9 @@ class GANSettings(Settings):
     negative_slope: float = Field(0.2, ge=0.0)
     d_lr: PositiveFloat | None = None  # discriminator's Adam learning rate; null = the estimator's (train.lr)
     r1: float = Field(10.0, ge=0.0)  # R1 gradient penalty on real images (Mescheder et al. 2018); 0 = off
-    # Adam's (beta1, beta2), the same for the generator and the discriminator (docs/families.md, "GAN": measured)
-    betas: list[float] = Field(default_factory=lambda: [0.5, 0.999], min_length=2, max_length=2)
+    # Adam's (beta1, beta2), the same for the generator and the discriminator: StyleGAN2's for this loss with R1
+    # (Karras et al. 2020), and the best of three measured (docs/families.md, "GAN")
+    betas: list[float] = Field(default_factory=lambda: [0.0, 0.99], min_length=2, max_length=2)
 
     @field_validator("betas")
     @classmethod
