@@ -38,7 +38,7 @@ from models.estimators import (ESTIMATORS, TrainSettings, adam, compiled, estima
                                weighted_mean)
 from models.estimators.mle import fit_mle
 from models.estimators.ple import PLESettings, final_weights, fit_ple, objective, penalty_entries, summary
-from models.families import FittedTorchModel, TorchFamily, TrainingRecipe
+from models.families import FittedTorchModel, TorchFamily
 from models.hypernet import HyperNetwork
 
 Tensors = dict[str, torch.Tensor]
@@ -56,8 +56,7 @@ def stackable(name: str, family: TorchFamily) -> bool:
     obj = ESTIMATORS.entry(name).obj
     own_hooks = any(getattr(type(family), hook, None) is not getattr(TorchFamily, hook, None)
                     for hook in OWN_TRAINING_HOOKS)
-    plain = family.training_recipe() == TrainingRecipe()
-    return not own_hooks and plain and (obj is fit_ple or (obj is fit_mle and not hasattr(family, "fit_mle")))
+    return not own_hooks and family.training_recipe().plain and (obj is fit_ple or (obj is fit_mle and not hasattr(family, "fit_mle")))
 
 
 def fit_stacked(name: str, family: TorchFamily, xs: Sequence[np.ndarray], *, seeds: Sequence[int],

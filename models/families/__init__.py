@@ -78,6 +78,12 @@ class TrainingRecipe:
         if self.lr_decay not in ("constant", "cosine"):
             raise ValueError(f"lr_decay: constant or cosine, got {self.lr_decay!r}")
 
+    @property
+    def plain(self) -> bool:
+        """Nothing added: Adam at the estimator's learning rate with its default betas, the last weights."""
+        return (self.lr is None and tuple(self.betas) == (0.9, 0.999) and self.lr_decay == "constant"
+                and self.ema_decay is None and self.holdout <= 0)
+
 
 AuxiliaryStep = Callable[[torch.Tensor, "dict[str, torch.Tensor] | None", "torch.Tensor | None"], None]
 
