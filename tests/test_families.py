@@ -374,7 +374,8 @@ def test_a_family_with_its_own_training_recipe_is_fitted_alone_not_stacked():
     flow's early stopping) is fitted lineage by lineage; with the plain recipe it can be stacked again."""
     from models.estimators.stacked import stackable
 
-    assert not stackable("mle", family("diffusion")) and not stackable("ple", family("flow"))
+    stopping = FAMILIES.get("flow")((1, 8, 8), TINY["flow"].model_copy(update={"holdout": 0.1}))
+    assert not stackable("mle", family("diffusion")) and not stackable("ple", stopping)
     plain = TINY["diffusion"].model_copy(update={"lr": None, "lr_decay": "constant", "ema_decay": None})
     assert stackable("mle", FAMILIES.get("diffusion")((1, 8, 8), plain))
-    assert stackable("ple", FAMILIES.get("flow")((1, 8, 8), TINY["flow"].model_copy(update={"holdout": 0.0})))
+    assert stackable("ple", family("flow"))  # early stopping off (holdout 0, the default)

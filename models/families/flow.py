@@ -15,10 +15,11 @@ generation trains on images of the same kind as the real ones. Rounding to a lev
 straight through (its value is the level, its gradient that of the continuous sample), so samples stay
 differentiable in ``weights`` for the PLE penalty.
 
-Training stops early on held-out bits per dimension: ``holdout`` of the training rows (drawn with the fit's
-seed) are kept out of training, their NLL (the bound above, one fixed dequantization draw) is checked every
-``check_every`` epochs with the weights of that moment, training stops once ``patience`` epochs pass without a
-better one, and the best weights are restored (``models.estimators.FamilyOptimizer``, for every estimator alike);
+Training can stop early on held-out bits per dimension (off by default: at the families study's budget it gives
+the best held-out bits per dimension and worse samples, docs/families.md): ``holdout`` of the training rows
+(drawn with the fit's seed) are kept out of training, their NLL (the bound above, one fixed dequantization draw)
+is checked every ``check_every`` epochs with the weights of that moment, training stops once ``patience`` epochs
+pass without a better one, and the best weights are restored (``models.estimators.FamilyOptimizer``, for every estimator alike);
 ``train.epochs`` is the cap. The NLL in nats per image and bits per dimension order weights alike.
 
 Layers. A coupling keeps the pixels of a checkerboard mask and transforms the others,
@@ -45,8 +46,9 @@ class FlowSettings(Settings):
     hidden: list[PositiveInt] = Field(default_factory=lambda: [32, 32], min_length=1)  # each coupling's MLP
     levels: int = Field(17, ge=2)  # gray levels of the data (digits: 17; MNIST, CIFAR-10: 256)
     alpha: float = Field(0.01, gt=0.0, lt=0.5)  # logit transform margin: v = logit(a + (1 - 2a) y)
-    # Early stopping on held-out bits per dimension (the cap: train.epochs); holdout 0 turns it off
-    holdout: float = Field(0.1, ge=0.0, lt=0.5)  # share of the training rows held out
+    # Early stopping on held-out bits per dimension (the cap: train.epochs); holdout 0 (the default) turns it off:
+    # it gives the best held-out bits/dim but worse samples at the families study's budget (docs/families.md)
+    holdout: float = Field(0.0, ge=0.0, lt=0.5)  # share of the training rows held out (0.1: 16 of digits' 164)
     patience: PositiveInt = 50  # epochs without a better held-out NLL before stopping (the best weights restored)
     check_every: PositiveInt = 5  # epochs between held-out checks
 
