@@ -21,6 +21,7 @@ flow) the held-out real images' bits per dimension.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -45,6 +46,12 @@ from tasks.stats import interval  # noqa: E402
 
 EXTRA = {"precision": "precision", "recall": "recall", "minority_share": "minority share",
          "memorisation_rate": "memorised", "bpd": "held-out bits/dim"}  # means over the seeds, for context
+
+
+def cell(values: list[float]) -> str:
+    """The mean of a column's values, or a dash where the family has no such column."""
+    finite = [v for v in values if math.isfinite(v)]
+    return f"{statistics.fmean(finite):.3f}" if finite else "-"
 
 
 def family_params(project, family: str, seeds: list[int], overrides: list[str]):
@@ -122,7 +129,7 @@ def main() -> None:
         fit = statistics.median(fit_s[family])
         print(f"| {family} | {mean:.2f} [{low:.2f}, {high:.2f}] | {mean / best_fid:.2f}x | {fit:.2f} s | "
               f"{fit / best_fit:.2f}x | {statistics.median(gen_s[family]):.2f} s | "
-              + " | ".join(f"{statistics.fmean(other[family][m]):.3f}" for m in EXTRA) + " |")
+              + " | ".join(cell(other[family][m]) for m in EXTRA) + " |")
     print()
     print(f"best family by mean FID: {best}; per seed FID: "
           + "; ".join(f"{f} {', '.join(f'{v:.2f}' for v in fid[f])}" for f in families))
