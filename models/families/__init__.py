@@ -68,7 +68,8 @@ class TrainingRecipe:
 
     lr: float | None = None  # Adam's learning rate for this family; None: the estimator's (train.lr)
     betas: tuple[float, float] = (0.9, 0.999)  # Adam's (beta1, beta2) for the trained parameters
-    lr_decay: str = "constant"  # constant | cosine: from train.lr to 0 over the fit's steps (Loshchilov & Hutter 2017)
+    lr_decay: str = "constant"  # constant | cosine: from the learning rate to 0 over the fit's steps (Loshchilov &
+    # Hutter 2017)
     ema_decay: float | None = None  # fitted weights: an exponential moving average of the trained ones; None: the last
     holdout: float = 0.0  # share of the training rows held out to stop early on their NLL; 0: no early stopping
     patience: int = 0  # epochs without a better held-out NLL before stopping (the best weights are restored)

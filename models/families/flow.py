@@ -19,8 +19,9 @@ Training can stop early on held-out bits per dimension (off by default: at the f
 the best held-out bits per dimension and worse samples, docs/families.md): ``holdout`` of the training rows
 (drawn with the fit's seed) are kept out of training, their NLL (the bound above, one fixed dequantization draw)
 is checked every ``check_every`` epochs with the weights of that moment, training stops once ``patience`` epochs
-pass without a better one, and the best weights are restored (``models.estimators.FamilyOptimizer``, for every estimator alike);
-``train.epochs`` is the cap. The NLL in nats per image and bits per dimension order weights alike.
+pass without a better one, and the best weights are restored (``models.estimators.FamilyOptimizer``, for every
+estimator alike); ``train.epochs`` is the cap. The NLL in nats per image and bits per dimension order weights
+alike.
 
 Layers. A coupling keeps the pixels of a checkerboard mask and transforms the others,
 x' = x * exp(s) + t with (s, t) = MLP(kept pixels) and s = scale * tanh(.), starting at the identity (the MLP's

@@ -6,7 +6,7 @@ The module holds both networks. The estimators train the **generator** through `
 
 - ``nll`` stands in for the NLL with the generator loss -log D(G(z)) = softplus(-D(G(z))), one fresh z per row
   of the batch (it is per image, so ``nll_units`` is 1: PLE uses it as it is, not divided by the pixels);
-- the discriminator step: Adam (the generator's ``betas``, lr ``d_lr`` or the estimator's) on
+- the discriminator step: Adam (the family's ``betas``, the generator's too; lr ``d_lr`` or the estimator's) on
   softplus(-D(x)) + softplus(D(G(z))) + r1/2 |grad_x D(x)|^2 for the real batch x (weighted by the batch's
   sample weights when a mitigation gives some) and as many samples of the current generator, which it does not
   train. The R1 penalty (Mescheder et al. 2018) is what makes this GAN train on 164 digits at all: without it
