@@ -56,7 +56,8 @@ def stackable(name: str, family: TorchFamily) -> bool:
     obj = ESTIMATORS.entry(name).obj
     own_hooks = any(getattr(type(family), hook, None) is not getattr(TorchFamily, hook, None)
                     for hook in OWN_TRAINING_HOOKS)
-    return not own_hooks and family.training_recipe().plain and (obj is fit_ple or (obj is fit_mle and not hasattr(family, "fit_mle")))
+    minibatches = obj is fit_ple or (obj is fit_mle and not hasattr(family, "fit_mle"))
+    return not own_hooks and family.training_recipe().plain and minibatches
 
 
 def fit_stacked(name: str, family: TorchFamily, xs: Sequence[np.ndarray], *, seeds: Sequence[int],
