@@ -64,8 +64,7 @@ def without_prefect() -> None:
 
 without_prefect()
 
-import models.estimators.mle as mle_module  # noqa: E402
-import models.estimators.ple as ple_module  # noqa: E402
+import models.estimators as estimators_module  # noqa: E402  (FamilyOptimizer's Adam, swapped by default_adam)
 from models.estimators import fit  # noqa: E402
 from tasks.generation import PLAIN, open_lineage, resolve_device, run_generation  # noqa: E402
 from tasks.layout import StudyPaths  # noqa: E402
@@ -142,13 +141,13 @@ def sync(device: torch.device) -> None:
 @contextlib.contextmanager
 def default_adam():
     """PyTorch's default (for-each) Adam instead of madloop's fused one: the reference's eager baseline."""
-    saved = mle_module.adam, ple_module.adam
-    plain = lambda params, lr, device: torch.optim.Adam(params, lr=lr)  # noqa: E731
-    mle_module.adam = ple_module.adam = plain
+    saved = estimators_module.adam
+    estimators_module.adam = lambda params, lr, device, betas=(0.9, 0.999): torch.optim.Adam(params, lr=lr,
+                                                                                            betas=betas)
     try:
         yield
     finally:
-        mle_module.adam, ple_module.adam = saved
+        estimators_module.adam = saved
 
 
 def timed_fit(estimator: str, family, x: np.ndarray, device: torch.device, train: dict) -> float:

@@ -109,7 +109,7 @@ class ScalarFamily(TorchFamily):
     def nll(self, module, x, weights=None):
         return run(module, weights, x.reshape(-1, 1)).reshape(-1)
 
-    def sample(self, module, n, generator=None, temperature=1.0, weights=None):
+    def sample(self, module, n, generator=None, temperature=1.0, weights=None, penalty=False):
         params = self.natural(module, weights)
         device = next(iter(params.values())).device
         u = torch.rand(n, 1, generator=generator, device=device).clamp(1e-7, 1 - 1e-7)

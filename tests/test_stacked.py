@@ -84,7 +84,7 @@ class Autoencoder(TorchFamily):
     def nll(self, module, x, weights=None):
         return (run(module, weights, x.flatten(1)) - x.flatten(1)).pow(2).sum(dim=1)
 
-    def sample(self, module, n, generator=None, temperature=1.0, weights=None):
+    def sample(self, module, n, generator=None, temperature=1.0, weights=None, penalty=False):
         device = next(module.parameters()).device
         return run(module, weights, torch.rand(n, self.data_shape[0], generator=generator, device=device))
 

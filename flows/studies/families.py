@@ -210,7 +210,7 @@ def section(folder: Path) -> list[str]:
         out += ["", "The flow's exact likelihood of the held-out real images, bits per dimension at generation 0 -> "
                 f"the last: {'; '.join(bpd)}."]
     out += ["", "How each family reads PLE (docstrings of `models/families/*.py`, docs/families.md): the flow's NLL "
-            "is exact (uniform dequantization); the diffusion model's stand-in is the epsilon-prediction loss "
-            "with uniform-t weighting (L_simple); the GAN's is the non-saturating generator loss, with the "
-            "hypernetwork emitting the generator only and the discriminator trained as usual."]
+            "is exact (uniform dequantization); the diffusion model's stand-in is its denoising loss (x0 "
+            "prediction, Min-SNR-5 weighting: a weighted ELBO); the GAN's is the non-saturating generator loss, "
+            "with the hypernetwork emitting the generator only and the discriminator trained as usual."]
     return out
