@@ -180,3 +180,29 @@ def test_every_registry_finds_its_built_in_parts():
     found = {registry.kind: set(registry.names()) for registry in Registry.all}
     for kind, names in expected.items():
         assert names <= found[kind], kind
+
+
+def test_a_plugin_with_a_misspelled_hook_is_refused_at_registration():
+    from models.registry import Registry, misspelled_hooks
+    from tasks.mitigations import MITIGATIONS, Mitigation
+    from tasks.modes import MODES, LoopMode
+
+    with pytest.raises(ValueError, match="'training_weight' is not a hook of Mitigation.*'training_weights'"):
+        @MITIGATIONS.register("typo")
+        class Typo(Mitigation):
+            def training_weight(self, k, rows):  # the hook is training_weights: this would never be called
+                return None, {}
+    assert "typo" not in MITIGATIONS
+    with pytest.raises(ValueError, match="did you mean 'next_dataset'"):
+        MODES.register("typo")(type("Typo", (LoopMode,), {"next_datasets": lambda self, k, c, s: s}))
+
+    @MODES.register("helper-ok")
+    class WithHelper(LoopMode):  # a helper with a name of its own is no typo
+        def next_dataset(self, k, current, synthetic):
+            return self.shuffle(synthetic)
+
+        def shuffle(self, data):
+            return data
+    MODES.remove("helper-ok")
+    for registry in Registry.all:  # and no built-in part trips the check
+        assert all(not misspelled_hooks(entry.obj) for entry in registry.entries()), registry.kind
