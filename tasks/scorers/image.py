@@ -57,7 +57,7 @@ class ImageScoreSettings(Settings):
     prc_neighborhood: PositiveInt = 3
     min_class_samples: PositiveInt = 10  # fewer generated images of a class than this: its FID is NaN (KID: 2)
     bootstrap: int = Field(100, ge=0)  # resamples of the generated images for FID's standard error (0: none)
-    fairness_resamples: int = Field(20, ge=0)  # half-samples for the KID-based R_Fair's standard error (0: none)
+    fairness_resamples: int = Field(10, ge=0)  # half-samples for the KID-based R_Fair's standard error (0: none)
 
     @model_validator(mode="after")
     def inception_needs_weights(self) -> "ImageScoreSettings":
