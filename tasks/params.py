@@ -38,6 +38,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # safe as a folder name, an MLfl
 # characters, under MLflow's 250-character run names and the 255 bytes most filesystems allow a file name, with
 # room for ".dvc". tasks.resume.check_world also checks the names against the filesystem the project is on.
 NAME_MAX_CHARS = 200
+MLFLOW_RUN_NAME_CHARS = 250  # MLflow's runs.name column
 MAX_SEED = 2 ** 32 - 1  # numpy's and torch's seeds are 32-bit here
 
 
@@ -593,6 +594,13 @@ def check_name_clashes(p: Params) -> None:
                               "its folder for a DVC file, and the .dvc file of a folder so named clashes with it)")
         if name.lower() in DVC_NAMES:
             raise ParamsError(f"invalid params: {key}: {name!r} is the name of one of DVC's own files")
+    if p.tracking.experiment is not None:  # the lineage runs are then named <study>/<lineage> (tasks.tracking)
+        longest = max((lineage.name for lineage in p.lineages), key=len)
+        if len(p.study.name) + 1 + len(longest) > MLFLOW_RUN_NAME_CHARS:
+            raise ParamsError(f"invalid params: study.name: with tracking.experiment set, lineage runs are named "
+                              f"<study>/<lineage>, and {p.study.name[:20]}.../{longest[:20]}... has "
+                              f"{len(p.study.name) + 1 + len(longest)} characters: MLflow takes at most "
+                              f"{MLFLOW_RUN_NAME_CHARS}")
     seen: dict[str, str] = {}
     for lineage in p.lineages:
         other = seen.setdefault(lineage.name.lower(), lineage.name)

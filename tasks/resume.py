@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.layout import (REAL, REAL_TRAIN, REPORT_FILES, StudyPaths, generation_files, generation_of,
-                          reports_folder)
+from tasks.layout import (REAL, REAL_TRAIN, REPORT_FILES, StudyPaths, file_name_problem, generation_files,
+                          generation_of, reports_folder)
 from tasks.params import (LineageParams, Params, ParamsError, digest, flatten, lineage_recipe, real_data_recipe,
                           tracking_uri_problem)
 from tasks.registries import SOURCES
@@ -146,6 +146,9 @@ def check_world(p: Params, root: Path, lineages: list[str] | None = None) -> lis
     for lineage in chosen:
         if lineage.name == REAL:
             raise ParamsError(f"lineages: {lineage.name!r} is reserved (the real data folder)")
+    too_long = file_name_problem(root, p.study.name, [lineage.name for lineage in chosen])
+    if too_long:
+        raise ParamsError(f"invalid params: {too_long[0]}: {too_long[1]}")
     from tasks.generation import resolve_device  # torch: only when checking against the world
 
     resolve_device(p.device)

@@ -53,6 +53,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # again: a writer may have made the file anew (safetensors does, 0600), so the mode set above is gone
+        os.chmod(tmp_path, FILE_MODE)
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
