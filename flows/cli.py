@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="outputs made under other params are moved to .madloop/trash/ and redone "
                           "(without it, such outputs stop the run before any work)")
     run.add_argument("--quiet", action="store_true", help="no table at the end")
+    run.add_argument("--force", action="store_true",
+                     help="run even when the study's estimated memory or disk exceeds what this machine has "
+                          "available (without it, such a study stops before any work, exit code 2)")
     run.add_argument("--wait", action="store_true",
                      help="when another run of the same study is in progress, wait for it to end instead of stopping "
                           "(exit code 2)")
@@ -308,7 +311,7 @@ def run_command(args) -> int:
 
     started = time.perf_counter()
     with progress_bar(not args.quiet):
-        rows = run_study(p, root, args.lineage, args.overwrite, wait=args.wait, api=prefect_api,
+        rows = run_study(p, root, args.lineage, args.overwrite, wait=args.wait, api=prefect_api, force=args.force,
                          on_wait=lambda line: print(f"madloop: {line}", file=sys.stderr, flush=True))
     if not args.quiet:
         print_table(p, rows)

@@ -27,3 +27,7 @@ class TrueDistribution(Source):
         none = np.full(data.size, -1)
         return SourceSplit(family.true_sample(data.size, seed), none, family.true_sample(data.size, seed + 1_000_003),
                            none, 0)
+
+    @classmethod
+    def size_bound(cls, data):
+        return 2 * data.size, (1,), "data.size"
