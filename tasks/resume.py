@@ -32,6 +32,18 @@ class StaleOutputsError(ParamsError):
     """Outputs on disk were made under other params; they are neither reused nor replaced without --overwrite."""
 
 
+class EditedOutputsError(ParamsError):
+    """Outputs on disk differ from what git's last commit of their folder recorded (tasks.integrity)."""
+
+
+def edited_since_commit(root: Path, folders: list[Path]) -> dict[Path, list[str]]:
+    """folder -> each difference from its last commit that no run makes (``tasks.integrity``), for those with any."""
+    from tasks.integrity import check_against_commit
+
+    found = {folder: check_against_commit(root, folder).problems for folder in folders if folder.is_dir()}
+    return {folder: problems for folder, problems in found.items() if problems}
+
+
 @dataclass
 class LineageState:
     finished: list[dict[str, Any]] = field(default_factory=list)  # verified manifests of generations 0..j-1
@@ -186,6 +198,17 @@ def preflight(p: Params, root: Path, lineages: list[str] | None = None, overwrit
         diff = recipe_diff(folder, lineage_recipe(p, lineage))
         if diff:
             stale[folder] = diff
+    edited = edited_since_commit(root, [paths.real, *(paths.lineage(lineage.name) for lineage in chosen)])
+    if edited and not overwrite:
+        problems = [problem for found in edited.values() for problem in found]
+        more = f" (and {len(problems) - 1} more: `madloop verify {p.study.name}`)" if len(problems) > 1 else ""
+        raise EditedOutputsError(
+            f"{problems[0]}{more}. Not used: re-run with --overwrite to move the folder to "
+            f"{paths.trash.relative_to(root)}/ and start over, restore what was committed (`git checkout "
+            "<folder>.dvc`, then `dvc checkout --force <folder>.dvc`), or commit the .dvc file to accept the "
+            "folder as it is")
+    for folder, problems in edited.items():  # --overwrite: to the trash with the stale folders
+        stale.setdefault(folder, []).extend(problems)
     if stale and not overwrite:
         lines = [f"  {folder.relative_to(root)}: " + "; ".join(diff[:6]) + (" ..." if len(diff) > 6 else "")
                  for folder, diff in stale.items()]
@@ -196,7 +219,8 @@ def preflight(p: Params, root: Path, lineages: list[str] | None = None, overwrit
     if stale:
         bin_ = move_to_trash(paths, list(stale))
         retired = retire_mlflow_lineages(p, paths, [f.name for f in stale if f != paths.real])
-        warnings.warn(f"--overwrite: moved outputs made under other params to {bin_}"
+        warnings.warn(f"--overwrite: moved outputs made under other params{' or edited since their commit' if edited else ''}"
+                      f" to {bin_}"
                       + (f" and soft-deleted their {retired} MLflow runs (mlflow runs restore brings them back)"
                          if retired else ""))
     return Plan(p, paths, chosen)
