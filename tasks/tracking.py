@@ -44,6 +44,8 @@ from typing import Any, Callable, TypeVar
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from tasks.failures import store_problem
+
 LINEAGE_TAG, RECIPE_TAG, GENERATION_TAG = "madloop.lineage", "madloop.recipe", "madloop.generation"
 SCORE_TAG, HOST_TAG, PID_TAG = "madloop.score_hash", "madloop.host", "madloop.pid"
 DONE_TAG, UNDEFINED_TAG = "madloop.generations_done", "madloop.undefined"
@@ -400,16 +402,27 @@ def retry_when_locked(fn: F) -> F:
 
     @functools.wraps(fn)
     def retrying(*args: Any, **kwargs: Any) -> Any:
-        for attempt in range(LOCKED_ATTEMPTS - 1):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as err:
-                if "database is locked" not in str(err):
-                    raise
-            time.sleep(min(0.1 * 2 ** attempt, 5.0))
-        return fn(*args, **kwargs)
+        started = time.monotonic()
+        try:
+            for attempt in range(LOCKED_ATTEMPTS - 1):
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as err:
+                    if "database is locked" not in str(err):
+                        raise
+                time.sleep(min(0.1 * 2 ** attempt, 5.0))
+            return fn(*args, **kwargs)
+        except Exception as err:  # the store itself failed (gone, replaced, locked): say so in one line
+            problem = store_problem(str(args[0]), err, time.monotonic() - started) if args else None
+            if problem is None:
+                raise
+            raise TrackingStoreError(problem) from err
 
     return retrying  # type: ignore[return-value]
+
+
+class TrackingStoreError(RuntimeError):
+    """The MLflow store failed under a study (deleted, replaced, locked): the message says which."""
 
 
 # --- the calls the flow makes ---------------------------------------------------------------------------------

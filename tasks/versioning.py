@@ -31,10 +31,20 @@ def find_dvc_root(root: Path) -> Path:
                                "or set dvc.track: false") from None
 
 
-def dvc_add(root: Path, targets: list[Path], attempts: int = 20) -> None:
-    """``dvc add`` the targets, serialized across processes on this machine and retried while DVC is busy."""
+DVC_LOCK_WAIT_SECONDS = 180.0  # how long a `dvc add` waits for DVC's repository lock held by another process
+
+
+def dvc_add(root: Path, targets: list[Path], wait_seconds: float = DVC_LOCK_WAIT_SECONDS,
+            on_wait=None) -> None:
+    """``dvc add`` the targets, serialized across processes on this machine, waiting up to ``wait_seconds`` while
+    another DVC process holds the repository's lock. Waiting is said once (who holds the lock: ``on_wait(line)``,
+    by default a warning); a lock held longer fails in one line naming its holder."""
+    import warnings
+
     from dvc.lock import LockError
     from dvc.repo import Repo
+
+    from tasks.failures import dvc_lock_holder
 
     dvc_root = find_dvc_root(root)
     (dvc_root / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
@@ -42,18 +52,33 @@ def dvc_add(root: Path, targets: list[Path], attempts: int = 20) -> None:
     dvc_logger = logging.getLogger("dvc")
     level = dvc_logger.level
     dvc_logger.setLevel(logging.WARNING)  # not "To track the changes with git, run: ..." after every generation
+    deadline, attempt, told = time.monotonic() + wait_seconds, 0, False
     try:
-        for attempt in range(attempts):
+        while True:
             try:
                 with lock, Repo(str(dvc_root)) as repo:
                     repo.add([str(t) for t in targets])
                 return
-            except LockError:  # a DVC process outside madloop holds the repo: wait and retry
-                if attempt == attempts - 1:
-                    raise
-                time.sleep(min(0.2 * 2 ** attempt, 5.0))
+            except LockError:  # a DVC process outside madloop holds the repo: say who, wait and retry
+                holder = dvc_lock_holder(dvc_root)
+                if time.monotonic() >= deadline:
+                    raise DvcLockHeldError(
+                        f"dvc add {', '.join(t.name for t in targets)}: DVC's repository lock "
+                        f"({dvc_root / '.dvc' / 'tmp' / 'lock'}) is still held by {holder} after {wait_seconds:.0f} s; "
+                        "the files are saved, and the next run versions them") from None
+                if not told:
+                    line = (f"DVC's repository lock is held by {holder}: waiting for it (up to {wait_seconds:.0f} s) "
+                            f"to dvc add {', '.join(t.name for t in targets)}")
+                    on_wait(line) if on_wait is not None else warnings.warn(line)
+                    told = True
+                time.sleep(min(0.2 * 2 ** attempt, 5.0, max(deadline - time.monotonic(), 0.0)))
+                attempt += 1
     finally:
         dvc_logger.setLevel(level)
+
+
+class DvcLockHeldError(RuntimeError):
+    """Another DVC process held the repository's lock for longer than a `dvc add` waits."""
 
 
 def tracked_md5s(root: Path, target: Path) -> dict[str, str]:
