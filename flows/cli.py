@@ -303,6 +303,9 @@ def quiet_tracebacks() -> None:
         for handler in logging.getLogger(name).handlers:
             if type(handler).__name__ == "PrefectConsoleHandler":
                 handler.addFilter(strip)
+    # MLflow logs every database error it re-raises, traceback and all; madloop retries what is worth retrying and
+    # names what is not in one line (tasks.failures)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def run_command(args) -> int:
