@@ -304,7 +304,7 @@ def quiet_tracebacks() -> None:
             if type(handler).__name__ == "PrefectConsoleHandler":
                 handler.addFilter(strip)
     # MLflow logs every database error it re-raises, traceback and all; madloop retries what is worth retrying and
-    # names what is not in one line (tasks.failures)
+    # names what is not in one line (tasks.tracking.store_problem)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 

@@ -44,8 +44,6 @@ from typing import Any, Callable, TypeVar
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from tasks.failures import store_problem
-
 LINEAGE_TAG, RECIPE_TAG, GENERATION_TAG = "madloop.lineage", "madloop.recipe", "madloop.generation"
 SCORE_TAG, HOST_TAG, PID_TAG = "madloop.score_hash", "madloop.host", "madloop.pid"
 DONE_TAG, UNDEFINED_TAG = "madloop.generations_done", "madloop.undefined"
@@ -423,6 +421,37 @@ def retry_when_locked(fn: F) -> F:
 
 class TrackingStoreError(RuntimeError):
     """The MLflow store failed under a study (deleted, replaced, locked): the message says which."""
+
+
+# A sqlite store deleted, replaced or made read-only while a study runs surfaces from SQLAlchemy as "(raised as a
+# result of Query-invoked autoflush; consider using a session.no_autoflush block ...)", one locked past every retry
+# as "database is locked": store_problem says which, and that nothing on disk is lost.
+SQLITE = "sqlite:///"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
+
+
+def store_problem(uri: str, err: BaseException, locked_seconds: float = 0.0) -> str | None:
+    """What went wrong with the MLflow store at ``uri`` behind ``err`` (one line), or None when it is not the
+    store itself (a bug, a bad value: left as it is)."""
+    text = " ".join(str(part) for part in (err, err.__cause__, err.__context__) if part is not None).lower()
+    path = sqlite_path(uri)
+    kept = "finished generations are kept on disk, and the next run records them"
+    if path is not None and not path.exists():
+        return (f"the MLflow store {path} is gone (deleted while the study ran?): {kept} in a new store "
+                "there")
+    if "database is locked" in text:
+        return (f"the MLflow store {path or uri} stayed locked by another writer for {locked_seconds:.0f} s (another "
+                f"madloop run, `mlflow ui` or `mlflow gc` writing to it): {kept}")
+    if path is not None and ("readonly database" in text or "no such table" in text or "disk i/o error" in text
+                             or "file is not a database" in text or "unable to open database" in text):
+        why = ("was replaced or emptied while the study ran" if "no such table" in text or "not a database" in text
+               else "cannot be written here (its file's or folder's permissions, a full disk, or it was replaced "
+                    "while the study ran)")
+        return f"the MLflow store {path} {why}: {kept}"
+    return None
 
 
 # --- the calls the flow makes ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Works inside ``dvc repro`` too: DVC unlocks the repository while a stage's comma
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -43,8 +44,6 @@ def dvc_add(root: Path, targets: list[Path], wait_seconds: float = DVC_LOCK_WAIT
 
     from dvc.lock import LockError
     from dvc.repo import Repo
-
-    from tasks.failures import dvc_lock_holder
 
     dvc_root = find_dvc_root(root)
     (dvc_root / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
@@ -95,3 +94,24 @@ def tracked_md5s(root: Path, target: Path) -> dict[str, str]:
     import json
 
     return {entry["relpath"]: entry["md5"] for entry in json.loads(obj.read_text())}
+
+
+def dvc_lock_holder(dvc_root: Path) -> str:
+    """Who holds DVC's repository lock (``.dvc/tmp/lock``, held by any ``dvc`` command), as its lock file says:
+    ``pid 123 (dvc exp run ...)``, or why unknown."""
+    lock = dvc_root / ".dvc" / "tmp" / "lock"
+    try:
+        text = lock.read_text(errors="replace")
+    except OSError:
+        return "another DVC process (its lock file is unreadable)"
+    match = re.search(r"\b(\d{1,10})\b", text)
+    if match is None:
+        return "another DVC process (its lock file names no pid)"
+    pid = int(match.group(1))
+    try:
+        import psutil
+
+        command = " ".join(" ".join(psutil.Process(pid).cmdline()).split())[:160]  # one line, however it was run
+        return f"pid {pid} ({command or 'no command line'})"
+    except Exception:  # noqa: BLE001 (gone, or another machine's pid under NFS: the pid is what there is)
+        return f"pid {pid} (not a process on this machine now)"
