@@ -35,6 +35,7 @@ from tasks.resume import (LineageState, StaleOutputsError, check_names, check_wo
                           quarantine_from, real_train_data)
 from tasks.scorers import build_scorer
 from tasks.seeds import SCORE, derive_seed
+from tasks.sizing import check_fits
 from tasks.tracking import close_lineage, log_generations, log_recipe_runs, tracking_uri
 from tasks.tracking import open_lineage as open_lineage_run
 from tasks.versioning import dvc_add, find_dvc_root
@@ -192,22 +193,26 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".",
 
 @flow(name="self_consuming_loop", flow_run_name=study_run_name, log_prints=False)
 def self_consuming_loop(params: dict[str, Any] | None = None, root: str = ".", lineages: list[str] | None = None,
-                        overwrite: bool = False, lineage_deployment: str | None = None) -> list[dict[str, Any]]:
+                        overwrite: bool = False, lineage_deployment: str | None = None,
+                        force: bool = False) -> list[dict[str, Any]]:
     """A study: every lineage in params (or the named ones) over the same real data and test split.
 
     Lineages run here, one after another, as subflows. With ``lineage_deployment`` ("lineage/gpu") each one runs
     as its own flow run of that deployment instead, all at once, on the workers of its work pool (flows.fanout).
+    ``force``: run even when the study's estimated memory or disk exceeds this machine's (tasks.sizing).
     """
     p = validate(params)
     with study_lock(StudyPaths(Path(root).resolve(), p.study.name).lock, p.study.name):
-        return run_locked_study(p, root, lineages, overwrite, lineage_deployment)
+        return run_locked_study(p, root, lineages, overwrite, lineage_deployment, force)
 
 
 def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite: bool,
-                     lineage_deployment: str | None) -> list[dict[str, Any]]:
+                     lineage_deployment: str | None, force: bool = False) -> list[dict[str, Any]]:
     logger = get_run_logger()
     tag_this_run("madloop", f"study:{p.study.name}")
     plan = preflight(p, Path(root), lineages, overwrite)
+    if not lineage_deployment:  # fanned out, each lineage runs on a worker's machine, not this one
+        check_fits(p, plan.paths.root, plan.lineages, force)
     paths = plan.paths
     target = prepare_fan_out(lineage_deployment, p, [s.name for s in plan.lineages]) if lineage_deployment else None
     for line in clean_up_dead_runs(p, paths, [self_consuming_loop.name, lineage_loop.name],
@@ -253,13 +258,15 @@ def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite
 
 
 def run_study(p: Params, root: Path, lineages: list[str] | None = None, overwrite: bool = False,
-              wait: bool = False, on_wait=print, api=nullcontext, lineage_deployment: str | None = None):
+              wait: bool = False, on_wait=print, api=nullcontext, lineage_deployment: str | None = None,
+              force: bool = False):
     """Validate against the world first (no Prefect run, and with ``api`` no Prefect server, is started for bad
     input), then run the flow, holding the study's lock throughout (``wait``: wait for another run of the study to
-    end instead of refusing to start). ``lineage_deployment``: fan the lineages out (flows.fanout), checked before
-    the study's flow run starts."""
+    end instead of refusing to start; ``force``: run a study that does not seem to fit this machine).
+    ``lineage_deployment``: fan the lineages out (flows.fanout), checked before the study's flow run starts."""
     check_names(p, root)
-    check_world(p, root.resolve(), lineages)  # before the lock file is made: bad input leaves nothing behind
+    chosen = check_world(p, root.resolve(), lineages)  # before the lock file is made: bad input leaves nothing
+    check_fits(p, root.resolve(), chosen, force)
     if lineage_deployment:
         check_target(lineage_deployment, p, [s.name for s in p.lineages if lineages is None or s.name in lineages])
     with study_lock(StudyPaths(root.resolve(), p.study.name).lock, p.study.name, wait=wait, on_wait=on_wait):
@@ -268,4 +275,4 @@ def run_study(p: Params, root: Path, lineages: list[str] | None = None, overwrit
             if lineage_deployment:
                 prepare_fan_out(lineage_deployment, p, [spec.name for spec in plan.lineages])
             return self_consuming_loop(params=p.model_dump(mode="json"), root=str(root), lineages=lineages,
-                                       overwrite=False, lineage_deployment=lineage_deployment)
+                                       overwrite=False, lineage_deployment=lineage_deployment, force=force)

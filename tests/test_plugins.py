@@ -131,11 +131,17 @@ def test_params_plugins_import_a_users_module_before_validation(tmp_path, monkey
                 return synthetic.take(list(range(0, len(synthetic), self.lineage.params.every_other.stride)))
     '''))
     monkeypatch.syspath_prepend(str(tmp_path))
+    params = {"plugins": ["my_madloop_parts"], "loop": {"mode": "every_other"}, "every_other": {"stride": 3}}
+    with pytest.raises(ParamsError, match="plugins: 'my_madloop_parts' is not allowed here.*MADLOOP_PLUGINS"):
+        validate(params)  # params alone choose no code: whoever runs madloop allows it
+    assert "my_madloop_parts" not in sys.modules
+    monkeypatch.setenv("MADLOOP_PLUGINS", "other_parts, my_madloop_parts")
     try:
-        p = validate({"plugins": ["my_madloop_parts"], "loop": {"mode": "every_other"}, "every_other": {"stride": 3}})
+        p = validate(params)
         assert p.every_other.stride == 3 and p.loop.mode == "every_other"
     finally:
         MODES.remove("every_other")
+    monkeypatch.setenv("MADLOOP_PLUGINS", "no_such_module")
     with pytest.raises(ParamsError, match="invalid params: plugins: cannot import no_such_module"):
         validate({"plugins": ["no_such_module"]})
 

@@ -20,6 +20,8 @@ class RealFractionSettings(Settings):
 
 
 class LoopMode:
+    accumulates = False  # dataset k holds every generation's samples so far (it grows: tasks.sizing counts it)
+
     def __init__(self, lineage):  # a tasks.generation.Lineage
         self.lineage = lineage
 

@@ -64,5 +64,12 @@ class Source:
         labelled sources are cut by ``tasks.datasets.draw_real`` instead."""
         raise NotImplementedError(f"{cls.__name__} has no draw of its own")
 
+    @classmethod
+    def size_bound(cls, data) -> tuple[int, tuple[int, ...], str] | None:
+        """Before loading: at most how many rows the source's train and test splits hold together, the shape of a
+        row, and the params key that decides the rows (for the memory and disk estimate, ``tasks.sizing``).
+        None: unknown (the estimate then leaves the real data out, and the samples when they follow its size)."""
+        return None
+
 
 __all__ = ["SOURCES", "Source", "SourceSplit"]

@@ -33,3 +33,7 @@ class TrueDistribution(Source):
     def draw(cls, data, seed, family) -> Dataset:
         """``data.size`` draws from the truth with the lineage's ``seed``: each seed its own real data."""
         return Dataset.real(family.true_sample(data.size, seed), np.full(data.size, -1), data.source)
+
+    @classmethod
+    def size_bound(cls, data):
+        return 2 * data.size, (1,), "data.size"

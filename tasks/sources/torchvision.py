@@ -22,6 +22,11 @@ class TorchvisionSource(Source):
     """A torchvision dataset with its official train/test split."""
 
     dataset = ""  # torchvision.datasets class name
+    rows, shape = 0, (1,)  # train + test images, and an image's shape
+
+    @classmethod
+    def size_bound(cls, data):
+        return cls.rows, cls.shape, "data.source"
 
     @classmethod
     def root(cls, data, project_root: Path) -> Path:
@@ -71,6 +76,7 @@ class MNIST(TorchvisionSource):
     """MNIST (60,000 + 10,000 28x28 digits) from a local torchvision root."""
 
     dataset = "MNIST"
+    rows, shape = 70_000, (1, 28, 28)
 
 
 @SOURCES.register("cifar10", settings={"data": TorchvisionSettings})
@@ -78,4 +84,5 @@ class CIFAR10(TorchvisionSource):
     """CIFAR-10 (50,000 + 10,000 32x32 colour images) from a local torchvision root."""
 
     dataset = "CIFAR10"
+    rows, shape = 60_000, (3, 32, 32)
     classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
