@@ -32,6 +32,12 @@ def draw_recipe(p: Params, spec: LineageParams) -> dict[str, Any]:
     return {**real_data_recipe(p), "data.draw_seed": draw_seed(p, spec)}
 
 
+def real_train_file(p: Params, spec: LineageParams) -> str:
+    """The file under ``real/`` that holds the dataset 0 of lineage ``spec`` (named by its draw seed and recipe)."""
+    recipe = draw_recipe(lineage_params(p, spec), spec)
+    return real_train_name(recipe["data.draw_seed"], digest(recipe)[:8])
+
+
 @dataclass
 class StudyReal:
     """A study's real data as its lineages see it: the shared split, and per lineage its own :class:`RealData`
@@ -58,8 +64,7 @@ def prepare_real_data(p: Params, paths: StudyPaths, lineages: list[LineageParams
     recipes: dict[str, dict[str, Any]] = {}
     for spec in lineages if lineages is not None else p.lineages:
         lp = lineage_params(p, spec)
-        recipe = draw_recipe(lp, spec)
-        name = real_train_name(recipe["data.draw_seed"], digest(recipe)[:8])
+        recipe, name = draw_recipe(lp, spec), real_train_file(p, spec)
         views[spec.name] = draw_real(split, lp.data, recipe["data.draw_seed"],
                                      build_family(lp.model.family, (1,), lp.model))
         files[spec.name], datasets[name], recipes[name] = name, views[spec.name].train, recipe

@@ -39,6 +39,7 @@ from flows.loop import lineage_loop
 from flows.slurm import ensure_pool
 from tasks.layout import StudyPaths
 from tasks.params import lineage_recipe, validate
+from tasks.realdata import real_train_file
 from tasks.resume import inspect_lineage, real_train_data
 from tests.conftest import BIN, REPO, tiny
 
@@ -168,7 +169,7 @@ def assert_study_landed(project: Path, params: dict) -> None:
     study, lineages, generations = p.study.name, [spec.name for spec in p.lineages], p.loop.generations
     paths = StudyPaths(project, study)
     for name in lineages:
-        state = inspect_lineage(paths.lineage(name), lineage_recipe(p, p.lineage(name)), real_train_data(paths))
+        state = inspect_lineage(paths.lineage(name), lineage_recipe(p, p.lineage(name)), real_train_data(paths, real_train_file(p, p.lineage(name))))
         assert state.corrupt is None and not state.stale, (name, state)
         assert len(state.finished) == generations, name
         assert (paths.data / f"{name}.dvc").is_file()

@@ -150,17 +150,18 @@ def test_cheap_generations_are_batched_summarised_over_seeds_and_recorded_again_
         assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "kl")) == [0, 1, 2]
         contexts = [context(i) for i in parent.inputs.dataset_inputs]
         assert contexts.count("produced") == 3 and contexts.count("training") == 1  # datasets 1-3; the real data
-    # the recipe: mean and 95% t-interval over its seeds, in recipes.csv, summary.md and MLflow
-    kl = np.array([[r["kl"] for r in rows if r["generation"] == k] for k in range(3)])
-    half = stats.t.ppf(0.975, 2) * kl.std(axis=1, ddof=1) / math.sqrt(3)
+    # the recipe: a KL is positive and skewed, so its centre and 95% interval over seeds are the geometric mean and a
+    # t-interval on the log scale (tasks.stats), in recipes.csv, summary.md and MLflow
+    log_kl = np.log(np.array([[r["kl"] for r in rows if r["generation"] == k] for k in range(3)]))
+    half = stats.t.ppf(0.975, 2) * log_kl.std(axis=1, ddof=1) / math.sqrt(3)
     recipes = (project / "reports" / "tiny" / "recipes.csv").read_text().splitlines()
     assert recipes[0].startswith("recipe,generation,seeds,param.mean,param.mean_low,param.mean_high")
     assert len(recipes) == 4 and all(line.startswith(f"mle,{k},3,") for k, line in enumerate(recipes[1:]))
-    assert "## Recipes: mean ± half-width" in (project / "reports" / "tiny" / "summary.md").read_text()
+    assert "## Recipes: centre [95% interval] over seeds" in (project / "reports" / "tiny" / "summary.md").read_text()
     mean_run = next(r for r in runs if r.data.tags.get("madloop.kind") == "recipe")
     assert mean_run.info.run_name == "mle (mean of 3 seeds)"
     history = {m.step: m.value for m in client.get_metric_history(mean_run.info.run_id, "kl_ci_high")}
-    assert [history[k] for k in range(3)] == pytest.approx(kl.mean(axis=1) + half, rel=1e-9)
+    assert [history[k] for k in range(3)] == pytest.approx(np.exp(log_kl.mean(axis=1) + half), rel=1e-9)
 
     # records lost (as by a kill before a batch was sent; here a fresh store): the next run, which has nothing left
     # to compute, records them again from the manifests, once each
