@@ -29,8 +29,8 @@ from tasks.params import Params, digest, lineage_recipe, validate
 from tasks.progress import LineageWatch, study_summary_artifact
 from tasks.realdata import prepare_real_data_task
 from tasks.recovery import clean_up_dead_runs
-from tasks.reports import (lineage_rows, recipe_metrics, recipe_summary, seeded, summary_columns,
-                           write_reports_task)
+from tasks.reports import (lineage_rows, recipe_hashes, recipe_metrics, recipe_summary, seeded,
+                           summary_columns, write_reports_task)
 from tasks.resume import (LineageState, StaleOutputsError, check_names, check_world, inspect_lineage, preflight,
                           quarantine_from, real_train_data)
 from tasks.scorers import build_scorer
@@ -243,7 +243,7 @@ def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite
     recipes = recipe_summary(p, rows, p.lineages)
     if seeded(recipes):
         log_recipe_runs(tracking_uri(p.tracking.uri, paths.root), p.experiment, paths.root, p.study.name, recipes,
-                        recipe_metrics(p, rows))
+                        recipe_metrics(p, rows), recipe_hashes(p))
     return rows
 
 

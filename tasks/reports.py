@@ -111,6 +111,14 @@ def write_reports(p: Params, paths: StudyPaths, lineages: list[LineageParams],
     return rows
 
 
+def recipe_hashes(p: Params) -> dict[str, str]:
+    """recipe -> a digest of the recipes (params) of its lineages: what a recipe's summary run was made from."""
+    members: dict[str, list[str]] = {}
+    for spec in p.lineages:
+        members.setdefault(spec.group or spec.name, []).append(digest(lineage_recipe(p, spec)))
+    return {recipe: digest(sorted(hashes)) for recipe, hashes in members.items()}
+
+
 def rank_recipes(p: Params, rows: list[dict[str, Any]], lineages: list[LineageParams]) -> list[dict[str, Any]]:
     """Each recipe (a lineage, or the seeds of one) at its last generation: per ranking metric of the scorer, the
     mean over its seeds with a 95% t-interval (``{m}_low``, ``{m}_high``) and its difference from the baseline
