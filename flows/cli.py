@@ -177,13 +177,12 @@ def progress_bar(enabled: bool) -> Iterator[None]:
 
 
 def experiment_link(p, root: Path) -> str:
-    """The study's experiment in ``make ui``, in MLflow 3's model-training view: the UI's GenAI / model-training
-    switch (remembered per browser, GenAI by default) decides the view, and the link sets it."""
-    from tasks.tracking import client_for, tracking_uri
+    """The study's experiment in the MLflow UI (``make ui``), in MLflow 3's model-training view."""
+    from tasks.tracking import client_for, experiment_url, tracking_uri, ui_address
 
-    experiment = client_for(tracking_uri(p.tracking.uri, root)).get_experiment_by_name(p.experiment)
-    where = f"#/experiments/{experiment.experiment_id}?workflowType=machine_learning" if experiment else ""
-    return f"http://127.0.0.1:5000/{where}"
+    uri = tracking_uri(p.tracking.uri, root)
+    experiment = client_for(uri).get_experiment_by_name(p.experiment)
+    return experiment_url(uri, experiment.experiment_id) if experiment else ui_address(uri)
 
 
 def version() -> str:

@@ -35,7 +35,7 @@ from tasks.resume import (LineageState, StaleOutputsError, check_names, check_wo
                           quarantine_from, real_train_data)
 from tasks.scorers import build_scorer
 from tasks.seeds import SCORE, derive_seed
-from tasks.tracking import close_lineage, log_generations, log_recipe_runs, tracking_uri
+from tasks.tracking import close_lineage, log_generations, log_recipe_runs, open_experiment, run_url, tracking_uri
 from tasks.tracking import open_lineage as open_lineage_run
 from tasks.versioning import dvc_add, find_dvc_root
 
@@ -135,6 +135,7 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".",
     run_name = lin.name if p.tracking.experiment is None else f"{p.study.name}/{lin.name}"
     exp_id, parent_id = open_lineage_run(uri, p.experiment, lin.name, digest(lin.recipe), run_tags, paths.root,
                                          run_name=run_name, params=lin.recipe)
+    logger.info(f"[{lin.name}] MLflow run: {run_url(uri, exp_id, parent_id)}")
     cheap_under = p.tracking.cheap_fit_seconds
 
     def cheap(manifest: dict[str, Any] | None) -> bool:
@@ -218,6 +219,8 @@ def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite
             if real.num_classes else f"draws of the {p.model.family} truth")
     logger.info(f"study {p.study.name!r}: {len(real.train)} real training rows of {p.data.source}, {what}; "
                 f"{scorer_note}; device {device}")
+    logger.info(f"MLflow experiment {p.experiment!r}: "
+                f"{open_experiment(tracking_uri(p.tracking.uri, paths.root), p.experiment, paths.root)}")
     if p.dvc.track:
         dvc_add_task(paths.root, [paths.real])
     rows: list[dict[str, Any]] | None = None

@@ -60,9 +60,13 @@ from mlflow.tracking import MlflowClient
 LINEAGE_TAG, RECIPE_TAG, GENERATION_TAG = "madloop.lineage", "madloop.recipe", "madloop.generation"
 SCORE_TAG, HOST_TAG, PID_TAG = "madloop.score_hash", "madloop.host", "madloop.pid"
 DONE_TAG, UNDEFINED_TAG = "madloop.generations_done", "madloop.undefined"
-# MLflow 3's experiment type: the model-training view. MLflow 3.17's UI lets its GenAI / model-training switch
-# (remembered per browser, GenAI at first) decide instead; `madloop run` prints a link that sets it.
+# MLflow 3's experiment type: the model-training view (MLflow 3.17's UI follows its own switch instead: the links
+# madloop prints set it, TRAINING_VIEW).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# MLflow 3's UI opens a page in its GenAI or its model-training view as its switch (remembered per browser, GenAI
+# in a new one) says, whatever the experiment's kind; this query parameter sets the switch, for run pages too.
+TRAINING_VIEW = "workflowType=machine_learning"
+LOCAL_UI = "http://127.0.0.1:5000"  # `make ui` (mlflow ui on the project's mlflow.db)
 IMAGE_KEY = "samples"
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
@@ -107,6 +111,22 @@ def dvc_experiment() -> dict[str, str]:
     """The DVC experiment this process runs in, as MLflow tags (none outside ``dvc exp run``)."""
     name, baseline = os.environ.get(DVC_EXP_NAME), os.environ.get(DVC_EXP_BASELINE_REV)
     return {**({EXP_NAME_TAG: name} if name else {}), **({EXP_BASELINE_TAG: baseline} if name and baseline else {})}
+
+
+def ui_address(uri: str) -> str:
+    """Where a person opens the runs of this store: the tracking server itself, or ``make ui`` for a local one."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+
+
+def experiment_url(uri: str, exp_id: str) -> str:
+    """An experiment's page, in the model-training view."""
+    return f"{ui_address(uri)}/#/experiments/{exp_id}?{TRAINING_VIEW}"
+
+
+def run_url(uri: str, exp_id: str, run_id: str) -> str:
+    """A run's page, in the model-training view (without the parameter a new browser shows it as a GenAI
+    "evaluation run")."""
+    return f"{ui_address(uri)}/#/experiments/{exp_id}/runs/{run_id}?{TRAINING_VIEW}"
 
 
 def client_for(uri: str) -> MlflowClient:
@@ -474,6 +494,12 @@ def open_lineage(uri: str, experiment: str, lineage: str, recipe_hash: str, tags
     exp_id = experiment_id(client, experiment, project_root)
     return exp_id, lineage_run(client, exp_id, lineage, recipe_hash, {**source_tags(project_root), **tags}, run_name,
                                params)
+
+
+@retry_when_locked
+def open_experiment(uri: str, experiment: str, project_root: Path) -> str:
+    """The study's experiment (made now if new): its page, in the model-training view."""
+    return experiment_url(uri, experiment_id(client_for(uri), experiment, project_root))
 
 
 @retry_when_locked
