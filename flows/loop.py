@@ -26,7 +26,7 @@ from tasks.generation import (PLAIN, TASKS, Lineage, Steps, load_generation_data
 from tasks.layout import SUMMARY_MD, StudyPaths
 from tasks.lock import study_lock
 from tasks.params import Params, digest, lineage_recipe, validate
-from tasks.progress import LineageWatch, study_summary_artifact
+from tasks.progress import LineageWatch, generation_line, study_summary_artifact
 from tasks.realdata import prepare_real_data_task
 from tasks.recovery import clean_up_dead_runs
 from tasks.reports import (lineage_rows, recipe_hashes, recipe_metrics, recipe_summary, seeded,
@@ -173,12 +173,9 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".",
             if not cheap(manifest) or time.monotonic() - flushed >= FLUSH_SECONDS or k == generations - 1:
                 record(pending)
                 watch.table(lineage_rows(lin.spec, manifests))
-                first = pending[0]["generation"]
-                logger.info(f"[{lin.name}] generation {f'{first}-' if first != k else ''}{k} (of 0-{generations - 1})"
-                            f": {scorer.describe(manifest['metrics'])}  "
-                            f"fit {manifest['info'].get('fit_seconds', 0.0):.2g}s"
-                            + (f" (each of {len(pending)} fits under {cheap_under:g}s: recorded as one batch)"
-                               if len(pending) > 1 else ""))
+                logger.info(generation_line(lin.name, pending[0]["generation"], k, generations,
+                                            scorer.describe(manifest["metrics"]),
+                                            manifest["info"].get("fit_seconds", 0.0)))
                 pending, flushed = [], time.monotonic()
             dataset = generation.next_dataset
     except BaseException as err:

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from filelock import FileLock
+
+
+QUIET_LOGGERS = ("dvc", "dvc_data", "dvc_objects")
 
 
 class NotADvcRepoError(RuntimeError):
@@ -39,10 +44,7 @@ def dvc_add(root: Path, targets: list[Path], attempts: int = 20) -> None:
     dvc_root = find_dvc_root(root)
     (dvc_root / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(dvc_root / ".dvc" / "tmp" / "madloop-add.lock"))
-    dvc_logger = logging.getLogger("dvc")
-    level = dvc_logger.level
-    dvc_logger.setLevel(logging.WARNING)  # not "To track the changes with git, run: ..." after every generation
-    try:
+    with quiet_dvc():
         for attempt in range(attempts):
             try:
                 with lock, Repo(str(dvc_root)) as repo:
@@ -52,8 +54,23 @@ def dvc_add(root: Path, targets: list[Path], attempts: int = 20) -> None:
                 if attempt == attempts - 1:
                     raise
                 time.sleep(min(0.2 * 2 ** attempt, 5.0))
+
+
+@contextmanager
+def quiet_dvc() -> Iterator[None]:
+    """DVC says nothing unless it fails (it raises then, and the task fails saying why): not "To track the changes
+    with git, run: ..." after every generation, and none of its progress bars ("Adding...", "Checking cache in ..."),
+    which it draws in a terminal unless its loggers are above ERROR (``dvc.progress.Tqdm`` and dvc_data's) and
+    which would draw through madloop's own."""
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
     finally:
-        dvc_logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def tracked_md5s(root: Path, target: Path) -> dict[str, str]:

@@ -279,6 +279,6 @@ class ImageScorer(Scorer):
 
     @staticmethod
     def describe(metrics: dict[str, float]) -> str:
-        return (f"fid {metrics['fid']:.3g}  precision {metrics['precision']:.3f}  recall {metrics['recall']:.3f}  "
+        return (f"FID {metrics['fid']:.3g}  precision {metrics['precision']:.3f}  recall {metrics['recall']:.3f}  "
                 f"minority share {metrics['minority_share']:.3f} (trained on {metrics['minority_share_train']:.3f})"
-                f"  r_fair {metrics['r_fair']:.3g}")
+                f"  R_Fair {metrics['r_fair']:.3g}")  # the names of the table's columns (tasks.reports.TITLES)
