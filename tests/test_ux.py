@@ -312,3 +312,18 @@ def test_log_lines_say_times_and_batches_as_a_person_reads_them():
     assert generation_line("mle", 3, 3, 5, "FID 4.5", 2.06) == "[mle] generation 3 (of 0-4): FID 4.5  fit 2.1 s"
     assert generation_line("mle", 0, 2, 5, "kl 0.1", 0.00033) == (
         "[mle] generations 0-2 (of 0-4; recorded as one batch), the last: kl 0.1  fit 0.33 ms")
+
+
+def test_metrics_json_holds_each_lineages_summary_scores_fid_first():
+    """`dvc metrics show` and `dvc exp show` draw one column per value of metrics.json: the terminal table's scores
+    of each lineage's last generation, not every score (generations.csv has those)."""
+    from tasks.reports import final_metrics
+
+    p = validate(tiny(lineages=["mle", "ple"]))
+    rows = [{"lineage": name, "estimator": name, "generation": k, "fid": 10.0 + k, "precision": 0.5, "recall": 0.2,
+             "minority_share": 0.1, "r_fair": math.nan, "kid": 1.0, "density": 0.9, "fit_seconds": 1.0}
+            for name in ("mle", "ple") for k in (0, 1)]
+    final = final_metrics(p, rows)
+    assert list(final) == ["mle", "ple"]
+    assert list(final["mle"]) == ["fid", "precision", "recall", "minority_share", "r_fair", "generation"]
+    assert final["mle"]["fid"] == 11.0 and final["mle"]["generation"] == 1 and final["mle"]["r_fair"] is None
