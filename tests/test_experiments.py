@@ -69,3 +69,25 @@ def test_a_queued_sweep_and_a_plain_run_leave_their_runs_side_by_side_in_the_one
     child = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == by_epochs["4"].info.run_id)
     assert child.data.tags["dvc.produced.path"] == "data/studies/tiny/mle/dataset-001.parquet"
     assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"model-000.safetensors", "samples-000.png"}
+
+
+def test_a_relative_store_is_the_repositorys_from_a_dvc_experiments_temporary_copy(tmp_path, monkeypatch):
+    """DVC runs a queued experiment in <repo>/.dvc/tmp/exps/tmpXXXX/, a copy of the repository it deletes after,
+    and names the repository in DVC_ROOT; the folder of the copy maps to the same folder of the repository."""
+    from tasks.tracking import tracking_uri
+
+    repo = tmp_path / "repo"
+    copy = repo / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    (copy / ".dvc").mkdir(parents=True)
+    (copy / "sub").mkdir()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert tracking_uri("sqlite:///mlflow.db", copy) == f"sqlite:///{copy / 'mlflow.db'}"  # outside DVC: as given
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    assert tracking_uri("sqlite:///mlflow.db", copy) == f"sqlite:///{repo / 'mlflow.db'}"
+    assert tracking_uri("sqlite:///mlflow.db", copy / "sub") == f"sqlite:///{repo / 'sub' / 'mlflow.db'}"
+    assert tracking_uri("sqlite:///mlflow.db", repo) == f"sqlite:///{repo / 'mlflow.db'}"  # dvc repro, dvc exp run
+    assert tracking_uri("sqlite:////srv/mlflow.db", copy) == "sqlite:////srv/mlflow.db"  # absolute: as given
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    assert tracking_uri("sqlite:///mlflow.db", elsewhere) == f"sqlite:///{elsewhere / 'mlflow.db'}"
