@@ -103,7 +103,11 @@ class TemporaryServer:
             # its own session: a Ctrl-C at the terminal interrupts the run, which then reports its flow runs to this
             # server before stopping it, rather than killing the server under it
             start_new_session=True)
-        self.wait_until_healthy(float(settings.server.ephemeral.startup_timeout_seconds or 0))
+        try:
+            self.wait_until_healthy(float(settings.server.ephemeral.startup_timeout_seconds or 0))
+        except BaseException:  # it did not start, or Ctrl-C while waiting: not left behind
+            self.stop()
+            raise
         return self
 
     def wait_until_healthy(self, configured: float = 0.0) -> None:
@@ -132,10 +136,10 @@ class TemporaryServer:
         return f': "{" ".join(lines[-3:])[-300:]}"' if lines else ""
 
     def fail(self, what: str) -> None:
-        self.stop()
         raise TemporaryServerError(f"the temporary Prefect server did not start: {what}. Instead, {SHARED_SERVER}")
 
     def stop(self) -> None:
+        """Stop the server (a no-op when it is not running)."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
