@@ -23,7 +23,7 @@ from prefect.schedules import Cron, Interval
 from prefect.settings import PREFECT_API_URL
 from prefect.types.entrypoint import EntrypointType
 
-from flows.fanout import check_deployment
+from flows.fanout import prepare_fan_out
 from flows.loop import lineage_loop, self_consuming_loop
 from tasks.params import Params, ParamsError, load
 from tasks.resume import StaleOutputsError, check_names, preflight
@@ -96,7 +96,7 @@ def serve_study(p: Params, params_file: Path | None, overrides: list[str], root:
         raise ParamsError(f"--interval: expected a positive number of seconds (got {interval:g})")
     check_names(p, root)
     try:  # bad params, a missing DVC repo or stale outputs fail now, not at 3 a.m.
-        preflight(p, root, lineages)
+        plan = preflight(p, root, lineages)
     except StaleOutputsError as err:
         raise StaleOutputsError(f"{err}\n(scheduled runs never overwrite: run `madloop run --overwrite` once, "
                                 "then serve)") from None
@@ -105,6 +105,6 @@ def serve_study(p: Params, params_file: Path | None, overrides: list[str], root:
     if fan_out_to == SERVED_LINEAGES:
         deployments.append(lineage_loop.to_deployment(name=SERVED_LINEAGES.split("/")[1], tags=["madloop"],
                                                       entrypoint_type=EntrypointType.MODULE_PATH))
-    elif fan_out_to is not None:
-        check_deployment(fan_out_to)
+    elif fan_out_to is not None:  # a lineage deployment, or a Slurm pool (then each lineage is a Slurm job)
+        prepare_fan_out(fan_out_to, p, [spec.name for spec in plan.lineages])
     serve(*deployments)

@@ -470,16 +470,58 @@ def retry_when_locked(fn: F) -> F:
 
     @functools.wraps(fn)
     def retrying(*args: Any, **kwargs: Any) -> Any:
-        for attempt in range(LOCKED_ATTEMPTS - 1):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as err:
-                if "database is locked" not in str(err):
-                    raise
-            time.sleep(min(0.1 * 2 ** attempt, 5.0))
-        return fn(*args, **kwargs)
+        started = time.monotonic()
+        try:
+            for attempt in range(LOCKED_ATTEMPTS - 1):
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as err:
+                    if "database is locked" not in str(err):
+                        raise
+                time.sleep(min(0.1 * 2 ** attempt, 5.0))
+            return fn(*args, **kwargs)
+        except Exception as err:  # the store itself failed (gone, replaced, locked): say so in one line
+            problem = store_problem(str(args[0]), err, time.monotonic() - started) if args else None
+            if problem is None:
+                raise
+            raise TrackingStoreError(problem) from err
 
     return retrying  # type: ignore[return-value]
+
+
+class TrackingStoreError(RuntimeError):
+    """The MLflow store failed under a study (deleted, replaced, locked): the message says which."""
+
+
+# A sqlite store deleted, replaced or made read-only while a study runs surfaces from SQLAlchemy as "(raised as a
+# result of Query-invoked autoflush; consider using a session.no_autoflush block ...)", one locked past every retry
+# as "database is locked": store_problem says which, and that nothing on disk is lost.
+SQLITE = "sqlite:///"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
+
+
+def store_problem(uri: str, err: BaseException, locked_seconds: float = 0.0) -> str | None:
+    """What went wrong with the MLflow store at ``uri`` behind ``err`` (one line), or None when it is not the
+    store itself (a bug, a bad value: left as it is)."""
+    text = " ".join(str(part) for part in (err, err.__cause__, err.__context__) if part is not None).lower()
+    path = sqlite_path(uri)
+    kept = "finished generations are kept on disk, and the next run records them"
+    if path is not None and not path.exists():
+        return (f"the MLflow store {path} is gone (deleted while the study ran?): {kept} in a new store "
+                "there")
+    if "database is locked" in text:
+        return (f"the MLflow store {path or uri} stayed locked by another writer for {locked_seconds:.0f} s (another "
+                f"madloop run, `mlflow ui` or `mlflow gc` writing to it): {kept}")
+    if path is not None and ("readonly database" in text or "no such table" in text or "disk i/o error" in text
+                             or "file is not a database" in text or "unable to open database" in text):
+        why = ("was replaced or emptied while the study ran" if "no such table" in text or "not a database" in text
+               else "cannot be written here (its file's or folder's permissions, a full disk, or it was replaced "
+                    "while the study ran)")
+        return f"the MLflow store {path} {why}: {kept}"
+    return None
 
 
 # --- the calls the flow makes ---------------------------------------------------------------------------------

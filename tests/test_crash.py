@@ -229,7 +229,7 @@ def test_every_kind_of_corrupt_file_is_detected_kept_aside_and_redone(reference,
         return said
 
     # the real data, the classifier cache and a dataset at once: each found on its own
-    flip(paths.real / "train.parquet")
+    flip(next(paths.real.glob("train-*.parquet")))
     flip(classifier)
     flip(lin / "dataset-002.parquet")
     rerun("writing the real data again", "cached domain classifier cannot be used", "is corrupt: its sha256",

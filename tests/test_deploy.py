@@ -37,6 +37,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.cli import main as cli
 from flows.deploy import scheduled_study
 from flows.loop import lineage_loop
+from flows.slurm import ensure_pool
 from tasks.layout import StudyPaths
 from tasks.params import lineage_recipe, validate
 from tasks.resume import inspect_lineage, real_train_data
@@ -198,6 +199,7 @@ def test_study_deployment_fans_its_lineages_out_to_a_process_work_pool(project, 
     with get_client(sync_client=True) as client:  # `prefect work-pool create gpu --type process`, faster
         for pool in ("gpu", "cpu"):
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    ensure_pool("slurm")  # prefect.yaml's lineage/slurm needs its pool to exist (no Slurm needed to deploy it)
     workers = {pool: [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", f"test-{pool}"]
                for pool in ("cpu", "gpu")}
     workers["gpu"] += ["--limit", "2"]  # two lineages at once on this CPU machine; one per GPU in production
@@ -253,8 +255,8 @@ def test_prefect_yaml_is_read_by_prefects_own_loader():
     PrefectYamlModel.model_validate(yaml.safe_load((REPO / "prefect.yaml").read_text()))  # raises when invalid
     configs, actions = _load_deploy_configs_and_actions(REPO / "prefect.yaml", console=Console())
     by_name = {c["name"]: c for c in configs}
-    assert set(by_name) == {"nightly", "gpu"} and actions["pull"] is None
-    nightly, gpu = by_name["nightly"], by_name["gpu"]
+    assert set(by_name) == {"nightly", "gpu", "slurm"} and actions["pull"] is None
+    nightly, gpu, slurm = by_name["nightly"], by_name["gpu"], by_name["slurm"]
     assert nightly["entrypoint"] == "flows/deploy.py:scheduled_study" and scheduled_study.name == "scheduled-study"
     assert gpu["entrypoint"] == "flows/loop.py:lineage_loop" and lineage_loop.name == "lineage"
     assert nightly["parameters"]["lineage_deployment"] == f"{lineage_loop.name}/gpu"
@@ -262,6 +264,7 @@ def test_prefect_yaml_is_read_by_prefects_own_loader():
     assert nightly["concurrency_limit"]["limit"] == 1
     assert (nightly["work_pool"]["name"], gpu["work_pool"]["name"]) == ("cpu", "gpu")
     assert gpu["work_pool"]["job_variables"]["env"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert slurm["entrypoint"] == gpu["entrypoint"] and slurm["work_pool"]["name"] == "slurm"
 
 
 def test_serve_fails_fast_without_a_server_or_with_a_bad_schedule(project, monkeypatch, capsys):

@@ -191,7 +191,7 @@ def test_show_reads_a_study_run_with_overrides_from_disk(project, prefect_server
     assert cli(["show", "nothing-here"]) == 1
 
 
-def test_recipe_summary_is_the_mean_and_t_interval_over_seeds_for_every_family():
+def test_recipe_summary_gives_each_quantity_its_interval_over_seeds_for_every_family():
     p = validate(tiny(lineages=[{"name": "mle", "seeds": [0, 1, 2]}, "ple"]))
     fids = {"mle-s0": [10.0, 20.0], "mle-s1": [12.0, 26.0], "mle-s2": [14.0, math.nan], "ple": [9.0, 11.0]}
     rows = [{"lineage": name, "estimator": name.split("-")[0], "generation": k, "fid": fid, "recall": 0.5,
@@ -201,16 +201,20 @@ def test_recipe_summary_is_the_mean_and_t_interval_over_seeds_for_every_family()
     assert [(e["recipe"], e["generation"], e["seeds"]) for e in recipes] == [
         ("mle", 0, 3), ("mle", 1, 3), ("ple", 0, 1), ("ple", 1, 1)]
     first = recipes[0]
-    half = stats.t.ppf(0.975, 2) * 2.0 / math.sqrt(3)
-    assert (first["fid"], first["fid_low"], first["fid_high"]) == pytest.approx((12.0, 12.0 - half, 12.0 + half))
-    assert recipes[1]["fid"] == 23.0  # an undefined seed is left out of the mean
+    logs = np.log([10.0, 12.0, 14.0])  # FID: geometric mean and the t-interval of the logs
+    half = stats.t.ppf(0.975, 2) * logs.std(ddof=1) / math.sqrt(3)
+    assert (first["fid"], first["fid_low"], first["fid_high"]) == pytest.approx(
+        (stats.gmean([10.0, 12.0, 14.0]), math.exp(logs.mean() - half), math.exp(logs.mean() + half)))
+    assert recipes[1]["fid"] == pytest.approx(stats.gmean([20.0, 26.0]))  # an undefined seed is left out ...
+    assert recipes[1]["fid_defined"] == 2  # ... and counted
     assert math.isnan(recipes[2]["fid_low"])  # one seed: no interval
-    assert "| mle | 0 | 3 | 12 ± " in summary_markdown(p, rows, recipes)
+    text = summary_markdown(p, rows, recipes)
+    assert "| mle | 0 | 3 | 11.89 [7.82, 18.1] |" in text and "(1 of 3 seeds n/a)" in text
 
     one_d = validate(tiny(model__family="uniform", data__source="model", lineages=[{"name": "mle", "seeds": [0, 1]}]))
     rows = [{"lineage": f"mle-s{s}", "estimator": "mle", "generation": 0, "param.a": a, "kl": 0.1, "wasserstein": 0.2}
             for s, a in enumerate([0.9, 1.1])]
-    assert recipe_summary(one_d, rows, one_d.lineages)[0]["param.a"] == pytest.approx(1.0)
+    assert recipe_summary(one_d, rows, one_d.lineages)[0]["param.a"] == pytest.approx(math.sqrt(0.99))  # a scale
 
 
 def test_offline_plots_page_loads_no_script_from_the_network(tmp_path):
