@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
 
 EPILOG = """examples:
   madloop run                                          the study in ./params.yaml
@@ -158,50 +155,13 @@ def print_table(p, rows: list[dict], lineages=None) -> None:
     Console().print(table)
 
 
-@contextlib.contextmanager
-def progress_bar(enabled: bool) -> Iterator[None]:
-    """A bar per lineage (generations, and the running fit's epochs) on stderr while the study runs, when stderr is
-    a terminal. Prefect's log lines are printed above the bars, not through them."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from tasks.progress import watch
-
-    console = Console(stderr=True)
-    if not enabled or not console.is_terminal:
-        yield
-        return
-    bars = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[where]}"),
-                    TimeElapsedColumn(), console=console)
-    ids: dict[str, Any] = {}
-
-    def show(progress) -> None:
-        if progress.lineage not in ids:
-            ids[progress.lineage] = bars.add_task(progress.lineage, total=progress.generations, where="")
-        where = f"generation {progress.generation} of 0-{progress.generations - 1}" + (
-            f", epoch {progress.epoch}/{progress.epochs}" if progress.epochs and not progress.finished else "")
-        bars.update(ids[progress.lineage], completed=progress.fraction * progress.generations, where=where)
-
-    handlers = [h for h in logging.getLogger("prefect").handlers if hasattr(h, "console")]
-    consoles = [h.console for h in handlers]
-    with bars, watch(show):
-        for handler in handlers:
-            handler.console = bars.console
-        try:
-            yield
-        finally:
-            for handler, original in zip(handlers, consoles):
-                handler.console = original
-
-
 def experiment_link(p, root: Path) -> str:
-    """The study's experiment in ``make ui``, in MLflow 3's model-training view: the UI's GenAI / model-training
-    switch (remembered per browser, GenAI by default) decides the view, and the link sets it."""
-    from tasks.tracking import client_for, tracking_uri
+    """The study's experiment in the MLflow UI (``make ui``), in MLflow 3's model-training view."""
+    from tasks.tracking import client_for, experiment_url, tracking_uri, ui_address
 
-    experiment = client_for(tracking_uri(p.tracking.uri, root)).get_experiment_by_name(p.experiment)
-    where = f"#/experiments/{experiment.experiment_id}?workflowType=machine_learning" if experiment else ""
-    return f"http://127.0.0.1:5000/{where}"
+    uri = tracking_uri(p.tracking.uri, root)
+    experiment = client_for(uri).get_experiment_by_name(p.experiment)
+    return experiment_url(uri, experiment.experiment_id) if experiment else ui_address(uri)
 
 
 def version() -> str:
@@ -354,17 +314,19 @@ def run_command(args) -> int:
     from flows.server import prefect_api
 
     started = time.perf_counter()
-    with progress_bar(not args.quiet):
+    from tasks.progress import terminal_bars
+
+    with terminal_bars(not args.quiet):
         rows = run_study(p, root, args.lineage, args.overwrite, wait=args.wait, api=prefect_api, force=args.force,
                          on_wait=lambda line: print(f"madloop: {line}", file=sys.stderr, flush=True),
                          lineage_deployment=args.fan_out)
     if not args.quiet:
         print_table(p, rows)
-        print(f"\nfinished in {time.perf_counter() - started:.0f} s. Compare lineages:\n"
-              f"  make ui                 (MLflow UI, experiment {p.experiment!r} in the model-training view: "
-              f"{experiment_link(p, root)})\n"
-              f"  dvc plots show          (metrics vs generation per recipe, offline -> dvc_plots/index.html)\n"
-              f"  dvc metrics show        (each lineage's last generation)")
+        print(f"\nfinished in {time.perf_counter() - started:.0f} s. Compare the lineages:\n"
+              f"  make ui            MLflow, experiment {p.experiment!r}:\n"
+              f"    {experiment_link(p, root)}\n"
+              f"  dvc plots show     metrics per generation and recipe (dvc_plots/index.html)\n"
+              f"  dvc metrics show   each lineage's last generation")
     return 0
 
 

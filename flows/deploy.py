@@ -31,7 +31,24 @@ from tasks.resume import StaleOutputsError, check_names, preflight
 SERVED_LINEAGES = "lineage/served"  # the lineage deployment `madloop serve --fan-out` serves itself
 
 
-@flow(name="scheduled-study", log_prints=False)
+def scheduled_run_name() -> str:
+    """A scheduled run's name, ``study default (nightly, 2026-12-05 03:00 UTC)``, not a random one: the study named
+    in its params file (read again when the run starts; ``study`` alone when it cannot be read), its deployment
+    and when it was due."""
+    from prefect.runtime import deployment, flow_run
+
+    parameters = flow_run.parameters
+    try:
+        params_file = parameters.get("params_file")
+        path = None if params_file is None else Path(parameters.get("root") or ".").resolve() / params_file
+        study = f"study {load(path, parameters.get('overrides') or []).study.name}"
+    except Exception:  # the run itself reports bad params; its name is no place for that
+        study = "study"
+    due = flow_run.scheduled_start_time
+    return f"{study} ({deployment.name or 'scheduled'}, {due:%Y-%m-%d %H:%M} UTC)" if due else study
+
+
+@flow(name="scheduled-study", flow_run_name=scheduled_run_name, log_prints=False)
 def scheduled_study(params_file: str | None = "params.yaml", overrides: list[str] | None = None, root: str = ".",
                     lineages: list[str] | None = None, lineage_deployment: str | None = None,
                     overwrite: bool = False) -> list[dict[str, Any]]:

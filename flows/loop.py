@@ -26,17 +26,17 @@ from tasks.generation import (PLAIN, TASKS, Lineage, Steps, load_generation_data
 from tasks.layout import SUMMARY_MD, StudyPaths
 from tasks.lock import study_lock
 from tasks.params import Params, digest, lineage_recipe, validate
-from tasks.progress import LineageWatch, study_summary_artifact
+from tasks.progress import LineageWatch, generation_line, study_summary_artifact
 from tasks.realdata import prepare_real_data_task
 from tasks.recovery import clean_up_dead_runs
-from tasks.reports import (lineage_rows, recipe_metrics, recipe_summary, seeded, summary_columns,
-                           write_reports_task)
+from tasks.reports import (lineage_rows, recipe_hashes, recipe_metrics, recipe_summary, seeded,
+                           summary_columns, write_reports_task)
 from tasks.resume import (LineageState, StaleOutputsError, check_names, check_world, inspect_lineage, preflight,
                           quarantine_from, real_train_data)
 from tasks.scorers import build_scorer
 from tasks.seeds import SCORE, derive_seed
 from tasks.sizing import check_fits
-from tasks.tracking import close_lineage, log_generations, log_recipe_runs, tracking_uri
+from tasks.tracking import close_lineage, log_generations, log_recipe_runs, open_experiment, run_url, tracking_uri
 from tasks.tracking import open_lineage as open_lineage_run
 from tasks.versioning import dvc_add, find_dvc_root
 
@@ -137,6 +137,7 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".",
     run_name = lin.name if p.tracking.experiment is None else f"{p.study.name}/{lin.name}"
     exp_id, parent_id = open_lineage_run(uri, p.experiment, lin.name, digest(lin.recipe), run_tags, paths.root,
                                          run_name=run_name, params=lin.recipe)
+    logger.info(f"[{lin.name}] MLflow run: {run_url(uri, exp_id, parent_id)}")
     cheap_under = p.tracking.cheap_fit_seconds
 
     def cheap(manifest: dict[str, Any] | None) -> bool:
@@ -174,12 +175,9 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".",
             if not cheap(manifest) or time.monotonic() - flushed >= FLUSH_SECONDS or k == generations - 1:
                 record(pending)
                 watch.table(lineage_rows(lin.spec, manifests))
-                first = pending[0]["generation"]
-                logger.info(f"[{lin.name}] generation {f'{first}-' if first != k else ''}{k} (of 0-{generations - 1})"
-                            f": {scorer.describe(manifest['metrics'])}  "
-                            f"fit {manifest['info'].get('fit_seconds', 0.0):.2g}s"
-                            + (f" (each of {len(pending)} fits under {cheap_under:g}s: recorded as one batch)"
-                               if len(pending) > 1 else ""))
+                logger.info(generation_line(lin.name, pending[0]["generation"], k, generations,
+                                            scorer.describe(manifest["metrics"]),
+                                            manifest["info"].get("fit_seconds", 0.0)))
                 pending, flushed = [], time.monotonic()
             dataset = generation.next_dataset
     except BaseException as err:
@@ -226,8 +224,10 @@ def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite
     what = (f"classes {p.data.majority}/{p.data.minority} (R_I = {p.data.imbalance_ratio:g})"
             if real.split.num_classes else f"draws of the {p.model.family} truth")
     draws = len(set(real.files.values()))
-    logger.info(f"study {p.study.name!r}: {rows} real training rows of {p.data.source}, {what}, {draws} real draw{'s' if draws > 1 else ''} "
-                f"(data.draw: {p.data.draw}); {scorer_note}; device {device}")
+    logger.info(f"study {p.study.name!r}: {rows} real training rows of {p.data.source}, {what}, "
+                f"{draws} real draw{'s' if draws > 1 else ''} (data.draw: {p.data.draw}); {scorer_note}; device {device}")
+    logger.info(f"MLflow experiment {p.experiment!r}: "
+                f"{open_experiment(tracking_uri(p.tracking.uri, paths.root), p.experiment, paths.root)}")
     if p.dvc.track:
         dvc_add_task(paths.root, [paths.real])
     rows: list[dict[str, Any]] | None = None
@@ -253,7 +253,7 @@ def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite
     recipes = recipe_summary(p, rows, p.lineages)
     if seeded(recipes):
         log_recipe_runs(tracking_uri(p.tracking.uri, paths.root), p.experiment, paths.root, p.study.name, recipes,
-                        recipe_metrics(p, rows))
+                        recipe_metrics(p, rows), recipe_hashes(p))
     return rows
 
 

@@ -2,7 +2,7 @@
 
 ``generations.csv`` and ``recipes.csv`` (``dvc plots``; a recipe run over several seeds is one row per generation
 with the mean and a 95% t-interval over its seeds), ``metrics.json`` (``dvc metrics``: each lineage's last
-generation), ``summary.md`` and, for image studies, ``lineages.csv`` / ``lineages.md`` (recipes ranked, each metric
+generation, its summary scores), ``summary.md`` and, for image studies, ``lineages.csv`` / ``lineages.md`` (recipes ranked, each metric
 with a 95% t-interval over seeds and tested against the study's first recipe) and ``recipes.png`` (every recipe's
 FID and minority share over the generations). Which columns lead, which the summaries show and what ranks the
 recipes come from the study's scorer (``tasks.scorers``).
@@ -91,9 +91,9 @@ def summary_columns(p: Params) -> list[str]:
 def write_reports(p: Params, paths: StudyPaths, lineages: list[LineageParams],
                   rows: list[dict[str, Any]] | None = None, labeller: dict[str, float] | None = None
                   ) -> list[dict[str, Any]]:
-    """generations.csv (dvc plots), metrics.json (dvc metrics: each lineage's last generation), summary.md and the
-    recipe ranking. ``rows``: the lineages' rows when the caller has them (else read from the manifests);
-    ``labeller``: the image scorer's check of its labeller (labeller.json; else the one written before)."""
+    """generations.csv (dvc plots), metrics.json (dvc metrics: each lineage's last generation, its summary scores),
+    summary.md and the recipe ranking. ``rows``: the lineages' rows when the caller has them (else read from the
+    manifests); ``labeller``: the image scorer's check of its labeller (labeller.json; else the one written before)."""
     rows = collect_rows(p, paths, lineages) if rows is None else rows
     paths.reports.mkdir(parents=True, exist_ok=True)
     if labeller:
@@ -104,11 +104,7 @@ def write_reports(p: Params, paths: StudyPaths, lineages: list[LineageParams],
 
     write_csv_atomic(paths.reports / GENERATIONS_CSV,
                      [{c: fmt(row.get(c, math.nan)) for c in columns} for row in rows], columns)
-    final = {}
-    for row in rows:
-        final[row["lineage"]] = {c: (None if isinstance(row.get(c), float) and not math.isfinite(row[c])
-                                     else row.get(c)) for c in ["generation", *metric_columns(p, [row])]}
-    write_json_atomic(paths.reports / METRICS_JSON, final)
+    write_json_atomic(paths.reports / METRICS_JSON, final_metrics(p, rows))
     recipes = recipe_summary(p, rows, lineages)
     write_csv_atomic(paths.reports / RECIPES_CSV, recipe_csv_rows(p, rows, recipes))
     write_atomic(paths.reports / SUMMARY_MD,
@@ -119,6 +115,27 @@ def write_reports(p: Params, paths: StudyPaths, lineages: list[LineageParams],
         write_atomic(paths.reports / RANKING_MD, lambda tmp: tmp.write_text(ranking_markdown(p, ranking)))
         write_atomic(paths.reports / RECIPES_PNG, lambda tmp: recipes_figure(p, rows, lineages, tmp))
     return rows
+
+
+def recipe_hashes(p: Params) -> dict[str, str]:
+    """recipe -> a digest of the recipes (params) of its lineages: what a recipe's summary run was made from."""
+    members: dict[str, list[str]] = {}
+    for spec in p.lineages:
+        members.setdefault(spec.group or spec.name, []).append(digest(lineage_recipe(p, spec)))
+    return {recipe: digest(sorted(hashes)) for recipe, hashes in members.items()}
+
+
+def final_metrics(p: Params, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """metrics.json (``dvc metrics show``, ``dvc exp show``): each lineage's last generation, its summary scores
+    (the terminal table's columns, FID first) and which generation that is; undefined scores are null. Only those:
+    every score of every generation is in generations.csv, and a column per score per lineage made these screens
+    unreadable (``dvc exp show`` draws one column per value)."""
+    final = {}
+    for row in rows:
+        columns = [c for c in summary_columns(p) if c in row] + ["generation"]
+        final[row["lineage"]] = {c: (None if isinstance(row[c], float) and not math.isfinite(row[c]) else row[c])
+                                 for c in columns}
+    return final
 
 
 def rank_recipes(p: Params, rows: list[dict[str, Any]], lineages: list[LineageParams]) -> list[dict[str, Any]]:

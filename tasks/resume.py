@@ -222,26 +222,11 @@ def preflight(p: Params, root: Path, lineages: list[str] | None = None, overwrit
             "outputs on disk were made under other params and would not be reused:\n" + "\n".join(lines) +
             f"\nRe-run with --overwrite to move them to {paths.trash.relative_to(root)}/ and start over, "
             "or set study.name to keep both.")
-    if stale:
+    if stale:  # their MLflow runs stay: the new outputs get new runs (tasks.tracking.lineage_run)
         bin_ = move_to_trash(paths, list(stale))
-        retired = retire_mlflow_lineages(p, paths, [f.name for f in stale if f != paths.real])
         warnings.warn(f"--overwrite: moved outputs made under other params{' or edited since their commit' if edited else ''}"
-                      f" to {bin_}"
-                      + (f" and soft-deleted their {retired} MLflow runs (mlflow runs restore brings them back)"
-                         if retired else ""))
+                      f" to {bin_} (their MLflow runs stay)")
     return Plan(p, paths, chosen)
-
-
-def retire_mlflow_lineages(p: Params, paths: StudyPaths, names: list[str]) -> int:
-    if not names:
-        return 0
-    from tasks.tracking import client_for, retire_lineage_runs, tracking_uri
-
-    client = client_for(tracking_uri(p.tracking.uri, paths.root))
-    exp = client.get_experiment_by_name(p.experiment)
-    if exp is None:
-        return 0
-    return sum(retire_lineage_runs(client, exp.experiment_id, p.study.name, name) for name in names)
 
 
 def check_names(p: Params, root: Path) -> None:

@@ -12,9 +12,14 @@ from __future__ import annotations
 import logging
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from filelock import FileLock
+
+
+QUIET_LOGGERS = ("dvc", "dvc_data", "dvc_objects")
 
 
 class NotADvcRepoError(RuntimeError):
@@ -48,11 +53,8 @@ def dvc_add(root: Path, targets: list[Path], wait_seconds: float = DVC_LOCK_WAIT
     dvc_root = find_dvc_root(root)
     (dvc_root / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(dvc_root / ".dvc" / "tmp" / "madloop-add.lock"))
-    dvc_logger = logging.getLogger("dvc")
-    level = dvc_logger.level
-    dvc_logger.setLevel(logging.WARNING)  # not "To track the changes with git, run: ..." after every generation
     deadline, attempt, told = time.monotonic() + wait_seconds, 0, False
-    try:
+    with quiet_dvc():
         while True:
             try:
                 with lock, Repo(str(dvc_root)) as repo:
@@ -72,8 +74,23 @@ def dvc_add(root: Path, targets: list[Path], wait_seconds: float = DVC_LOCK_WAIT
                     told = True
                 time.sleep(min(0.2 * 2 ** attempt, 5.0, max(deadline - time.monotonic(), 0.0)))
                 attempt += 1
+
+
+@contextmanager
+def quiet_dvc() -> Iterator[None]:
+    """DVC says nothing unless it fails (it raises then, and the task fails saying why): not "To track the changes
+    with git, run: ..." after every generation, and none of its progress bars ("Adding...", "Checking cache in ..."),
+    which it draws in a terminal unless its loggers are above ERROR (``dvc.progress.Tqdm`` and dvc_data's) and
+    which would draw through madloop's own."""
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
     finally:
-        dvc_logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 class DvcLockHeldError(RuntimeError):

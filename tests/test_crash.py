@@ -361,7 +361,7 @@ def test_the_temporary_prefect_server_dies_with_a_killed_run(project, subprocess
         while not (tmp_path / "paused").exists():  # the flow is running on its own server
             assert proc.poll() is None and time.time() < deadline
             time.sleep(0.2)
-        servers = [c for c in psutil.Process(proc.pid).children() if "uvicorn" in " ".join(c.cmdline())]
+        servers = [c for c in psutil.Process(proc.pid).children() if "prefect server start" in " ".join(c.cmdline())]
         assert len(servers) == 1
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -209,6 +210,7 @@ def test_study_deployment_fans_its_lineages_out_to_a_process_work_pool(project, 
         study = run_deployment("scheduled-study/nightly", timeout=400, poll_interval=1)
 
     assert study.state.is_completed(), f"{study.state}\n{(project.parent / 'worker-cpu.log').read_text()[-4000:]}"
+    assert study.name.startswith("study tiny (nightly, "), study.name  # not a random name
     lineages = completed_runs_of("lineage/gpu")
     assert sorted(r.name for r in lineages) == ["tiny/mle", "tiny/ple"]
     assert all({"madloop", "study:tiny", f"lineage:{r.name[5:]}"} <= set(r.tags) for r in lineages)
@@ -237,6 +239,7 @@ def test_madloop_serve_runs_the_study_on_its_schedule(project, scheduler_server)
 
         runs = wait_for(completed, 240, "a completed scheduled run of scheduled-study/served", log)
     assert runs[0].auto_scheduled
+    assert re.fullmatch(r"study served \(served, \d{4}-\d\d-\d\d \d\d:\d\d UTC\)", runs[0].name), runs[0].name
     assert_study_landed(project, params)
     assert (project / "reports" / "served" / "generations.csv").is_file()
 

@@ -155,9 +155,12 @@ def test_outputs_of_other_params_are_refused_then_replaced_with_overwrite(projec
     run_study(changed, project, overwrite=True)
     assert read_json(folder / "gen-000.json")["recipe"]["train.epochs"] == 4
     assert list((project / ".madloop" / "trash").rglob("gen-000.json"))  # the old lineage kept aside
-    parents, _ = lineage_runs(mlflow_client(project), "tiny")
-    active = [r for r in parents if r.info.lifecycle_stage == "active"]
-    assert len(active) == 1 and active[0].data.tags["madloop.recipe"] != ""
+    # the replaced lineage's MLflow runs stay as they were, beside the new ones: MLflow compares the two
+    parents, children = lineage_runs(mlflow_client(project), "tiny")
+    assert all(r.info.lifecycle_stage == "active" for r in [*parents, *children])
+    assert sorted(r.data.params["train.epochs"] for r in parents) == ["3", "4"]
+    assert len({r.data.tags["madloop.recipe"] for r in parents}) == 2
+    assert {r.info.status for r in parents} == {"FINISHED"} and len(children) == 4
 
 
 def test_cli_rejects_bad_params_before_any_work(project, capsys):

@@ -278,3 +278,57 @@ def test_logged_model_names_are_what_mlflow_accepts_for_any_lineage_name():
     assert logged_model_name("mle", 3) == "mle-gen003"
     assert logged_model_name("ple-lam0.01-s0", 0) == "ple-lam0_01-s0-gen000"
     assert not set("/:.%\"'") & set(logged_model_name("a/b:c.d%e\"f'g", 12))
+
+
+def test_log_lines_are_routed_through_the_bars_console_and_back():
+    """In a terminal, the progress bars' console writes every log line above the bars: the handlers that wrote to
+    the terminal (a rich console of their own, as Prefect's, or a plain stream) write through it meanwhile."""
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from tasks.progress import logs_to, terminal_handlers
+
+    terminal, above, bars = io.StringIO(), io.StringIO(), io.StringIO()
+    logger = logging.getLogger("madloop-test-terminal")
+    plain, styled = logging.StreamHandler(terminal), logging.StreamHandler(terminal)
+    styled.console = Console(file=terminal)
+    styled.emit = lambda record: styled.console.print(record.getMessage())  # as Prefect's console handler does
+    logger.addHandler(plain)
+    logger.addHandler(styled)
+    try:
+        assert {id(h) for h in terminal_handlers((terminal,))} >= {id(plain), id(styled)}
+        with logs_to([plain, styled], Console(file=bars, markup=False), above):
+            logger.warning("[mle] generation 3")
+        logger.warning("after")
+    finally:
+        logger.removeHandler(plain)
+        logger.removeHandler(styled)
+    assert above.getvalue() == "[mle] generation 3\n" and bars.getvalue() == "[mle] generation 3\n"
+    assert terminal.getvalue() == "after\nafter\n"
+
+
+def test_log_lines_say_times_and_batches_as_a_person_reads_them():
+    from tasks.progress import duration, generation_line
+
+    assert [duration(s) for s in (280.4, 12.0, 2.06, 0.652, 0.0123, 0.00033)] == [
+        "280 s", "12 s", "2.1 s", "652 ms", "12 ms", "0.33 ms"]
+    assert generation_line("mle", 3, 3, 5, "FID 4.5", 2.06) == "[mle] generation 3 (of 0-4): FID 4.5  fit 2.1 s"
+    assert generation_line("mle", 0, 2, 5, "kl 0.1", 0.00033) == (
+        "[mle] generations 0-2 (of 0-4; recorded as one batch), the last: kl 0.1  fit 0.33 ms")
+
+
+def test_metrics_json_holds_each_lineages_summary_scores_fid_first():
+    """`dvc metrics show` and `dvc exp show` draw one column per value of metrics.json: the terminal table's scores
+    of each lineage's last generation, not every score (generations.csv has those)."""
+    from tasks.reports import final_metrics
+
+    p = validate(tiny(lineages=["mle", "ple"]))
+    rows = [{"lineage": name, "estimator": name, "generation": k, "fid": 10.0 + k, "precision": 0.5, "recall": 0.2,
+             "minority_share": 0.1, "r_fair": math.nan, "kid": 1.0, "density": 0.9, "fit_seconds": 1.0}
+            for name in ("mle", "ple") for k in (0, 1)]
+    final = final_metrics(p, rows)
+    assert list(final) == ["mle", "ple"]
+    assert list(final["mle"]) == ["fid", "precision", "recall", "minority_share", "r_fair", "generation"]
+    assert final["mle"]["fid"] == 11.0 and final["mle"]["generation"] == 1 and final["mle"]["r_fair"] is None

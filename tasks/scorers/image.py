@@ -350,6 +350,6 @@ class ImageScorer(Scorer):
 
     @staticmethod
     def describe(metrics: dict[str, float]) -> str:
-        return (f"fid {metrics['fid']:.3g}  precision {metrics['precision']:.3f}  recall {metrics['recall']:.3f}  "
+        return (f"FID {metrics['fid']:.3g}  precision {metrics['precision']:.3f}  recall {metrics['recall']:.3f}  "
                 f"minority share {metrics['minority_share']:.3f} (trained on {metrics['minority_share_train']:.3f})"
-                f"  r_fair {metrics['r_fair']:.3g}  r_fair_kid {metrics['r_fair_kid']:.3g}")
+                f"  R_Fair {metrics['r_fair']:.3g}  R_Fair(KID) {metrics['r_fair_kid']:.3g}")  # the table's names (tasks.reports.TITLES)

@@ -93,5 +93,5 @@ class ScalarScorer(Scorer):
 
     @staticmethod
     def describe(metrics: dict[str, float]) -> str:
-        params = "  ".join(f"{k.removeprefix('param.')} {v:.4g}" for k, v in metrics.items() if k.startswith("param."))
-        return f"{params}  kl {metrics['kl']:.3g}  w1 {metrics['wasserstein']:.3g}"
+        params = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("param."))
+        return f"{params}  kl {metrics['kl']:.3g}  wasserstein {metrics['wasserstein']:.3g}"  # the table's names
