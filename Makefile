@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup demo test ui repro lock serve server
+.PHONY: setup demo test ui repro lock serve server slurm slurm-down
 
 # torch 2.14.1 / torchvision 0.29.1 come from this machine's local wheels with Python 3.11's pip
 # (see DEVELOPERS.md); requirements.lock pins every package, pyproject.toml states the ranges.
@@ -31,8 +31,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
+# Two processes, not ~15: one web worker, and no job runner (it runs MLflow's GenAI jobs, with a pool of consumers).
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db \
+		--host 127.0.0.1 --port 5000 --workers 1
 
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
@@ -48,3 +50,13 @@ serve: $(STAMP)
 
 lock: $(STAMP)
 	$(PIP) freeze --exclude-editable | grep -v '^madloop' > requirements.lock
+
+# A real single-node Slurm on this machine, for the Slurm test and benchmark (tests/test_slurm.py,
+# benchmarks/slurm_overhead.py): installs slurm-wlm and munge with apt-get when missing (root), writes
+# /etc/slurm/slurm.conf when there is none, starts munged, slurmctld and slurmd. A Slurm that answers is left as it is.
+slurm:
+	@bash tools/slurm.sh up
+
+# Stops the daemons `make slurm` started (and only those).
+slurm-down:
+	@bash tools/slurm.sh down

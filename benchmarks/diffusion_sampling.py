@@ -47,7 +47,7 @@ def main() -> None:
         lineage = open_lineage(p, "mle", paths, real, scorer, device)
         settings = lineage.family.settings
         for seed in args.seeds:
-            model = fit_model(lineage, real.train, seed)
+            model = fit_model(lineage, lineage.real.train, seed)
             for steps, eta in SAMPLERS:
                 settings.sample_steps, settings.eta = steps, eta
                 started = time.perf_counter()

@@ -64,8 +64,7 @@ def without_prefect() -> None:
 
 without_prefect()
 
-import models.estimators.mle as mle_module  # noqa: E402
-import models.estimators.ple as ple_module  # noqa: E402
+import models.estimators as estimators_module  # noqa: E402  (FamilyOptimizer's Adam, swapped by default_adam)
 from models.estimators import fit  # noqa: E402
 from tasks.generation import PLAIN, open_lineage, resolve_device, run_generation  # noqa: E402
 from tasks.layout import StudyPaths  # noqa: E402
@@ -142,13 +141,13 @@ def sync(device: torch.device) -> None:
 @contextlib.contextmanager
 def default_adam():
     """PyTorch's default (for-each) Adam instead of madloop's fused one: the reference's eager baseline."""
-    saved = mle_module.adam, ple_module.adam
-    plain = lambda params, lr, device: torch.optim.Adam(params, lr=lr)  # noqa: E731
-    mle_module.adam = ple_module.adam = plain
+    saved = estimators_module.adam
+    estimators_module.adam = lambda params, lr, device, betas=(0.9, 0.999): torch.optim.Adam(params, lr=lr,
+                                                                                            betas=betas)
     try:
         yield
     finally:
-        mle_module.adam, ple_module.adam = saved
+        estimators_module.adam = saved
 
 
 def timed_fit(estimator: str, family, x: np.ndarray, device: torch.device, train: dict) -> float:
@@ -257,10 +256,11 @@ def run_alone(lineage, dataset, generations: int) -> tuple[float, float]:
     return time.perf_counter() - started, fitting
 
 
-def run_batched(lineages, dataset, generations: int) -> tuple[float, float]:
-    """The lineages' generations in lockstep, fits stacked: (seconds, of which fitting)."""
+def run_batched(lineages, generations: int) -> tuple[float, float]:
+    """The lineages' generations in lockstep (each from its own dataset 0), fits stacked: (seconds, of which
+    fitting)."""
     assert len(lockstep_groups(lineages)) == 1, "the seeds of one recipe must share a stacked fit"
-    started, fitting, datasets = time.perf_counter(), 0.0, [dataset] * len(lineages)
+    started, fitting, datasets = time.perf_counter(), 0.0, [lin.real.train for lin in lineages]
     for k in range(generations):
         made = run_lockstep_generation(lineages, k, datasets)
         fitting += made[0].model.info["stacked_seconds"]
@@ -282,8 +282,8 @@ def lineage_rows(table: Table, budget: Budget, device: torch.device, sizes: Size
     lineages = [open_lineage(p, spec.name, paths, real, scorer, device) for spec in p.lineages]
     per_hour = lambda count, seconds: count * 3600 / (seconds * STUDY_GENERATIONS / sizes.generations)  # noqa: E731
 
-    run_alone(lineages[0], real.train, 1)  # warm-up (and compilation)
-    seconds, fitting = run_alone(lineages[0], real.train, sizes.generations)
+    run_alone(lineages[0], lineages[0].real.train, 1)  # warm-up (and compilation)
+    seconds, fitting = run_alone(lineages[0], lineages[0].real.train, sizes.generations)
     alone, alone_fit = per_hour(1, seconds), per_hour(1, fitting)
     table.add(f"digits lineages/hour, one at a time{label}", f"{alone:,.0f}", "",
               f"fits alone: {alone_fit:,.0f}/h; {sizes.generations} generations timed, scaled to 5")
@@ -293,8 +293,8 @@ def lineage_rows(table: Table, budget: Budget, device: torch.device, sizes: Size
             table.add(name, "skipped", "", "out of --budget")
             continue
         if compiled or count == counts[0]:
-            run_batched(lineages[:count], real.train, 1)  # warm-up (a compiled graph is specialized to S)
-        seconds, fitting = run_batched(lineages[:count], real.train, sizes.generations)
+            run_batched(lineages[:count], 1)  # warm-up (a compiled graph is specialized to S)
+        seconds, fitting = run_batched(lineages[:count], sizes.generations)
         batched, batched_fit = per_hour(count, seconds), per_hour(count, fitting)
         table.add(name, f"{batched:,.0f}", ">= 20x one at a time (H100)",
                   f"{batched / alone:.1f}x one at a time; fits alone: {batched_fit:,.0f}/h "
@@ -312,7 +312,7 @@ def study_rows(table: Table, budget: Budget, device: torch.device, sizes: Sizes,
         for estimator in ("mle", "ple"):
             lineage = open_lineage(p, estimator, paths, real, scorer, where)
             started = time.perf_counter()
-            generation = run_generation(lineage, 0, real.train, PLAIN)
+            generation = run_generation(lineage, 0, lineage.real.train, PLAIN)
             seconds = time.perf_counter() - started
             table.add(f"default study, {estimator.upper()} generation on {where}", f"{seconds:.2f} s", "",
                       f"fit {generation.model.info['fit_seconds']:.2f} s; team's 2-core CPU VM: "

@@ -66,7 +66,7 @@ def bare_study(p: Params, root: Path) -> dict[str, list[float]]:
     for spec in p.lineages:
         lineage = open_lineage(p, spec.name, paths, real, scorer, device)
         lineage.mitigation.resume([])
-        dataset, seconds[spec.name] = real.train, []
+        dataset, seconds[spec.name] = lineage.real.train, []
         for k in range(lineage.params.loop.generations):
             started = time.perf_counter()
             dataset = run_generation(lineage, k, dataset, PLAIN).next_dataset

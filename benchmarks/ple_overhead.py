@@ -34,10 +34,10 @@ from tasks.realdata import prepare_real_data  # noqa: E402
 from tasks.scorers import build_scorer  # noqa: E402
 
 
-def one_generation(lineage, real) -> tuple[float, float, dict]:
+def one_generation(lineage) -> tuple[float, float, dict]:
     """Generation 0 of ``lineage`` on the real training set: (fit seconds, generation seconds, metrics)."""
     started = time.perf_counter()
-    generation = run_generation(lineage, 0, real.train, PLAIN)
+    generation = run_generation(lineage, 0, lineage.real.train, PLAIN)
     return generation.model.info["fit_seconds"], time.perf_counter() - started, generation.manifest["metrics"]
 
 
@@ -63,13 +63,13 @@ def main() -> None:
         metrics: dict[str, dict] = {}
         for _ in range(args.repeats):
             for estimator, lineage in lineages.items():
-                fit, total, metrics[estimator] = one_generation(lineage, real)
+                fit, total, metrics[estimator] = one_generation(lineage)
                 times[estimator].append((fit, total))
 
     med = {e: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts)) for e, ts in times.items()}
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"device {device}, torch {torch.__version__}")
-    print(f"study: {p.data.source}, {len(real.train)} training rows, family {p.model.family}, "
+    print(f"study: {p.data.source}, {len(lineages['mle'].real.train)} training rows, family {p.model.family}, "
           f"{p.train.epochs} epochs at batch {p.train.batch_size}, PLE m={p.ple.m} rank={p.ple.rank} "
           f"lam={p.ple.lam}; median of {args.repeats} alternating runs")
     for estimator, (fit, total) in med.items():

@@ -54,7 +54,7 @@ def main() -> None:
     device = resolve_device(p.device)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
-        real = prepare_real_data(p, StudyPaths(Path(tmp), p.study.name))
+        real = prepare_real_data(p, StudyPaths(Path(tmp), p.study.name)).of(p.lineages[0].name)
     data = torch.as_tensor(real.train.pixels, dtype=torch.float32, device=device)
     batch_size = min(p.train.batch_size, len(data))
     family = build_family(p.model.family, real.train.shape, p.model)

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
 
 EPILOG = """examples:
   madloop run                                          the study in ./params.yaml
@@ -17,6 +14,7 @@ EPILOG = """examples:
   madloop run --set lineages=[mle] --lineage mle       one lineage of the study
   madloop show                                         the table of finished generations (on disk)
   madloop show ui                                      the same for study "ui", however it was run
+  madloop verify                                       its files against their manifests and git's last commit
   madloop params --set data.imbalance_ratio=10         validate and print the resolved params
   madloop study fig4 --set studies.fig4.seeds=100      a paper reproduction, smaller
 
@@ -54,9 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="outputs made under other params are moved to .madloop/trash/ and redone "
                           "(without it, such outputs stop the run before any work)")
     run.add_argument("--quiet", action="store_true", help="no table at the end")
+    run.add_argument("--force", action="store_true",
+                     help="run even when the study's estimated memory or disk exceeds what this machine has "
+                          "available (without it, such a study stops before any work, exit code 2)")
     run.add_argument("--wait", action="store_true",
                      help="when another run of the same study is in progress, wait for it to end instead of stopping "
                           "(exit code 2)")
+    run.add_argument("--fan-out", default=None, metavar="TARGET",
+                     help="run each lineage as its own flow run, all at once: on a Slurm work pool (e.g. slurm: each "
+                          "lineage a Slurm job with its slurm params; this run submits and watches them) or a lineage "
+                          "deployment's pool (e.g. lineage/gpu from prefect.yaml); needs PREFECT_API_URL on a cluster")
 
     show = commands.add_parser(
         "show", help="print the table of a study's finished generations, as they are on disk",
@@ -66,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "and 95%% interval per generation).")
     show.add_argument("study", nargs="?", default=None, help="the study (default: study.name in params)")
     add_params_args(show)
+
+    verify = commands.add_parser(
+        "verify", help="check a study's files against their manifests and against git's last commit of them",
+        description="Check every data folder of the study (data/studies/<study>/): each manifest against its own "
+                    "checksum and each file against the sha256 its manifest records (accidents), and each "
+                    "generation against what the last git commit of its folder's .dvc file recorded (edits made "
+                    "after that commit; tasks/integrity.py). Exit code 0: nothing wrong; 1: something is.")
+    verify.add_argument("study", nargs="?", default=None, help="the study (default: study.name in params)")
+    add_params_args(verify)
 
     params = commands.add_parser("params", help="validate params and print them resolved, as YAML")
     add_params_args(params)
@@ -94,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run only this lineage of params.lineages (repeatable)")
     serve.add_argument("--fan-out", nargs="?", const="lineage/served", default=None, metavar="DEPLOYMENT",
                        help="run each lineage as its own flow run, in parallel: alone, this process serves them; "
-                            "with a lineage deployment (lineage/gpu from prefect.yaml), its work pool's workers do")
+                            "with a lineage deployment (lineage/gpu from prefect.yaml), its work pool's workers do; "
+                            "with a Slurm work pool (slurm), each is a Slurm job")
     serve.add_argument("--name", default=None, help="deployment name (default: the study name)")
     return parser
 
@@ -140,50 +155,13 @@ def print_table(p, rows: list[dict], lineages=None) -> None:
     Console().print(table)
 
 
-@contextlib.contextmanager
-def progress_bar(enabled: bool) -> Iterator[None]:
-    """A bar per lineage (generations, and the running fit's epochs) on stderr while the study runs, when stderr is
-    a terminal. Prefect's log lines are printed above the bars, not through them."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from tasks.progress import watch
-
-    console = Console(stderr=True)
-    if not enabled or not console.is_terminal:
-        yield
-        return
-    bars = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[where]}"),
-                    TimeElapsedColumn(), console=console)
-    ids: dict[str, Any] = {}
-
-    def show(progress) -> None:
-        if progress.lineage not in ids:
-            ids[progress.lineage] = bars.add_task(progress.lineage, total=progress.generations, where="")
-        where = f"generation {progress.generation} of 0-{progress.generations - 1}" + (
-            f", epoch {progress.epoch}/{progress.epochs}" if progress.epochs and not progress.finished else "")
-        bars.update(ids[progress.lineage], completed=progress.fraction * progress.generations, where=where)
-
-    handlers = [h for h in logging.getLogger("prefect").handlers if hasattr(h, "console")]
-    consoles = [h.console for h in handlers]
-    with bars, watch(show):
-        for handler in handlers:
-            handler.console = bars.console
-        try:
-            yield
-        finally:
-            for handler, original in zip(handlers, consoles):
-                handler.console = original
-
-
 def experiment_link(p, root: Path) -> str:
-    """The study's experiment in ``make ui``, in MLflow 3's model-training view: the UI's GenAI / model-training
-    switch (remembered per browser, GenAI by default) decides the view, and the link sets it."""
-    from tasks.tracking import client_for, tracking_uri
+    """The study's experiment in the MLflow UI (``make ui``), in MLflow 3's model-training view."""
+    from tasks.tracking import client_for, experiment_url, tracking_uri, ui_address
 
-    experiment = client_for(tracking_uri(p.tracking.uri, root)).get_experiment_by_name(p.experiment)
-    where = f"#/experiments/{experiment.experiment_id}?workflowType=machine_learning" if experiment else ""
-    return f"http://127.0.0.1:5000/{where}"
+    uri = tracking_uri(p.tracking.uri, root)
+    experiment = client_for(uri).get_experiment_by_name(p.experiment)
+    return experiment_url(uri, experiment.experiment_id) if experiment else ui_address(uri)
 
 
 def version() -> str:
@@ -215,6 +193,30 @@ def show(p, root: Path, study: str | None) -> int:
     for note in notes:
         print(f"note: {note}")
     return 0
+
+
+def verify(root: Path, study: str) -> int:
+    """``madloop verify [STUDY]``: one line per data folder, then its problems and notes; exit code 1 on a problem."""
+    from tasks.integrity import verify_study
+    from tasks.layout import StudyPaths
+
+    data = StudyPaths(root, study).data
+    reports = verify_study(root, data)
+    if not reports:
+        print(f"madloop: no data of study {study!r} under {data}", file=sys.stderr)
+        return 1
+    for report in reports:
+        what = "the real data" if report.folder.name == "real" else f"{report.generations} generation(s)"
+        against = f"; committed: {report.commit.describe()}" if report.commit else ""
+        print(f"{report.folder.relative_to(root)}: {what} verified{against}")
+        for problem in report.problems:
+            print(f"  problem: {problem}")
+        for note in report.notes:
+            print(f"  note: {note}")
+    problems = sum(len(r.problems) for r in reports)
+    print(f"study {study!r}: " + (f"{problems} problem(s)" if problems else "nothing differs from what was made")
+          + " (manifests check accidents; a commit of each folder's .dvc file is what checks edits)")
+    return 1 if problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,6 +268,9 @@ def quiet_tracebacks() -> None:
         for handler in logging.getLogger(name).handlers:
             if type(handler).__name__ == "PrefectConsoleHandler":
                 handler.addFilter(strip)
+    # MLflow logs every database error it re-raises, traceback and all; madloop retries what is worth retrying and
+    # names what is not in one line (tasks.tracking.store_problem)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def run_command(args) -> int:
@@ -280,6 +285,8 @@ def run_command(args) -> int:
         return 0
     if args.command == "show":
         return show(p, root, args.study)
+    if args.command == "verify":
+        return verify(root, args.study or p.study.name)
     if args.command == "study" and args.name == "results":
         from flows.studies import write_results
 
@@ -307,16 +314,19 @@ def run_command(args) -> int:
     from flows.server import prefect_api
 
     started = time.perf_counter()
-    with progress_bar(not args.quiet):
-        rows = run_study(p, root, args.lineage, args.overwrite, wait=args.wait, api=prefect_api,
-                         on_wait=lambda line: print(f"madloop: {line}", file=sys.stderr, flush=True))
+    from tasks.progress import terminal_bars
+
+    with terminal_bars(not args.quiet):
+        rows = run_study(p, root, args.lineage, args.overwrite, wait=args.wait, api=prefect_api, force=args.force,
+                         on_wait=lambda line: print(f"madloop: {line}", file=sys.stderr, flush=True),
+                         lineage_deployment=args.fan_out)
     if not args.quiet:
         print_table(p, rows)
-        print(f"\nfinished in {time.perf_counter() - started:.0f} s. Compare lineages:\n"
-              f"  make ui                 (MLflow UI, experiment {p.experiment!r} in the model-training view: "
-              f"{experiment_link(p, root)})\n"
-              f"  dvc plots show          (metrics vs generation per recipe, offline -> dvc_plots/index.html)\n"
-              f"  dvc metrics show        (each lineage's last generation)")
+        print(f"\nfinished in {time.perf_counter() - started:.0f} s. Compare the lineages:\n"
+              f"  make ui            MLflow, experiment {p.experiment!r}:\n"
+              f"    {experiment_link(p, root)}\n"
+              f"  dvc plots show     metrics per generation and recipe (dvc_plots/index.html)\n"
+              f"  dvc metrics show   each lineage's last generation")
     return 0
 
 

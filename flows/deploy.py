@@ -23,7 +23,7 @@ from prefect.schedules import Cron, Interval
 from prefect.settings import PREFECT_API_URL
 from prefect.types.entrypoint import EntrypointType
 
-from flows.fanout import check_deployment
+from flows.fanout import prepare_fan_out
 from flows.loop import lineage_loop, self_consuming_loop
 from tasks.params import Params, ParamsError, load
 from tasks.resume import StaleOutputsError, check_names, preflight
@@ -31,7 +31,24 @@ from tasks.resume import StaleOutputsError, check_names, preflight
 SERVED_LINEAGES = "lineage/served"  # the lineage deployment `madloop serve --fan-out` serves itself
 
 
-@flow(name="scheduled-study", log_prints=False)
+def scheduled_run_name() -> str:
+    """A scheduled run's name, ``study default (nightly, 2026-12-05 03:00 UTC)``, not a random one: the study named
+    in its params file (read again when the run starts; ``study`` alone when it cannot be read), its deployment
+    and when it was due."""
+    from prefect.runtime import deployment, flow_run
+
+    parameters = flow_run.parameters
+    try:
+        params_file = parameters.get("params_file")
+        path = None if params_file is None else Path(parameters.get("root") or ".").resolve() / params_file
+        study = f"study {load(path, parameters.get('overrides') or []).study.name}"
+    except Exception:  # the run itself reports bad params; its name is no place for that
+        study = "study"
+    due = flow_run.scheduled_start_time
+    return f"{study} ({deployment.name or 'scheduled'}, {due:%Y-%m-%d %H:%M} UTC)" if due else study
+
+
+@flow(name="scheduled-study", flow_run_name=scheduled_run_name, log_prints=False)
 def scheduled_study(params_file: str | None = "params.yaml", overrides: list[str] | None = None, root: str = ".",
                     lineages: list[str] | None = None, lineage_deployment: str | None = None,
                     overwrite: bool = False) -> list[dict[str, Any]]:
@@ -79,7 +96,7 @@ def serve_study(p: Params, params_file: Path | None, overrides: list[str], root:
         raise ParamsError(f"--interval: expected a positive number of seconds (got {interval:g})")
     check_names(p, root)
     try:  # bad params, a missing DVC repo or stale outputs fail now, not at 3 a.m.
-        preflight(p, root, lineages)
+        plan = preflight(p, root, lineages)
     except StaleOutputsError as err:
         raise StaleOutputsError(f"{err}\n(scheduled runs never overwrite: run `madloop run --overwrite` once, "
                                 "then serve)") from None
@@ -88,6 +105,6 @@ def serve_study(p: Params, params_file: Path | None, overrides: list[str], root:
     if fan_out_to == SERVED_LINEAGES:
         deployments.append(lineage_loop.to_deployment(name=SERVED_LINEAGES.split("/")[1], tags=["madloop"],
                                                       entrypoint_type=EntrypointType.MODULE_PATH))
-    elif fan_out_to is not None:
-        check_deployment(fan_out_to)
+    elif fan_out_to is not None:  # a lineage deployment, or a Slurm pool (then each lineage is a Slurm job)
+        prepare_fan_out(fan_out_to, p, [spec.name for spec in plan.lineages])
     serve(*deployments)

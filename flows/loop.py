@@ -19,23 +19,24 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-from flows.fanout import fan_out
+from flows.fanout import check_target, fan_out, prepare_fan_out
 from tasks import as_task
 from tasks.generation import (PLAIN, TASKS, Lineage, Steps, load_generation_dataset, load_generation_model, load_model,
                               open_lineage, rescore_manifest, resolve_device, run_generation)
 from tasks.layout import SUMMARY_MD, StudyPaths
 from tasks.lock import study_lock
 from tasks.params import Params, digest, lineage_recipe, validate
-from tasks.progress import LineageWatch, study_summary_artifact
+from tasks.progress import LineageWatch, generation_line, study_summary_artifact
 from tasks.realdata import prepare_real_data_task
 from tasks.recovery import clean_up_dead_runs
-from tasks.reports import (lineage_rows, recipe_metrics, recipe_summary, seeded, summary_columns,
-                           write_reports_task)
+from tasks.reports import (lineage_rows, recipe_hashes, recipe_metrics, recipe_summary, seeded,
+                           summary_columns, write_reports_task)
 from tasks.resume import (LineageState, StaleOutputsError, check_names, check_world, inspect_lineage, preflight,
                           quarantine_from, real_train_data)
 from tasks.scorers import build_scorer
 from tasks.seeds import SCORE, derive_seed
-from tasks.tracking import close_lineage, log_generations, log_recipe_runs, tracking_uri
+from tasks.sizing import check_fits
+from tasks.tracking import close_lineage, log_generations, log_recipe_runs, open_experiment, run_url, tracking_uri
 from tasks.tracking import open_lineage as open_lineage_run
 from tasks.versioning import dvc_add, find_dvc_root
 
@@ -117,11 +118,12 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".",
     p = validate(params)
     paths = StudyPaths(Path(root).resolve(), p.study.name)
     device = resolve_device(p.device)
-    real = prepare_real_data_task(p, paths)
-    scorer, scorer_note = build_scorer_task(p, real, paths.cache, device)
+    real = prepare_real_data_task(p, paths, [p.lineage(lineage)])
+    scorer, scorer_note = build_scorer_task(p, real.split, paths.cache, device)
     lin = open_lineage(p, lineage, paths, real, scorer, device)
     tag_this_run("madloop", f"study:{p.study.name}", *lineage_tags(lin))
-    state = LineageState(**verified) if verified else inspect_lineage(lin.folder, lin.recipe, real_train_data(paths))
+    state = LineageState(**verified) if verified else inspect_lineage(lin.folder, lin.recipe,
+                                                                      real_train_data(paths, lin.real_file))
     generations = lin.params.loop.generations
     start = resume_point(lin, state, logger)
     if start:
@@ -135,6 +137,7 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".",
     run_name = lin.name if p.tracking.experiment is None else f"{p.study.name}/{lin.name}"
     exp_id, parent_id = open_lineage_run(uri, p.experiment, lin.name, digest(lin.recipe), run_tags, paths.root,
                                          run_name=run_name, params=lin.recipe)
+    logger.info(f"[{lin.name}] MLflow run: {run_url(uri, exp_id, parent_id)}")
     cheap_under = p.tracking.cheap_fit_seconds
 
     def cheap(manifest: dict[str, Any] | None) -> bool:
@@ -157,7 +160,7 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".",
     if manifests:
         watch.table(lineage_rows(lin.spec, manifests))
 
-    dataset = real.train if start == 0 else load_generation_dataset(lin.folder, start)
+    dataset = lin.real.train if start == 0 else load_generation_dataset(lin.folder, start)
     lin.mitigation.resume(manifests)
     pending: list[dict[str, Any]] = []
     flushed = time.monotonic()
@@ -172,12 +175,9 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".",
             if not cheap(manifest) or time.monotonic() - flushed >= FLUSH_SECONDS or k == generations - 1:
                 record(pending)
                 watch.table(lineage_rows(lin.spec, manifests))
-                first = pending[0]["generation"]
-                logger.info(f"[{lin.name}] generation {f'{first}-' if first != k else ''}{k} (of 0-{generations - 1})"
-                            f": {scorer.describe(manifest['metrics'])}  "
-                            f"fit {manifest['info'].get('fit_seconds', 0.0):.2g}s"
-                            + (f" (each of {len(pending)} fits under {cheap_under:g}s: recorded as one batch)"
-                               if len(pending) > 1 else ""))
+                logger.info(generation_line(lin.name, pending[0]["generation"], k, generations,
+                                            scorer.describe(manifest["metrics"]),
+                                            manifest["info"].get("fit_seconds", 0.0)))
                 pending, flushed = [], time.monotonic()
             dataset = generation.next_dataset
     except BaseException as err:
@@ -191,71 +191,88 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".",
 
 @flow(name="self_consuming_loop", flow_run_name=study_run_name, log_prints=False)
 def self_consuming_loop(params: dict[str, Any] | None = None, root: str = ".", lineages: list[str] | None = None,
-                        overwrite: bool = False, lineage_deployment: str | None = None) -> list[dict[str, Any]]:
+                        overwrite: bool = False, lineage_deployment: str | None = None,
+                        force: bool = False) -> list[dict[str, Any]]:
     """A study: every lineage in params (or the named ones) over the same real data and test split.
 
     Lineages run here, one after another, as subflows. With ``lineage_deployment`` ("lineage/gpu") each one runs
     as its own flow run of that deployment instead, all at once, on the workers of its work pool (flows.fanout).
+    ``force``: run even when the study's estimated memory or disk exceeds this machine's (tasks.sizing).
     """
     p = validate(params)
     with study_lock(StudyPaths(Path(root).resolve(), p.study.name).lock, p.study.name):
-        return run_locked_study(p, root, lineages, overwrite, lineage_deployment)
+        return run_locked_study(p, root, lineages, overwrite, lineage_deployment, force)
 
 
 def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite: bool,
-                     lineage_deployment: str | None) -> list[dict[str, Any]]:
+                     lineage_deployment: str | None, force: bool = False) -> list[dict[str, Any]]:
     logger = get_run_logger()
     tag_this_run("madloop", f"study:{p.study.name}")
     plan = preflight(p, Path(root), lineages, overwrite)
+    if not lineage_deployment:  # fanned out, each lineage runs on a worker's machine, not this one
+        check_fits(p, plan.paths.root, plan.lineages, force)
     paths = plan.paths
+    target = prepare_fan_out(lineage_deployment, p, [s.name for s in plan.lineages]) if lineage_deployment else None
     for line in clean_up_dead_runs(p, paths, [self_consuming_loop.name, lineage_loop.name],
                                    find_dvc_root(paths.root) if p.dvc.track else None):
         logger.info(line)
     device = resolve_device(p.device)
-    real = prepare_real_data_task(p, paths)
-    _, scorer_note = build_scorer_task(p, real, paths.cache, device)
+    real = prepare_real_data_task(p, paths, plan.lineages)
+    scorer, scorer_note = build_scorer_task(p, real.split, paths.cache, device)
+    sizes = sorted({len(r.train) for r in real.lineages.values()})
+    rows = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
     what = (f"classes {p.data.majority}/{p.data.minority} (R_I = {p.data.imbalance_ratio:g})"
-            if real.num_classes else f"draws of the {p.model.family} truth")
-    logger.info(f"study {p.study.name!r}: {len(real.train)} real training rows of {p.data.source}, {what}; "
-                f"{scorer_note}; device {device}")
+            if real.split.num_classes else f"draws of the {p.model.family} truth")
+    draws = len(set(real.files.values()))
+    logger.info(f"study {p.study.name!r}: {rows} real training rows of {p.data.source}, {what}, "
+                f"{draws} real draw{'s' if draws > 1 else ''} (data.draw: {p.data.draw}); {scorer_note}; device {device}")
+    logger.info(f"MLflow experiment {p.experiment!r}: "
+                f"{open_experiment(tracking_uri(p.tracking.uri, paths.root), p.experiment, paths.root)}")
     if p.dvc.track:
         dvc_add_task(paths.root, [paths.real])
     rows: list[dict[str, Any]] | None = None
-    if lineage_deployment:
-        fan_out(lineage_deployment, p, [spec.name for spec in plan.lineages], paths.root)
+    if target:
+        fan_out(target, p, [spec.name for spec in plan.lineages], paths.root)
     else:
         rows = []
-        train_sha = real_train_data(paths)
         # In-process lineages send no heartbeats of their own: the study's flow run, in the same process, already
         # does (a crash stops both), and joining each one's heartbeat thread, which sleeps in 1 s steps, held up
         # the end of its lineage by up to 1 s (docs/performance.md).
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             for spec in plan.lineages:
-                state = inspect_lineage(paths.lineage(spec.name), lineage_recipe(p, spec), train_sha)
+                state = inspect_lineage(paths.lineage(spec.name), lineage_recipe(p, spec),
+                                        real_train_data(paths, real.files[spec.name]))
                 rows += lineage_loop(params=p.model_dump(mode="json"), lineage=spec.name, root=str(paths.root),
                                      verified=state.as_dict(), dvc_add_at_end=False)
         if p.dvc.track:  # one `dvc add` for every lineage (slow generations were also added one by one)
             dvc_add_task.with_options(task_run_name="dvc-add [lineages]")(
                 paths.root, [paths.lineage(spec.name) for spec in plan.lineages])
     everyone = rows is not None and len(plan.lineages) == len(p.lineages)
-    rows = write_reports_task(p, paths, p.lineages, rows if everyone else None)
+    rows = write_reports_task(p, paths, p.lineages, rows if everyone else None, getattr(scorer, "labeller", None))
     study_summary_artifact(p.study.name, (paths.reports / SUMMARY_MD).read_text())
     recipes = recipe_summary(p, rows, p.lineages)
     if seeded(recipes):
         log_recipe_runs(tracking_uri(p.tracking.uri, paths.root), p.experiment, paths.root, p.study.name, recipes,
-                        recipe_metrics(p, rows))
+                        recipe_metrics(p, rows), recipe_hashes(p))
     return rows
 
 
 def run_study(p: Params, root: Path, lineages: list[str] | None = None, overwrite: bool = False,
-              wait: bool = False, on_wait=print, api=nullcontext):
+              wait: bool = False, on_wait=print, api=nullcontext, lineage_deployment: str | None = None,
+              force: bool = False):
     """Validate against the world first (no Prefect run, and with ``api`` no Prefect server, is started for bad
     input), then run the flow, holding the study's lock throughout (``wait``: wait for another run of the study to
-    end instead of refusing to start)."""
+    end instead of refusing to start; ``force``: run a study that does not seem to fit this machine).
+    ``lineage_deployment``: fan the lineages out (flows.fanout), checked before the study's flow run starts."""
     check_names(p, root)
-    check_world(p, root.resolve(), lineages)  # before the lock file is made: bad input leaves nothing behind
+    chosen = check_world(p, root.resolve(), lineages)  # before the lock file is made: bad input leaves nothing
+    check_fits(p, root.resolve(), chosen, force)
+    if lineage_deployment:
+        check_target(lineage_deployment, p, [s.name for s in p.lineages if lineages is None or s.name in lineages])
     with study_lock(StudyPaths(root.resolve(), p.study.name).lock, p.study.name, wait=wait, on_wait=on_wait):
-        preflight(p, root, lineages, overwrite)
+        plan = preflight(p, root, lineages, overwrite)
         with api():
+            if lineage_deployment:
+                prepare_fan_out(lineage_deployment, p, [spec.name for spec in plan.lineages])
             return self_consuming_loop(params=p.model_dump(mode="json"), root=str(root), lineages=lineages,
-                                       overwrite=False)
+                                       overwrite=False, lineage_deployment=lineage_deployment, force=force)

@@ -1,11 +1,21 @@
 """The Prefect API a ``madloop run`` (or ``madloop study``) talks to.
 
 With ``PREFECT_API_URL`` set, that server (``prefect server start``: one shared server, with a UI that keeps every
-run's history; docs/scale-out.md). Without it, a temporary server of this process's own, as Prefect itself would
-start, except that it dies with this process however the process ends: Prefect's own temporary server is stopped
-by an ``atexit`` hook, so a ``kill -9`` (or an OOM kill) of its parent left it running, orphaned, holding its port
-and about 200 MB. Here the server is started with ``PR_SET_PDEATHSIG`` (Linux): the kernel kills it when its
-parent dies. Elsewhere (macOS) it is stopped at exit as Prefect does; run one shared server there.
+run's history; docs/scale-out.md). Without it, a temporary server of this process's own, started with Prefect's
+own command (``prefect server start``, no UI, no scheduler) and stopped when the run ends. Two things differ from
+the temporary server Prefect itself would start:
+
+- It dies with this process however the process ends: Prefect stops its own with an ``atexit`` hook, so a
+  ``kill -9`` (or an OOM kill) of its parent left it running, orphaned, holding its port and about 200 MB. Here the
+  server is started with ``PR_SET_PDEATHSIG`` (Linux): the kernel kills it when its parent dies. Elsewhere (macOS)
+  it is stopped at exit; run one shared server there.
+- Its start-up wait scales with the machine's load. The server needs about 7 s of CPU to start (more on a fresh
+  database, which it migrates first); Prefect waits 20 s, which a busy machine does not always give it. Here the
+  wait is ``STARTUP_SECONDS``, multiplied by the load per core when that is above 1, and a server that still does
+  not answer fails with one line that says what to do instead (:class:`TemporaryServerError`).
+
+The temporary server has no UI and is gone when the run ends, so its runs get no "View at" link in the log
+(``PREFECT_UI_URL`` is blanked); the study logs its MLflow link instead.
 """
 
 from __future__ import annotations
@@ -17,10 +27,23 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Iterator
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STARTUP_SECONDS = 60.0  # the wait on an idle machine (the server answers within ~10 s there), times the load
+POLL_SECONDS = 0.2
+# Services the temporary server does without, as Prefect's own temporary server does: schedules, late runs and
+# the upkeep of workers, leases, pauses and cancellations belong to a long-lived server (`make server`).
+IDLE_SERVICES = ("FOREMAN", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS", "REPOSSESSOR", "CLEANUP_RECONCILER")
+SHARED_SERVER = ("start one in another terminal with `make server` (or `prefect server start`), then "
+                 "`export PREFECT_API_URL=http://127.0.0.1:4200/api` and run again")
+
+
+class TemporaryServerError(RuntimeError):
+    """The temporary Prefect server did not start."""
 
 
 def die_with(parent: int):
@@ -42,42 +65,103 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def parent_bound_server(port: int):
-    """Prefect's temporary server (``SubprocessASGIServer``), started so that it dies with this process."""
-    import prefect
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import get_current_settings
+def load_per_core() -> float:
+    """The 1-minute load average per core (0 where the platform has none)."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        return 0.0
 
-    class ParentBoundServer(SubprocessASGIServer):
-        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-            # prefect 3.8's command (SubprocessASGIServer._run_uvicorn_command), plus the preexec_fn
-            server_env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-            return subprocess.Popen(
-                args=[sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
-                      "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-                      "--log-level", "error", "--lifespan", "on"],
-                env={**os.environ, **server_env, **get_current_settings().to_environment_variables(exclude_unset=True)},
-                preexec_fn=die_with(os.getpid()),
-                # its own session: a Ctrl-C at the terminal interrupts the run, which then reports its flow runs
-                # to this server before stopping it, rather than killing the server under it
-                start_new_session=True)
 
-    return ParentBoundServer(port)
+def startup_budget(load: float, configured: float = 0.0) -> float:
+    """Seconds to wait for the server: ``STARTUP_SECONDS`` (or Prefect's own setting, when set higher), times the
+    load per core when it is above 1: a machine twice as busy as it has cores gives the server half the CPU."""
+    return max(STARTUP_SECONDS, configured) * max(1.0, load)
+
+
+class TemporaryServer:
+    """``prefect server start`` on a free local port, bound to this process (see the module docstring)."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.log = tempfile.TemporaryFile(mode="w+")  # what the server says, for the error when it does not start
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "TemporaryServer":
+        from prefect.settings import get_current_settings
+
+        settings = get_current_settings()
+        env = {**os.environ, **settings.to_environment_variables(exclude_unset=True),
+               **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in IDLE_SERVICES}}
+        env.pop("PREFECT_API_URL", None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
+             "--no-ui", "--no-scheduler", "--no-late-runs", "--analytics-off", "--log-level", "ERROR"],
+            env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            preexec_fn=die_with(os.getpid()),
+            # its own session: a Ctrl-C at the terminal interrupts the run, which then reports its flow runs to this
+            # server before stopping it, rather than killing the server under it
+            start_new_session=True)
+        try:
+            self.wait_until_healthy(float(settings.server.ephemeral.startup_timeout_seconds or 0))
+        except BaseException:  # it did not start, or Ctrl-C while waiting: not left behind
+            self.stop()
+            raise
+        return self
+
+    def wait_until_healthy(self, configured: float = 0.0) -> None:
+        import httpx
+
+        started, load = time.monotonic(), load_per_core()
+        while True:
+            try:
+                if httpx.get(f"{self.api_url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            waited = time.monotonic() - started
+            if self.process.poll() is not None:
+                self.fail(f"it exited (code {self.process.returncode}) after {waited:.0f} s{self.said()}")
+            load = max(load, load_per_core())
+            if waited > startup_budget(load, configured):
+                self.fail(f"it did not answer within {waited:.0f} s (load {load * (os.cpu_count() or 1):.1f} on "
+                          f"{os.cpu_count()} cores){self.said()}")
+            time.sleep(POLL_SECONDS)
+
+    def said(self) -> str:
+        """The server's last words, on one line (its console wraps them at 80 columns)."""
+        self.log.seek(0)
+        lines = [line.strip() for line in self.log.read().splitlines() if line.strip()]
+        return f': "{" ".join(lines[-3:])[-300:]}"' if lines else ""
+
+    def fail(self, what: str) -> None:
+        raise TemporaryServerError(f"the temporary Prefect server did not start: {what}. Instead, {SHARED_SERVER}")
+
+    def stop(self) -> None:
+        """Stop the server (a no-op when it is not running)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
 
 
 @contextmanager
 def prefect_api() -> Iterator[str]:
     """``PREFECT_API_URL`` for the block: the configured server's, or a temporary one's that dies with us."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     configured = PREFECT_API_URL.value()
     if configured:
         yield configured
         return
-    server = parent_bound_server(free_port())
-    server.start()
+    server = TemporaryServer().start()
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_UI_URL: ""}):
             try:
                 yield server.api_url
             finally:

@@ -117,12 +117,14 @@ def fid_from_features(generated: torch.Tensor, reference: torch.Tensor,
 
 
 def kid_from_features(generated: torch.Tensor, reference: torch.Tensor, subset_size: int,
-                      seed: int) -> tuple[float, float]:
-    """torch-fidelity's KID (mean, std over subsets), subsets as large as both sets allow; NaN below 2 rows."""
+                      seed: int, subsets: int = 100) -> tuple[float, float]:
+    """torch-fidelity's KID (mean, std over ``subsets`` subsets), subsets as large as both sets allow; NaN below 2
+    rows."""
     size = min(subset_size, len(generated), len(reference))
     if size < 2:
         return math.nan, math.nan
-    out = metric_kid.kid_features_to_metric(generated, reference, kid_subset_size=size, rng_seed=seed, verbose=False)
+    out = metric_kid.kid_features_to_metric(generated, reference, kid_subset_size=size, kid_subsets=subsets,
+                                            rng_seed=seed, verbose=False)
     return out[torch_fidelity.KEY_METRIC_KID_MEAN], out[torch_fidelity.KEY_METRIC_KID_STD]
 
 

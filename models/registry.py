@@ -19,6 +19,7 @@ Parts are found the same way whether madloop ships them or a user does:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
@@ -33,7 +34,9 @@ PLUGIN_GROUP = "madloop.plugins"
 
 class Settings(BaseModel):
     """A strict params section: unknown keys are errors, assignments are validated. ``not_hashed`` names the
-    fields that change no output (``data.download``), so no resume hash holds them.
+    fields that change no output (``data.download``), so no resume hash holds them. ``study_wide`` names the fields
+    that decide what every lineage of a study shares (the data split, the scorer's classes), so a lineage's ``set:``
+    may not change them.
 
     Every part's settings inherit the value rules: numbers are finite (``.inf`` and ``.nan`` are refused, as no
     knob means anything at infinity and NaN would travel into weights and manifests), and types are strict (``true``
@@ -42,6 +45,7 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
     not_hashed: ClassVar[frozenset[str]] = frozenset()
+    study_wide: ClassVar[frozenset[str]] = frozenset()
 
 
 def settings_of(cls: type[Settings], section: BaseModel) -> Settings:
@@ -80,6 +84,11 @@ class Registry(Generic[T]):
     def register(self, name: str, *, settings: Mapping[str, type[Settings]] | None = None,
                  fixed: Mapping[str, Any] | None = None) -> Callable[[T], T]:
         def add(obj: T) -> T:
+            misspelled = misspelled_hooks(obj)
+            if misspelled:
+                raise ValueError(f"{self.kind} {name!r}: " + "; ".join(
+                    f"{found!r} is not a hook of {base} (did you mean {meant!r}? as written it is never called)"
+                    for found, meant, base in misspelled))
             old = self._entries.get(name)
             if old is not None and getattr(old.obj, "__qualname__", None) != getattr(obj, "__qualname__", object()):
                 raise ValueError(f"{self.kind} {name!r} is already registered (by {old.obj!r})")
@@ -129,6 +138,25 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def misspelled_hooks(obj: Any) -> list[tuple[str, str, str]]:
+    """(name, the hook it resembles, the base class) for each public method a part's class defines that its base
+    classes do not, but that is one typo away from a hook they do define: a misspelled hook would otherwise be
+    silently never called, the do-nothing default running instead. Helpers with names of their own pass."""
+    if not isinstance(obj, type):
+        return []
+    bases = [cls for cls in obj.__mro__[1:] if cls is not object]
+    hooks = {name: cls.__name__ for cls in reversed(bases) for name, value in vars(cls).items()
+             if not name.startswith("_") and callable(getattr(obj, name, None))}
+    out = []
+    for name, value in vars(obj).items():
+        if name.startswith("_") or name in hooks or not callable(getattr(obj, name, None)):
+            continue
+        close = difflib.get_close_matches(name, list(hooks), n=1, cutoff=0.85)
+        if close:
+            out.append((name, close[0], hooks[close[0]]))
+    return out
 
 
 _loaded_entry_points = False

@@ -57,6 +57,13 @@ class ScalarFamily(TorchFamily):
     # family's symmetry (models.batched makes the data-driven estimator equivariant to it) and its training box.
     roles: dict[str, str] = {}
     log_space = False  # the symmetry acts on log x (Pareto: x -> x^c maps b to b / c)
+    SCALE_OF_ROLE = {"location": "linear", "scale": "log", "rate": "log", "probability": "unit"}
+
+    def estimate_scales(self) -> dict[str, str]:
+        """Each reported estimate's kind of quantity (``tasks.stats``): a location is linear, a scale or rate
+        positive (log), a probability a share in [0, 1]; the interval over seeds follows it."""
+        return {name: self.SCALE_OF_ROLE.get(self.roles.get(name, "location"), "linear")
+                for name in self.true_estimates()}
 
     truth_fields: tuple[str, ...] | None = None  # the settings that are the true distribution (None: all of them)
 
@@ -102,7 +109,7 @@ class ScalarFamily(TorchFamily):
     def nll(self, module, x, weights=None):
         return run(module, weights, x.reshape(-1, 1)).reshape(-1)
 
-    def sample(self, module, n, generator=None, temperature=1.0, weights=None):
+    def sample(self, module, n, generator=None, temperature=1.0, weights=None, penalty=False):
         params = self.natural(module, weights)
         device = next(iter(params.values())).device
         u = torch.rand(n, 1, generator=generator, device=device).clamp(1e-7, 1 - 1e-7)

@@ -4,16 +4,17 @@ Tasks pass numpy arrays and torch modules in memory, so input hashing (Prefect's
 resuming is handled by manifests on disk (see ``tasks.resume``), not by Prefect's result cache.
 
 Importing this package sets madloop's offline defaults, so every entry point gets them (the CLI, deployments'
-flow runs, benchmarks, tests): no usage telemetry from Prefect's server, MLflow or the ``dvc`` commands, which
-would try to reach the network. Anything the user sets wins.
+flow runs, benchmarks, tests): no usage telemetry from Prefect's server or its client library (``DO_NOT_TRACK``;
+prefect 3.8's client also prints a telemetry notice in a terminal), MLflow or the ``dvc`` commands, which would
+try to reach the network. Anything the user sets wins.
 """
 
 from __future__ import annotations
 
 import os
 
-for _key, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                     "DVC_NO_ANALYTICS": "1", "GIT_PYTHON_REFRESH": "quiet"}.items():
+for _key, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+                     "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "GIT_PYTHON_REFRESH": "quiet"}.items():
     os.environ.setdefault(_key, _value)
 
 from typing import Callable  # noqa: E402

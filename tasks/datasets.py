@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -163,30 +163,88 @@ def imbalanced_indices(y: np.ndarray, majority: int, minority: int, ratio: float
 
 
 @dataclass(frozen=True)
+class RealSplit:
+    """A study's real data before any lineage draws from it: the source's training split (every class) and its
+    held-out test split, the same for every lineage of the study (they decide the domain classifier and the
+    scores' references)."""
+
+    train_full: Dataset  # the full, balanced training split of every class (the domain classifier's data)
+    test: Dataset  # the full held-out split, every class
+    num_classes: int  # 0: an unlabelled source (the 1-D families' draws from their truth)
+
+
+@dataclass(frozen=True)
 class RealData:
+    """One lineage's real data: its dataset 0 (its own draw), the study's splits, and which rows of the training
+    split the draw used and kept aside. For an unlabelled source the index arrays are empty."""
+
     train: Dataset  # dataset 0: every majority row and round(n_maj / R_I) minority rows of the training split
-    test: Dataset  # the full held-out split, every class (classifier accuracy, per-class FID references)
+    test: Dataset  # the full held-out split, every class (classifier accuracy, per-class references)
     train_full: Dataset  # the full, balanced training split of every class (the domain classifier's data)
     num_classes: int
+    train_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # rows of train_full
+    pool_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # the fresh-data pool
+
+    @property
+    def pool(self) -> Dataset:
+        """Real rows kept out of dataset 0 for the ``fresh`` loop mode (``data.fresh_pool``), never trained on
+        unless a fresh generation draws them."""
+        return self.train_full.take(self.pool_index)
+
+    def unused_index(self, label: int) -> np.ndarray:
+        """Rows of class ``label`` in the training split that neither dataset 0 nor the fresh pool holds: real
+        images no model of this lineage ever trains on (they join the held-out ones as a class's reference)."""
+        taken = np.zeros(len(self.train_full), dtype=bool)
+        taken[self.train_index] = True
+        taken[self.pool_index] = True
+        return np.flatnonzero((self.train_full.label == label) & ~taken)
 
 
-def load_real(p, seed: int, project_root: Path, family=None) -> RealData:
-    """Load a source and cut the class-imbalanced training subset the study starts from (paper §1.2, §5.1).
-
-    An unlabelled source (``model``: draws from the 1-D family's truth) is used as it comes."""
+def load_split(p, seed: int, project_root: Path, family=None) -> RealSplit:
+    """The source's training and test splits (``data.max_per_class`` caps each class of both, chosen by the
+    study's ``seed``): what every lineage of the study shares."""
     split = SOURCES.get(p.source).load(p, seed, project_root, family)
     if split.num_classes == 0:
-        train = Dataset.real(split.train_x, split.train_y, p.source)
-        return RealData(train=train, test=Dataset.real(split.test_x, split.test_y, p.source), train_full=train,
-                        num_classes=0)
+        return RealSplit(Dataset.real(split.train_x, split.train_y, p.source),
+                         Dataset.real(split.test_x, split.test_y, p.source), 0)
     rng = np.random.default_rng([seed, 1])
     train_x, train_y = cap_per_class(split.train_x, split.train_y, p.max_per_class, rng)
     test_x, test_y = cap_per_class(split.test_x, split.test_y, p.max_per_class, rng)
-    idx = imbalanced_indices(train_y, p.majority, p.minority, p.imbalance_ratio, rng)
-    return RealData(train=Dataset.real(train_x[idx], train_y[idx], p.source),
-                    test=Dataset.real(test_x, test_y, p.source),
-                    train_full=Dataset.real(train_x, train_y, p.source),
-                    num_classes=split.num_classes)
+    return RealSplit(Dataset.real(train_x, train_y, p.source), Dataset.real(test_x, test_y, p.source),
+                     split.num_classes)
+
+
+def fresh_pool_index(y: np.ndarray, classes: tuple[int, int], fraction: float, seed: int) -> np.ndarray:
+    """``floor(fraction * n_c)`` random rows of each of the study's two classes: the fresh-data pool. Its own
+    random stream, so a study without a pool draws exactly what it drew before pools existed."""
+    if fraction <= 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng([seed, 2])
+    rows = [rng.permutation(np.flatnonzero(y == c))[:int(fraction * (y == c).sum())] for c in classes]
+    return np.sort(np.concatenate(rows)).astype(np.int64)
+
+
+def draw_real(split: RealSplit, p, draw_seed: int, family=None) -> RealData:
+    """One lineage's dataset 0 from the study's split, decided by ``draw_seed`` (the lineage's seed under
+    ``data.draw: per_seed``, the study's under ``shared``): the class-imbalanced subset of the training split
+    (paper §1.2, §5.1), after ``data.fresh_pool`` of each class was kept aside; for an unlabelled source, the
+    source's own draw (``Source.draw``: the 1-D families draw from their truth)."""
+    source = SOURCES.get(p.source)
+    if split.num_classes == 0:
+        return RealData(train=source.draw(p, draw_seed, family), test=split.test, train_full=split.train_full,
+                        num_classes=0)
+    y = split.train_full.label
+    pool = fresh_pool_index(y, (p.majority, p.minority), p.fresh_pool, draw_seed)
+    candidates = np.setdiff1d(np.arange(len(y)), pool)
+    chosen = candidates[imbalanced_indices(y[candidates], p.majority, p.minority, p.imbalance_ratio,
+                                           np.random.default_rng([draw_seed, 1]))]
+    return RealData(train=split.train_full.take(chosen), test=split.test, train_full=split.train_full,
+                    num_classes=split.num_classes, train_index=chosen, pool_index=pool)
+
+
+def load_real(p, seed: int, project_root: Path, family=None) -> RealData:
+    """The study's shared draw (its own ``seed``): :func:`load_split` then :func:`draw_real`."""
+    return draw_real(load_split(p, seed, project_root, family), p, seed, family)
 
 
 def evaluation_reference(test: Dataset, p) -> Dataset:

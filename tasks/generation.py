@@ -22,11 +22,12 @@ from models.estimators import ESTIMATORS, fit
 from models.families import FittedTorchModel, TorchFamily, build_family
 from tasks import as_task
 from tasks.datasets import Dataset, RealData, data_digest, read_parquet, write_parquet
-from tasks.layout import REAL_TRAIN, StudyPaths, dataset_name, generation_files
+from tasks.layout import StudyPaths, dataset_name, generation_files
 from tasks.mitigations import MITIGATIONS, Mitigation
 from tasks.modes import MODES, LoopMode
 from tasks.params import (LineageParams, Params, ParamsError, digest, lineage_params, lineage_recipe, lineage_seed,
                           score_recipe, section)
+from tasks.realdata import StudyReal
 from tasks.seeds import FIT, SAMPLE, SCORE, derive_seed
 from tasks.storage import CorruptOutputError, file_digest, read_manifest, write_atomic, write_manifest
 
@@ -58,8 +59,9 @@ class Lineage:
     spec: LineageParams
     params: Params  # the study's params with this lineage's overrides: what its parts read
     paths: StudyPaths
-    real: RealData
-    scorer: Any
+    real: RealData  # this lineage's own: its dataset 0 (its seed's draw), the study's splits
+    real_file: str  # the file under real/ that holds its dataset 0
+    scorer: Any  # the study's scorer, seen from this lineage (its dataset 0, its classes' references)
     family: TorchFamily
     device: torch.device
     recipe: dict[str, Any]  # what decides its datasets and models (its hash is the resume key)
@@ -80,14 +82,18 @@ class Lineage:
         return lineage_seed(self.params, self.spec)
 
 
-def open_lineage(study: Params, name: str, paths: StudyPaths, real: RealData, scorer, device) -> Lineage:
+def open_lineage(study: Params, name: str, paths: StudyPaths, real: StudyReal, scorer, device) -> Lineage:
+    """A lineage of ``study`` with its own real data (``real``: the study's, as :func:`tasks.realdata.
+    prepare_real_data` drew it for each lineage) and the scorer's view of it."""
     spec = study.lineage(name)
     p = lineage_params(study, spec)
     score = score_recipe(p)
     if getattr(scorer, "fingerprint", ""):  # the weights its features come from (a retrained classifier: re-score)
         score["scorer.fingerprint"] = scorer.fingerprint
-    lineage = Lineage(spec, p, paths, real, scorer, build_family(p.model.family, real.train.shape, p.model), device,
-                      lineage_recipe(study, spec), digest(score))
+    own = real.of(name)
+    lineage = Lineage(spec, p, paths, own, real.files[name], scorer.for_lineage(own),
+                      build_family(p.model.family, own.train.shape, p.model), device, lineage_recipe(study, spec),
+                      digest(score))
     lineage.mode = MODES.get(p.loop.mode)(lineage)
     lineage.mitigation = MITIGATIONS.get(spec.mitigation)(lineage)
     return lineage
@@ -196,7 +202,7 @@ def check_finite(lineage: Lineage, k: int, what: str, tensors: dict[str, torch.T
 
 def dataset_path(lineage: Lineage, k: int) -> Path:
     """Where dataset k is: the real training set for k = 0, else in the lineage's folder."""
-    return lineage.paths.real / REAL_TRAIN if k == 0 else lineage.folder / dataset_name(k)
+    return lineage.paths.real / lineage.real_file if k == 0 else lineage.folder / dataset_name(k)
 
 
 def run_generation(lineage: Lineage, k: int, dataset: Dataset, steps: Steps = PLAIN,

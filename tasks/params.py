@@ -22,7 +22,7 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, create_model,
@@ -31,9 +31,15 @@ from pydantic import (BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveI
 from models.estimators import ESTIMATORS
 from models.families import FAMILIES
 from models.registry import Registry, Settings, load_plugins
-from tasks.registries import MITIGATIONS, MODES, SCORERS, SOURCES
+from tasks.registries import IMAGE_METRICS, MITIGATIONS, MODES, SCORERS, SOURCES
+from tasks.slurm import SlurmParams
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # safe as a folder name, an MLflow name and a DVC stage key
+# A study or lineage name is a folder name (and <name>.dvc a file name) and an MLflow run name: at most 200
+# characters, under MLflow's 250-character run names and the 255 bytes most filesystems allow a file name, with
+# room for ".dvc". tasks.resume.check_world also checks the names against the filesystem the project is on.
+NAME_MAX_CHARS = 200
+MLFLOW_RUN_NAME_CHARS = 250  # MLflow's runs.name column
 MAX_SEED = 2 ** 32 - 1  # numpy's and torch's seeds are 32-bit here
 
 
@@ -48,17 +54,28 @@ Section = Settings  # a params section (strict pydantic; ``not_hashed`` lists fi
 
 
 class StudyParams(Section):
-    name: str = Field("default", pattern=NAME_PATTERN)
+    name: str = Field("default", pattern=NAME_PATTERN, max_length=NAME_MAX_CHARS)
 
 
 class DataParams(Section):
-    """The real data: a source (``tasks.sources``: each adds its own fields here) and the class imbalance."""
+    """The real data: a source (``tasks.sources``: each adds its own fields here), the class imbalance, and how
+    lineages draw their dataset 0 from the source's training split.
+
+    ``draw``: ``per_seed`` (default) gives every lineage seed its own real draw (which minority rows, for the 1-D
+    families which draws of the truth), so intervals over seeds include the real data's noise, and lineages of one
+    seed (MLE, PLE, the control) pair on the same data; ``shared`` gives every lineage the study seed's draw.
+    ``fresh_pool``: the share of each class's training rows kept out of dataset 0 for the ``fresh`` loop mode (real
+    images no model of the lineage has seen)."""
+
+    study_wide: ClassVar[frozenset[str]] = frozenset({"source", "majority", "minority", "max_per_class"})
 
     source: str = "digits"
     majority: int | str = 3
     minority: int | str = 6
     imbalance_ratio: float = Field(5.0, ge=1.0)  # R_I = majority count / minority count
     max_per_class: PositiveInt | None = None  # cap on real rows per class (quick runs on big sources)
+    draw: Literal["per_seed", "shared"] = "per_seed"  # each lineage seed its own real draw, or the study seed's
+    fresh_pool: float = Field(0.0, ge=0.0, lt=1.0)  # share of each class kept out of dataset 0 for `fresh`
 
     @field_validator("source")
     @classmethod
@@ -139,7 +156,7 @@ class DvcParams(Section):
 
 CORE_SECTIONS: dict[str, type[Section]] = {
     "study": StudyParams, "data": DataParams, "model": ModelParams, "loop": LoopParams,
-    "tracking": TrackingParams, "dvc": DvcParams,
+    "tracking": TrackingParams, "dvc": DvcParams, "slurm": SlurmParams,
 }
 
 
@@ -149,7 +166,7 @@ class LineageParams(Section):
     ``set`` overrides any params key for this lineage alone (``{ple.lam: 1.0}``): a lambda sweep is a list of
     lineages. ``mode`` and ``real_fraction`` are short for ``set: {loop.mode: ..., loop.real_fraction: ...}``."""
 
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=NAME_PATTERN, max_length=NAME_MAX_CHARS)
     estimator: str | None = None  # default: the name itself
     seed: NonNegativeInt | None = Field(None, le=MAX_SEED)  # default: the study seed
     mode: str | None = None  # default: loop.mode
@@ -308,15 +325,70 @@ def _schema(version: int) -> type[ParamsBase]:
 
 
 def schema(plugins: list[str] = ()) -> type[ParamsBase]:
-    """The params schema of every part registered now (after importing ``plugins``)."""
-    try:
-        load_plugins(list(plugins))
-    except ImportError as err:
-        raise ParamsError(f"invalid params: plugins: cannot import {err.name or err} ({err})") from None
+    """The params schema of every part registered now (after importing ``plugins``, each checked against
+    :func:`plugin_problem` first)."""
+    if not isinstance(plugins, (list, tuple)) or not all(isinstance(m, str) for m in plugins):
+        raise ParamsError(f"invalid params: plugins: expected a list of module names (got {shown(plugins)})")
+    for module in plugins:
+        problem = plugin_problem(module)
+        if problem:
+            raise ParamsError(f"invalid params: plugins: {problem}")
+    for module in plugins:
+        try:
+            load_plugins([module])
+        except ImportError as err:
+            raise ParamsError(f"invalid params: plugins: cannot import {err.name or module} "
+                              f"({shown(str(err), 200)})") from None
+        except Exception as err:  # the module's own code failed: one line, as for any bad input
+            raise ParamsError(f"invalid params: plugins: importing {module} failed: {type(err).__name__}: "
+                              f"{shown(str(err), 200)}") from None
+    load_plugins([])
     return _schema(Registry.version)
 
 
-# --- loading -------------------------------------------------------------------------------------------------
+# --- plug-ins: params may name code to import, but only code this machine's owner allowed ----------------------
+
+PLUGINS_ENV = "MADLOOP_PLUGINS"  # the modules (and their submodules) params may name in ``plugins``
+MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+OWN_PACKAGES = ("models", "tasks", "flows")  # madloop's own code: importing it runs nothing new
+
+
+def allowed_plugins() -> set[str]:
+    """The modules params ``plugins`` may import here: madloop's own packages, the modules installed packages
+    declare in the ``madloop.plugins`` entry-point group (installing a package is trusting it; they are imported
+    anyway), and the names in the environment variable ``MADLOOP_PLUGINS`` (comma- or space-separated), which
+    whoever runs madloop sets, never a params file, ``--set``, a DVC experiment or a deployment's parameters."""
+    from importlib.metadata import entry_points
+
+    from models.registry import PLUGIN_GROUP
+
+    import os
+
+    named = re.split(r"[\s,]+", os.environ.get(PLUGINS_ENV, "").strip())
+    return {*OWN_PACKAGES, *(point.value.split(":")[0] for point in entry_points(group=PLUGIN_GROUP)),
+            *(name for name in named if name)}
+
+
+def plugin_problem(module: str) -> str | None:
+    """Why params may not import ``module`` (not a module name, or not allowed here), or None."""
+    if not MODULE_NAME.fullmatch(module):
+        return (f"{shown(module)} is not a module name (dotted Python identifiers; a relative import such as "
+                "'.evil' is not allowed)")
+    allowed = allowed_plugins()
+    parts = module.split(".")
+    if any(".".join(parts[:i]) in allowed for i in range(1, len(parts) + 1)):
+        return None
+    return (f"{module!r} is not allowed here: params choose no code of their own; whoever runs madloop allows a "
+            f"module with {PLUGINS_ENV}={module} in the environment, or installs it under the "
+            "madloop.plugins entry point (README, \"Trust\")")
+
+
+# --- loading: hostile input is refused before it costs anything -----------------------------------------------
+
+MAX_PARAMS_BYTES = 1 << 20  # a params file is at most 1 MiB (params.yaml is 10 KiB)
+MAX_YAML_VALUES = 100_000  # values in a document with its aliases expanded (the largest example holds ~1,000)
+SHOWN_CHARS = 60  # an error message quotes at most this much of any input
+MAX_PROBLEMS = 5  # an error message lists at most this many problems (and says how many more)
 
 
 class Yaml12Loader(yaml.SafeLoader):
@@ -330,8 +402,119 @@ Yaml12Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """A short repr of any input for an error message: bounded in length and in the work it takes (``repr`` of an
+    alias bomb's value would build gigabytes)."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxlong, short.maxother = 2, limit, limit, limit
+    short.maxtuple = short.maxlist = short.maxarray = short.maxdict = short.maxset = short.maxfrozenset = 4
+    try:
+        text = short.repr(value)
+    except (ValueError, RecursionError):  # an integer past Python's digit limit
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def cut(text: str, limit: int) -> str:
+    """``text``, shortened to ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def yaml_path(parts: list[Any]) -> str:
+    return ".".join(str(part) for part in parts)
+
+
+def check_yaml_tree(root: yaml.Node, where: str, prefix: list[Any]) -> None:
+    """Refuse, naming the key, what DVC's YAML reader refuses (a key twice in one mapping: DVC's ruamel stops
+    there, PyYAML lets the last one win, so ``dvc repro`` and ``madloop run`` would disagree) and what would make
+    validation blow up: an anchor used inside itself, or aliases expanding to more than ``MAX_YAML_VALUES``
+    values (a "billion laughs" file of ten lines expands to billions: every consumer, pydantic included, walks
+    the expansion)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def children(node: yaml.Node) -> list[tuple[Any, yaml.Node]]:
+        if isinstance(node, yaml.MappingNode):
+            return [(key.value if isinstance(key, yaml.ScalarNode) else "?", value) for key, value in node.value]
+        if isinstance(node, yaml.SequenceNode):
+            return list(enumerate(node.value))
+        return []
+
+    def size(node: yaml.Node, path: list[Any]) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in active:
+            raise ParamsError(f"invalid params: {yaml_path(path) or '(top level)'}: {where}: an anchor is used inside "
+                              "itself (a recursive alias)")
+        active.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for key, _ in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                    continue
+                if (key.tag, key.value) in seen:
+                    raise ParamsError(
+                        f"invalid params: {yaml_path([*path, key.value])}: {where}: duplicate key (lines "
+                        f"{seen[(key.tag, key.value)]} and {key.start_mark.line + 1}; DVC refuses such a file too)")
+                seen[(key.tag, key.value)] = key.start_mark.line + 1
+        total = 1 + sum(size(child, [*path, name]) + (1 if isinstance(node, yaml.MappingNode) else 0)
+                        for name, child in children(node))
+        active.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    if size(root, prefix) <= MAX_YAML_VALUES:
+        return
+    def big(node: yaml.Node) -> list[tuple[Any, yaml.Node]]:
+        if not isinstance(node, yaml.MappingNode):
+            return []
+        return [(name, child) for name, child in children(node) if sizes[id(child)] > MAX_YAML_VALUES]
+
+    def too_big(node: yaml.Node, path: list[Any]) -> list[str]:
+        """Each top-level key that is too big, followed down while one key alone below it is."""
+        out = []
+        for name, child in big(node) or [(None, node)]:
+            where_, below = [*path, *([] if name is None else [name])], child
+            while len(inner := big(below)) == 1:
+                where_, below = [*where_, inner[0][0]], inner[0][1]
+            out.append(yaml_path(where_) or "(top level)")
+        return out
+
+    keys = too_big(root, list(prefix))
+    raise ParamsError(f"invalid params: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}: {where}: its "
+                      f"aliases expand to {sizes[id(root)]:,} values, more than the {MAX_YAML_VALUES:,} a params "
+                      "file may hold (an alias bomb?)")
+
+
+def read_yaml(text: str, where: str, prefix: list[Any] = ()) -> tuple[bool, Any]:
+    """(whether the document holds anything, its value), read as :func:`yaml_load` does, after the checks of
+    :func:`check_yaml_tree`. ``where`` says where the text came from; ``prefix``: the key it sits under."""
+    loader = Yaml12Loader(text)
+    head = f"invalid params: {yaml_path(prefix)}: {where}" if prefix else where
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return False, None
+        check_yaml_tree(node, where, list(prefix))
+        return True, loader.construct_document(node)
+    except ParamsError:
+        raise
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ParamsError(f"{head} is not valid YAML: {cut(str(getattr(err, 'problem', None) or err), 200)}{at}") \
+            from None
+    except (ValueError, RecursionError) as err:  # an integer of 5,000 digits; nesting deeper than Python recurses
+        what = "nested too deeply" if isinstance(err, RecursionError) else cut(str(err), 200)
+        raise ParamsError(f"{head} is not valid params YAML: {what}") from None
+    finally:
+        loader.dispose()
+
+
 def yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=Yaml12Loader)
+    return read_yaml(text, "YAML text")[1]
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -349,12 +532,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     """``train.epochs=2`` -> ("train.epochs", 2); the value is read as YAML, so ``[mle,ple]`` is a list."""
     key, sep, raw = text.partition("=")
     if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key.strip()):
-        raise ParamsError(f"--set {text!r}: expected dotted.key=value, e.g. train.epochs=2")
-    try:
-        value = yaml_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise ParamsError(f"--set {key}: value {raw!r} is not valid YAML ({err.problem})") from None
-    return key.strip(), value
+        raise ParamsError(f"--set {shown(text)}: expected dotted.key=value, e.g. train.epochs=2")
+    key = key.strip()
+    if len(raw.encode()) > MAX_PARAMS_BYTES:
+        raise ParamsError(f"invalid params: {key}: a --set value of {len(raw.encode()):,} bytes (at most "
+                          f"{MAX_PARAMS_BYTES:,})")
+    return key, read_yaml(raw, "--set value", key.split("."))[1] if raw.strip() else None
 
 
 def is_type_tag(part: Any) -> bool:
@@ -364,12 +547,14 @@ def is_type_tag(part: Any) -> bool:
 
 
 def format_validation_error(err: ValidationError) -> str:
+    """One line: every problem as ``dotted.key: what is wrong (got <a short prefix of the input>)``, at most
+    ``MAX_PROBLEMS`` of them."""
     problems: list[str] = []
     union_keys: dict[str, int] = {}  # key -> index of its problem, so a union's members make one problem
-    for e in err.errors():
+    for e in err.errors(include_url=False):
         parts = [p for p in e["loc"] if not is_type_tag(p)]
         union = len(parts) < len(e["loc"])
-        loc = ".".join(str(p) for p in parts)
+        loc = cut(".".join(str(p) for p in parts), 2 * SHOWN_CHARS)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (see params.yaml for every key)"
@@ -379,16 +564,18 @@ def format_validation_error(err: ValidationError) -> str:
             rest = msg.split(":", 1)[1]
             loc = f"{loc}.{head}" if loc and not loc.endswith(head) else (loc or head)
             msg = rest.strip()
-        shown = "" if e["type"] in ("extra_forbidden", "missing") or e["type"] == "value_error" else \
-            f" (got {e.get('input')!r})"
+        msg = cut(msg, 8 * SHOWN_CHARS)  # a validator's message may quote the input
+        got = "" if e["type"] in ("extra_forbidden", "missing") or e["type"] == "value_error" else \
+            f" (got {shown(e.get('input'))})"
         if union and loc in union_keys:  # "should be a valid integer" or "... string": one problem
             i = union_keys[loc]
-            problems[i] = problems[i].removesuffix(shown) + f", or {msg[0].lower()}{msg[1:]}{shown}"
+            problems[i] = problems[i].removesuffix(got) + f", or {msg[0].lower()}{msg[1:]}{got}"
             continue
         if union:
             union_keys[loc] = len(problems)
-        problems.append(f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}")
-    return "invalid params: " + "; ".join(problems)
+        problems.append(f"{loc}: {msg}{got}" if loc else f"{msg}{got}")
+    more = f"; and {len(problems) - MAX_PROBLEMS} more problem(s)" if len(problems) > MAX_PROBLEMS else ""
+    return "invalid params: " + "; ".join(problems[:MAX_PROBLEMS]) + more
 
 
 def validate(raw: dict[str, Any] | BaseModel | None) -> Params:
@@ -396,13 +583,42 @@ def validate(raw: dict[str, Any] | BaseModel | None) -> Params:
         raw = raw.model_dump(mode="json")
     if raw is not None and not isinstance(raw, dict):
         raise ParamsError(f"invalid params: expected a mapping of sections, got {type(raw).__name__}")
-    plugins = (raw or {}).get("plugins") or []
-    if not isinstance(plugins, list) or not all(isinstance(m, str) for m in plugins):
-        raise ParamsError("invalid params: plugins: expected a list of module names")
+    plugins = (raw or {}).get("plugins")
     try:
-        return schema(plugins).model_validate(raw or {})
+        p = schema([] if plugins is None else plugins).model_validate(raw or {})
     except ValidationError as err:
         raise ParamsError(format_validation_error(err)) from None
+    check_name_clashes(p)
+    return p
+
+
+# DVC's own file names: a lineage folder so named would be taken for (or clash with) DVC's files.
+DVC_NAMES = ("dvc.yaml", "dvc.lock", "params.yaml")
+
+
+def check_name_clashes(p: Params) -> None:
+    """Names whose files would clash: a lineage ``mle.dvc`` beside ``mle`` (DVC writes ``mle.dvc`` for the folder
+    ``mle``; any name ending in ``.dvc`` is taken for a DVC file, so ``dvc add`` refuses it, after all the work),
+    DVC's own file names, and names that differ only in case (one folder on a case-insensitive filesystem)."""
+    for key, name in [("study.name", p.study.name), *(("lineages", lineage.name) for lineage in p.lineages)]:
+        if name.lower().endswith(".dvc"):
+            raise ParamsError(f"invalid params: {key}: {shown(name)} ends in .dvc, DVC's file suffix (DVC would take "
+                              "its folder for a DVC file, and the .dvc file of a folder so named clashes with it)")
+        if name.lower() in DVC_NAMES:
+            raise ParamsError(f"invalid params: {key}: {name!r} is the name of one of DVC's own files")
+    if p.tracking.experiment is not None:  # the lineage runs are then named <study>/<lineage> (tasks.tracking)
+        longest = max((lineage.name for lineage in p.lineages), key=len)
+        if len(p.study.name) + 1 + len(longest) > MLFLOW_RUN_NAME_CHARS:
+            raise ParamsError(f"invalid params: study.name: with tracking.experiment set, lineage runs are named "
+                              f"<study>/<lineage>, and {p.study.name[:20]}.../{longest[:20]}... has "
+                              f"{len(p.study.name) + 1 + len(longest)} characters: MLflow takes at most "
+                              f"{MLFLOW_RUN_NAME_CHARS}")
+    seen: dict[str, str] = {}
+    for lineage in p.lineages:
+        other = seen.setdefault(lineage.name.lower(), lineage.name)
+        if other != lineage.name:
+            raise ParamsError(f"invalid params: lineages: {other!r} and {lineage.name!r} differ only in case (one "
+                              "folder on a case-insensitive filesystem)")
 
 
 def load_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
@@ -411,12 +627,21 @@ def load_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, An
         path = Path(path)
         if not path.is_file():
             raise ParamsError(f"params file {path} does not exist")
+        size = path.stat().st_size
+        if size > MAX_PARAMS_BYTES:
+            raise ParamsError(f"params file {path} is {size:,} bytes, more than a params file may be "
+                              f"({MAX_PARAMS_BYTES:,})")
         try:
-            raw = yaml_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ParamsError(f"params file {path} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ParamsError(f"params file {path}: expected a mapping of sections at the top level")
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ParamsError(f"params file {path} is not UTF-8 text (byte {err.start})") from None
+        present, raw = read_yaml(text, f"params file {path}")
+        if not present:
+            raise ParamsError(f"params file {path} is empty: expected a mapping of sections (`{{}}` for every "
+                              "default)")
+        if not isinstance(raw, dict):  # `[]`, `0`, `false`, `null`: not silently the default study
+            got = "null" if raw is None else f"{type(raw).__name__} {json.dumps(raw) if raw in (True, False) else shown(raw)}"
+            raise ParamsError(f"params file {path}: expected a mapping of sections at the top level, got {got}")
     raw = copy.deepcopy(raw)
     for text in overrides:
         key, value = parse_override(text)
@@ -457,9 +682,41 @@ def lineage_seed(params: Params, lineage: LineageParams) -> int:
     return params.seed if lineage.seed is None else lineage.seed
 
 
+# What a lineage's ``set:`` may not change: sections every lineage of a study shares (its name, where it records,
+# and the scorer with its metrics, which score every lineage against the same references), the top-level keys that
+# are not a lineage's, and every field a settings class declares ``study_wide`` (the data split, the classes).
+STUDY_SECTIONS = ("study", "tracking", "dvc", "studies")
+NOT_A_LINEAGES = {"seed": "a lineage's seed is its own `seed:` field (or `seeds: [...]` for several)",
+                  "device": "the study runs on one device: set it for the whole study",
+                  "plugins": "plug-ins are imported once, for the whole study", "lineages": "not a lineage's key"}
+
+
+def study_wide_problem(key: str) -> str | None:
+    """Why a lineage's ``set:`` may not carry ``key``, or None when the lineage can vary it."""
+    top = key.split(".")[0]
+    if top in NOT_A_LINEAGES:
+        return NOT_A_LINEAGES[top]
+    shared = [*STUDY_SECTIONS, *(path for registry in (SCORERS, IMAGE_METRICS) for entry in registry.entries()
+                                 for path in entry.settings)]
+    section_ = next((path for path in shared if key == path or key.startswith(path + ".")), None)
+    if section_ is not None:
+        return (f"{section_} is the whole study's (every lineage is recorded and scored the same way): set it for the "
+                "whole study")
+    for path, classes in declared_sections().items():
+        if any(key == f"{path}.{name}" for cls in classes for name in cls.study_wide):
+            return ("it decides the real data every lineage of the study shares (the split, the classes, the "
+                    "scorer): set it for the whole study")
+    return None
+
+
 def lineage_params(p: Params, lineage: LineageParams) -> Params:
     """The params this lineage runs under: the study's, with the lineage's own overrides and the values its
-    estimator fixes (``hyper_nopenalty``: ``ple.lam`` = 0)."""
+    estimator fixes (``hyper_nopenalty``: ``ple.lam`` = 0). A ``set:`` key the lineage cannot vary is refused
+    (:func:`study_wide_problem`): every key it carries is honoured."""
+    for key in lineage.set:
+        problem = study_wide_problem(key)
+        if problem:
+            raise ParamsError(f"lineage {lineage.name!r}: set: {key}: cannot vary per lineage: {problem}")
     raw = p.model_dump(mode="json")
     keys = {**lineage.overrides(), **ESTIMATORS.entry(lineage.estimator).fixed}
     if not keys:

@@ -1,18 +1,21 @@
-"""What a running lineage shows its watchers: Prefect artifacts on its flow run and the CLI's progress bar.
+"""What a running lineage shows its watchers: Prefect artifacts on its flow run and the CLI's progress bars.
 
 Each lineage flow run gets a progress artifact (generations done, and the running fit's epochs in between) and a
 table artifact (its per-generation metrics, one new version per generation or batch of cheap ones); the study's
 run gets its summary as a markdown artifact. In the same process, :func:`watch` registers a listener (the
-``madloop run`` progress bar) that sees every :class:`Progress` report. Reports cost nothing when no one listens,
-and the progress artifact is updated at most every ``UPDATE_SECONDS`` (epochs of a small fit take milliseconds).
+``madloop run`` progress bars, :func:`terminal_bars`) that sees every :class:`Progress` report. Reports cost
+nothing when no one listens, and the progress artifact is updated at most every ``UPDATE_SECONDS`` (epochs of a
+small fit take milliseconds).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -56,6 +59,24 @@ def watch(listener: Listener) -> Iterator[None]:
 def report(progress: Progress) -> None:
     for listener in list(_listeners):
         listener(progress)
+
+
+def duration(seconds: float) -> str:
+    """A duration as a person reads it: ``280 s``, ``2.1 s``, ``72 ms``, ``0.33 ms``."""
+    if seconds >= 10:
+        return f"{seconds:.0f} s"
+    if seconds >= 1:
+        return f"{seconds:.1f} s"
+    ms = seconds * 1000
+    return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.2g} ms"
+
+
+def generation_line(lineage: str, first: int, last: int, generations: int, scores: str, fit_seconds: float) -> str:
+    """The log line of a finished generation, or of a batch of cheap ones (recorded together): the scores and fit
+    time are the last one's."""
+    which = f"generation {last} (of 0-{generations - 1})" if first == last else \
+        f"generations {first}-{last} (of 0-{generations - 1}; recorded as one batch), the last"
+    return f"[{lineage}] {which}: {scores}  fit {duration(fit_seconds)}"
 
 
 def artifact_key(*parts: str) -> str:
@@ -121,3 +142,86 @@ def study_summary_artifact(study: str, markdown: str) -> None:
     from prefect.artifacts import create_markdown_artifact
 
     create_markdown_artifact(markdown, key=artifact_key(study, "summary"), description=f"study {study}: summary")
+
+
+# --- the terminal ----------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def terminal_bars(enabled: bool = True) -> Iterator[None]:
+    """A bar per lineage (generations, and the running fit's epochs) at the bottom of the terminal while the block
+    runs, when stderr is one. One console draws everything: the log lines of every logger that writes to the
+    terminal (Prefect's, MLflow's, warnings) and anything printed go above the bars, never into them."""
+    from rich.console import Console
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as Bars
+
+    terminal = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+    handlers = terminal_handlers(terminal)
+    # Prefect's log lines keep their colours: the console is made with its handler's highlighter and styles
+    styled = next((h.console for h in handlers if getattr(h, "console", None) is not None), None)
+    console = Console(stderr=True, highlighter=getattr(styled, "highlighter", None), theme=prefect_log_styles(),
+                      markup=False)  # "[mle] generation 3": text, not a markup tag
+    if not enabled or not console.is_terminal:
+        yield
+        return
+    bars = Bars(TextColumn("{task.description}", markup=False), BarColumn(bar_width=24),
+                TextColumn("{task.fields[where]}", markup=False), TimeElapsedColumn(), console=console,
+                redirect_stdout=True, redirect_stderr=True)
+    ids: dict[str, Any] = {}
+
+    def show(progress: Progress) -> None:
+        if progress.lineage not in ids:
+            ids[progress.lineage] = bars.add_task(progress.lineage, total=progress.generations, where="")
+        where = f"gen {progress.generation} of 0-{progress.generations - 1}" + (
+            f", epoch {progress.epoch}/{progress.epochs}" if progress.epochs and not progress.finished else "")
+        bars.update(ids[progress.lineage], completed=progress.fraction * progress.generations, where=where)
+
+    with ExitStack() as stack:
+        stack.enter_context(bars)  # from here on, sys.stderr and sys.stdout write above the bars
+        stack.enter_context(watch(show))
+        stack.enter_context(logs_to(handlers, console, sys.stderr))
+        yield
+
+
+def terminal_handlers(terminal: tuple) -> list[logging.Handler]:
+    """The logging handlers (of any logger) that write to one of the ``terminal`` streams: plain stream handlers,
+    and Prefect's console handler, which writes through a rich console of its own."""
+    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(logger, logging.Logger))]
+    found = {id(h): h for logger in loggers for h in logger.handlers
+             if isinstance(h, logging.StreamHandler) and h.stream in terminal}
+    return list(found.values())
+
+
+def prefect_log_styles():
+    """The colours of Prefect's console log (its logging config), on top of rich's defaults (the bars' own)."""
+    from rich.theme import Theme
+
+    try:
+        from prefect.logging.configuration import PROCESS_LOGGING_CONFIG
+
+        styles = PROCESS_LOGGING_CONFIG["handlers"]["console"].get("styles") or {}
+    except (ImportError, KeyError, TypeError):
+        styles = {}
+    return Theme(styles)
+
+
+@contextmanager
+def logs_to(handlers: list[logging.Handler], console, stream) -> Iterator[None]:
+    """For the block, the handlers write through ``console`` (those with a rich console of their own: a rich
+    console does not write into another's redirected stream) or to ``stream`` (the others)."""
+    undo: list[Callable[[], None]] = []
+    for handler in handlers:
+        if getattr(handler, "console", None) is not None:
+            original = handler.console
+            handler.console = console
+            undo.append(lambda handler=handler, original=original: setattr(handler, "console", original))
+        else:
+            original = handler.setStream(stream)
+            undo.append(lambda handler=handler, original=original: handler.setStream(original))
+    try:
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()

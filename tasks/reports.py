@@ -2,7 +2,7 @@
 
 ``generations.csv`` and ``recipes.csv`` (``dvc plots``; a recipe run over several seeds is one row per generation
 with the mean and a 95% t-interval over its seeds), ``metrics.json`` (``dvc metrics``: each lineage's last
-generation), ``summary.md`` and, for image studies, ``lineages.csv`` / ``lineages.md`` (recipes ranked, each metric
+generation, its summary scores), ``summary.md`` and, for image studies, ``lineages.csv`` / ``lineages.md`` (recipes ranked, each metric
 with a 95% t-interval over seeds and tested against the study's first recipe) and ``recipes.png`` (every recipe's
 FID and minority share over the generations). Which columns lead, which the summaries show and what ranks the
 recipes come from the study's scorer (``tasks.scorers``).
@@ -15,17 +15,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from scipy import stats as scipy_stats
-
 from tasks import as_task
-from tasks.layout import (GENERATIONS_CSV, METRICS_JSON, RANKING_CSV, RANKING_MD, REAL, RECIPES_CSV, RECIPES_PNG,
+from tasks.layout import (GENERATIONS_CSV, LABELLER_JSON, METRICS_JSON, RANKING_CSV, RANKING_MD, REAL, RECIPES_CSV, RECIPES_PNG,
                           SUMMARY_MD, StudyPaths)
 from tasks.params import LineageParams, Params, ParamsError, digest, lineage_recipe, lineage_seed, set_dotted, validate
 from tasks.resume import manifests
 from tasks.scorers import Column, scorer_class
-from tasks.stats import Comparison, interval, paired, summarize
-from tasks.storage import CorruptOutputError, read_manifest, write_atomic, write_csv_atomic, write_json_atomic
+from tasks.stats import SCALE_NOTE, SIGNIFICANCE, holm, interval, paired, summarize, welch
+from tasks.storage import (CorruptOutputError, read_json, read_manifest, write_atomic, write_csv_atomic,
+                           write_json_atomic)
 
 KEYS = ("lineage", "estimator", "generation")
 
@@ -68,6 +66,11 @@ def columns_of(p: Params) -> list[Column]:
     return scorer_class(p.model.family).columns(_family(p))
 
 
+def scales_of(p: Params) -> dict[str, str]:
+    """metric -> its kind of quantity (``tasks.stats``), which decides its interval over seeds."""
+    return {c.name: c.scale for c in columns_of(p)}
+
+
 def _family(p: Params):
     from models.families import FAMILIES
 
@@ -86,23 +89,26 @@ def summary_columns(p: Params) -> list[str]:
 
 
 def write_reports(p: Params, paths: StudyPaths, lineages: list[LineageParams],
-                  rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """generations.csv (dvc plots), metrics.json (dvc metrics: each lineage's last generation), summary.md and the
-    recipe ranking. ``rows``: the lineages' rows when the caller has them (else read from the manifests)."""
+                  rows: list[dict[str, Any]] | None = None, labeller: dict[str, float] | None = None
+                  ) -> list[dict[str, Any]]:
+    """generations.csv (dvc plots), metrics.json (dvc metrics: each lineage's last generation, its summary scores),
+    summary.md and the recipe ranking. ``rows``: the lineages' rows when the caller has them (else read from the
+    manifests); ``labeller``: the image scorer's check of its labeller (labeller.json; else the one written before)."""
     rows = collect_rows(p, paths, lineages) if rows is None else rows
     paths.reports.mkdir(parents=True, exist_ok=True)
+    if labeller:
+        write_json_atomic(paths.reports / LABELLER_JSON, labeller)
+    elif (paths.reports / LABELLER_JSON).is_file():
+        labeller = read_json(paths.reports / LABELLER_JSON)
     columns = [*KEYS, *metric_columns(p, rows)]
 
     write_csv_atomic(paths.reports / GENERATIONS_CSV,
                      [{c: fmt(row.get(c, math.nan)) for c in columns} for row in rows], columns)
-    final = {}
-    for row in rows:
-        final[row["lineage"]] = {c: (None if isinstance(row.get(c), float) and not math.isfinite(row[c])
-                                     else row.get(c)) for c in ["generation", *metric_columns(p, [row])]}
-    write_json_atomic(paths.reports / METRICS_JSON, final)
+    write_json_atomic(paths.reports / METRICS_JSON, final_metrics(p, rows))
     recipes = recipe_summary(p, rows, lineages)
     write_csv_atomic(paths.reports / RECIPES_CSV, recipe_csv_rows(p, rows, recipes))
-    write_atomic(paths.reports / SUMMARY_MD, lambda tmp: tmp.write_text(summary_markdown(p, rows, recipes)))
+    write_atomic(paths.reports / SUMMARY_MD,
+                 lambda tmp: tmp.write_text(labeller_markdown(labeller) + summary_markdown(p, rows, recipes)))
     ranking = rank_recipes(p, rows, lineages)
     if ranking:
         write_csv_atomic(paths.reports / RANKING_CSV, [{c: fmt(v) for c, v in r.items()} for r in ranking])
@@ -111,9 +117,31 @@ def write_reports(p: Params, paths: StudyPaths, lineages: list[LineageParams],
     return rows
 
 
+def recipe_hashes(p: Params) -> dict[str, str]:
+    """recipe -> a digest of the recipes (params) of its lineages: what a recipe's summary run was made from."""
+    members: dict[str, list[str]] = {}
+    for spec in p.lineages:
+        members.setdefault(spec.group or spec.name, []).append(digest(lineage_recipe(p, spec)))
+    return {recipe: digest(sorted(hashes)) for recipe, hashes in members.items()}
+
+
+def final_metrics(p: Params, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """metrics.json (``dvc metrics show``, ``dvc exp show``): each lineage's last generation, its summary scores
+    (the terminal table's columns, FID first) and which generation that is; undefined scores are null. Only those:
+    every score of every generation is in generations.csv, and a column per score per lineage made these screens
+    unreadable (``dvc exp show`` draws one column per value)."""
+    final = {}
+    for row in rows:
+        columns = [c for c in summary_columns(p) if c in row] + ["generation"]
+        final[row["lineage"]] = {c: (None if isinstance(row[c], float) and not math.isfinite(row[c]) else row[c])
+                                 for c in columns}
+    return final
+
+
 def rank_recipes(p: Params, rows: list[dict[str, Any]], lineages: list[LineageParams]) -> list[dict[str, Any]]:
-    """Each recipe (a lineage, or the seeds of one) at its last generation: per ranking metric of the scorer, the
-    mean over its seeds with a 95% t-interval (``{m}_low``, ``{m}_high``) and its difference from the baseline
+    """Each recipe (a lineage, or the seeds of one) at its last generation: per ranking metric of the scorer, its
+    centre over its seeds with a 95% interval (``{m}_low``, ``{m}_high``; ``tasks.stats.interval`` by the metric's
+    scale) and its difference from the baseline
     recipe (:func:`compare_with_baseline`); ranked by the scorer's ``rank_by`` metric (lower first)."""
     by = scorer_class(p.model.family).rank_by
     if not rows or by is None or by not in rows[0]:
@@ -123,11 +151,7 @@ def rank_recipes(p: Params, rows: list[dict[str, Any]], lineages: list[LineagePa
     last = last_rows(rows)
     per_recipe = recipe_seeds(p, last, lineages)
     recipes = summarize([{**row, "recipe": group_of.get(name, name)} for name, row in last.items()],
-                        ["recipe", "generation"], metrics)
-    for entry in recipes:
-        for metric in metrics:
-            _, entry[f"{metric}_low"], entry[f"{metric}_high"] = interval(
-                [row.get(metric, math.nan) for row in per_recipe[entry["recipe"]].values()])
+                        ["recipe", "generation"], metrics, scales_of(p))
     baseline = group_of.get(lineages[0].name, lineages[0].name) if lineages else None
     compare_with_baseline(recipes, per_recipe, baseline, metrics)
     recipes.sort(key=lambda e: (math.isnan(e[by]), e[by]))
@@ -156,37 +180,6 @@ def recipe_seeds(p: Params, last: dict[str, dict[str, Any]],
         if lineage.name in last:
             out.setdefault(lineage.group or lineage.name, {})[lineage_seed(p, lineage)] = last[lineage.name]
     return out
-
-
-def welch(a, b) -> Comparison:
-    """Welch's unequal-variance t-test of mean(a) - mean(b) with its 95% interval (Welch-Satterthwaite df); for
-    recipes whose seeds do not pair."""
-    a, b = (np.asarray(v, dtype=np.float64) for v in (a, b))
-    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
-    diff = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
-    if min(len(a), len(b)) < 2:
-        return Comparison(diff, math.nan, math.nan, math.nan, math.nan, min(len(a), len(b)))
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return Comparison(diff, 0.0, diff, diff, 0.0 if diff else 1.0, min(len(a), len(b)))
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    half = float(scipy_stats.t.ppf(0.975, df)) * se
-    p = float(scipy_stats.ttest_ind(a, b, equal_var=False).pvalue)
-    return Comparison(diff, se, diff - half, diff + half, p, min(len(a), len(b)))
-
-
-def holm(p_values: list[float]) -> list[float]:
-    """Holm's step-down adjustment of p-values (NaN stays NaN and is not counted)."""
-    order = sorted((p, i) for i, p in enumerate(p_values) if math.isfinite(p))
-    adjusted, running = [math.nan] * len(p_values), 0.0
-    for rank, (p, i) in enumerate(order):
-        running = max(running, min(1.0, (len(order) - rank) * p))
-        adjusted[i] = running
-    return adjusted
-
-
-SIGNIFICANCE = 0.05
 
 
 def compare_with_baseline(recipes: list[dict[str, Any]], per_recipe: dict[str, dict[int, dict[str, Any]]],
@@ -229,7 +222,7 @@ def title(name: str) -> str:
 
 
 def ranking_markdown(p: Params, ranking: list[dict[str, Any]]) -> str:
-    """The ranking with 95% t-intervals, then each recipe's differences from the baseline, the rules first."""
+    """The ranking with 95% intervals, then each recipe's differences from the baseline, the rules first."""
     metrics = [c.name for c in columns_of(p) if c.rank]
     baseline = next((e["recipe"] for e in ranking if e.get("baseline") == "yes"), None)
 
@@ -240,9 +233,9 @@ def ranking_markdown(p: Params, ranking: list[dict[str, Any]]) -> str:
         return f"{value:.4g} [{low:.4g}, {high:.4g}]" if math.isfinite(low) else f"{value:.4g}"
 
     head = ["rank", "recipe", "seeds", "generation", *map(title, metrics)]
-    lines = ["Rule: each recipe at its last generation; the mean over its seeds with a 95% t-interval, mean ± "
-             "t(0.975, n-1) · sd / √n (none for one seed; NaN values, e.g. an undefined minority FID, are left "
-             f"out). Ranked by {title(scorer_class(p.model.family).rank_by)}, lower first.", "",
+    lines = ["Rule: each recipe at its last generation, over its seeds (no interval for one seed; NaN values, e.g. an "
+             f"undefined minority FID, are left out). {SCALE_NOTE} Ranked by "
+             f"{title(scorer_class(p.model.family).rank_by)}, lower first.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += [f"| {e['rank']} | {e['recipe']} | {e['seeds']} | {e['generation']} | "
               + " | ".join(cell(e, m) for m in metrics) + " |" for e in ranking]
@@ -295,7 +288,7 @@ def recipes_figure(p: Params, rows: list[dict[str, Any]], lineages: list[Lineage
     palette = plt.get_cmap("tab20")
     order = [*range(0, 20, 2), *range(1, 20, 2)]  # the ten strong hues first, then their light twins
     summary = summarize([{**row, "recipe": group_of.get(row["lineage"], row["lineage"])} for row in rows],
-                        ["recipe", "generation"], list(metrics))
+                        ["recipe", "generation"], list(metrics), scales_of(p))
     recipes = list(dict.fromkeys(group_of.get(lineage.name, lineage.name) for lineage in lineages))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics) + 3.2, 4.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -309,7 +302,8 @@ def recipes_figure(p: Params, rows: list[dict[str, Any]], lineages: list[Lineage
         if metric == "fid":
             ax.set_yscale("log")
         ax.set_xlabel("generation")
-        ax.set_title(f"{title(metric)} (mean over seeds)")
+        ax.set_title(f"{title(metric)} ({'geometric mean' if scales_of(p).get(metric) == 'log' else 'mean'} "
+                     "over seeds)")
     axes[0][-1].legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
@@ -337,10 +331,11 @@ def recipe_metrics(p: Params, rows: list[dict[str, Any]]) -> list[str]:
 
 def recipe_summary(p: Params, rows: list[dict[str, Any]], lineages: list[LineageParams]) -> list[dict[str, Any]]:
     """One row per recipe (a lineage, or the seeds of one: ``seeds: [...]`` in params) and generation: the number of
-    seeds, and per metric the mean and 95% t-interval over them (``<metric>_low``, ``<metric>_high``; NaN for a
-    recipe of one seed, where there is no interval). Undefined values (NaN) of a seed are left out of its mean."""
+    seeds, and per metric its centre and 95% interval over them (``<metric>_low``, ``<metric>_high``; by the
+    metric's scale, ``tasks.stats.interval``; NaN for a recipe of one seed). Undefined values (NaN) of a seed are
+    left out and counted (``<metric>_defined``)."""
     group_of = {lineage.name: lineage.group or lineage.name for lineage in lineages}
-    metrics = recipe_metrics(p, rows)
+    metrics, scales = recipe_metrics(p, rows), scales_of(p)
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((group_of.get(row["lineage"], row["lineage"]), row["generation"]), []).append(row)
@@ -348,8 +343,10 @@ def recipe_summary(p: Params, rows: list[dict[str, Any]], lineages: list[Lineage
     for (recipe, k), members in groups.items():
         entry: dict[str, Any] = {"recipe": recipe, "generation": k, "seeds": len(members)}
         for metric in metrics:
-            entry[metric], entry[f"{metric}_low"], entry[f"{metric}_high"] = interval(
-                [float(r.get(metric, math.nan)) for r in members])
+            values = [float(r.get(metric, math.nan)) for r in members]
+            entry[metric], entry[f"{metric}_low"], entry[f"{metric}_high"] = interval(values, scales.get(metric,
+                                                                                                     "linear"))
+            entry[f"{metric}_defined"] = sum(math.isfinite(v) for v in values)
         out.append(entry)
     order = list(dict.fromkeys(group_of.get(row["lineage"], row["lineage"]) for row in rows))
     return sorted(out, key=lambda e: (order.index(e["recipe"]), e["generation"]))
@@ -369,11 +366,14 @@ def recipe_csv_rows(p: Params, rows: list[dict[str, Any]], recipes: list[dict[st
 
 
 def with_interval(entry: dict[str, Any], metric: str) -> str:
-    """``mean ± h``: the 95% t-interval is mean - h to mean + h."""
+    """``centre [low, high]`` (the interval is asymmetric for positive quantities), and how many seeds were
+    undefined when some were."""
     value, low, high = entry[metric], entry[f"{metric}_low"], entry[f"{metric}_high"]
     if math.isnan(value):
         return "n/a"
-    return f"{value:.4g} ± {(high - low) / 2:.2g}" if math.isfinite(low) else f"{value:.4g}"
+    text = f"{value:.4g} [{low:.3g}, {high:.3g}]" if math.isfinite(low) else f"{value:.4g}"
+    missing = entry.get("seeds", 0) - entry.get(f"{metric}_defined", entry.get("seeds", 0))
+    return text + (f" ({missing} of {entry['seeds']} seeds n/a)" if missing > 0 else "")
 
 
 def recipe_markdown(p: Params, rows: list[dict[str, Any]], recipes: list[dict[str, Any]]) -> str:
@@ -385,15 +385,29 @@ def recipe_markdown(p: Params, rows: list[dict[str, Any]], recipes: list[dict[st
     return "\n".join(lines) + "\n"
 
 
+def labeller_markdown(labeller: dict[str, float] | None) -> str:
+    """The labeller's check, for every report whose numbers depend on its labels ("" when there is none)."""
+    if not labeller:
+        return ""
+    return (f"Labeller (the domain classifier that labels generated images), on {labeller['held_out_images']} held-out "
+            f"real images: accuracy {labeller['accuracy']:.3f}; majority precision "
+            f"{labeller['precision_majority']:.3f}, recall {labeller['recall_majority']:.3f}; minority precision "
+            f"{labeller['precision_minority']:.3f}, recall {labeller['recall_minority']:.3f}. A second labeller "
+            f"(another architecture and seed): accuracy {labeller['check_accuracy']:.3f}, agreeing with the first on "
+            f"{labeller['agreement_held_out']:.3f} of those images; on each generation's samples its agreement is "
+            "the label_agreement column, and its minority share minority_share_check.\n\n")
+
+
 def summary_markdown(p: Params, rows: list[dict[str, Any]], recipes: list[dict[str, Any]]) -> str:
     """summary.md: with recipes over several seeds, their mean and 95% interval per generation first, then every
     lineage's rows; otherwise the lineages' rows alone."""
     if not seeded(recipes):
         return markdown_table(p, rows)
-    return ("## Recipes: mean ± half-width of the 95% t-interval over seeds, per generation\n\n"
+    return ("## Recipes: centre [95% interval] over seeds, per generation\n\n" + SCALE_NOTE + "\n\n"
             + recipe_markdown(p, rows, recipes)
             + "\nUndefined values of a seed (n/a, e.g. R_Fair when the minority class got too few samples) are left "
-              "out of its recipe's mean.\n\n## Every lineage (one seed each)\n\n" + markdown_table(p, rows))
+              "out of its recipe's centre, and the count of such seeds is shown beside it.\n\n"
+              "## Every lineage (one seed each)\n\n" + markdown_table(p, rows))
 
 
 # --- what is on disk, whatever params made it (madloop show) ------------------------------------------------------

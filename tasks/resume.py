@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.layout import (REAL, REAL_TRAIN, REPORT_FILES, StudyPaths, generation_files, generation_of,
+from tasks.layout import (REAL, REPORT_FILES, StudyPaths, file_name_problem, generation_files, generation_of,
                           reports_folder)
 from tasks.params import (LineageParams, Params, ParamsError, digest, flatten, lineage_recipe, real_data_recipe,
                           tracking_uri_problem)
@@ -30,6 +30,18 @@ from tasks.storage import CorruptOutputError, read_manifest, verify
 
 class StaleOutputsError(ParamsError):
     """Outputs on disk were made under other params; they are neither reused nor replaced without --overwrite."""
+
+
+class EditedOutputsError(ParamsError):
+    """Outputs on disk differ from what git's last commit of their folder recorded (tasks.integrity)."""
+
+
+def edited_since_commit(root: Path, folders: list[Path]) -> dict[Path, list[str]]:
+    """folder -> each difference from its last commit that no run makes (``tasks.integrity``), for those with any."""
+    from tasks.integrity import check_against_commit
+
+    found = {folder: check_against_commit(root, folder).problems for folder in folders if folder.is_dir()}
+    return {folder: problems for folder, problems in found.items() if problems}
 
 
 @dataclass
@@ -124,9 +136,10 @@ def quarantine_from(paths: StudyPaths, folder: Path, k: int) -> Path | None:
     return move_to_trash(paths, doomed)
 
 
-def real_train_data(paths: StudyPaths) -> str:
-    """The content sha256 of dataset 0, as the real data's (verified) manifest records it."""
-    return read_manifest(paths.real_manifest)["data"][REAL_TRAIN]
+def real_train_data(paths: StudyPaths, file: str) -> str:
+    """The content sha256 of a lineage's dataset 0 (``file`` under real/), as the real data's (verified) manifest
+    records it."""
+    return read_manifest(paths.real_manifest)["data"][file]
 
 
 # --- preflight: everything that can be wrong is found before any work -----------------------------------------
@@ -146,6 +159,9 @@ def check_world(p: Params, root: Path, lineages: list[str] | None = None) -> lis
     for lineage in chosen:
         if lineage.name == REAL:
             raise ParamsError(f"lineages: {lineage.name!r} is reserved (the real data folder)")
+    too_long = file_name_problem(root, p.study.name, [lineage.name for lineage in chosen])
+    if too_long:
+        raise ParamsError(f"invalid params: {too_long[0]}: {too_long[1]}")
     from tasks.generation import resolve_device  # torch: only when checking against the world
 
     resolve_device(p.device)
@@ -169,6 +185,11 @@ def preflight(p: Params, root: Path, lineages: list[str] | None = None, overwrit
     root = root.resolve()
     paths = StudyPaths(root, p.study.name)
     chosen = check_world(p, root, lineages)
+    from tasks.realdata import data_problem  # loads the source: only once the rest of the world checked out
+
+    problem = data_problem(p, paths, chosen)
+    if problem:
+        raise ParamsError(f"invalid params: {problem}")
 
     stale: dict[Path, list[str]] = {}
     if paths.real_manifest.is_file():
@@ -183,6 +204,17 @@ def preflight(p: Params, root: Path, lineages: list[str] | None = None, overwrit
         diff = recipe_diff(folder, lineage_recipe(p, lineage))
         if diff:
             stale[folder] = diff
+    edited = edited_since_commit(root, [paths.real, *(paths.lineage(lineage.name) for lineage in chosen)])
+    if edited and not overwrite:
+        problems = [problem for found in edited.values() for problem in found]
+        more = f" (and {len(problems) - 1} more: `madloop verify {p.study.name}`)" if len(problems) > 1 else ""
+        raise EditedOutputsError(
+            f"{problems[0]}{more}. Not used: re-run with --overwrite to move the folder to "
+            f"{paths.trash.relative_to(root)}/ and start over, restore what was committed (`git checkout "
+            "<folder>.dvc`, then `dvc checkout --force <folder>.dvc`), or commit the .dvc file to accept the "
+            "folder as it is")
+    for folder, problems in edited.items():  # --overwrite: to the trash with the stale folders
+        stale.setdefault(folder, []).extend(problems)
     if stale and not overwrite:
         lines = [f"  {folder.relative_to(root)}: " + "; ".join(diff[:6]) + (" ..." if len(diff) > 6 else "")
                  for folder, diff in stale.items()]
@@ -190,25 +222,11 @@ def preflight(p: Params, root: Path, lineages: list[str] | None = None, overwrit
             "outputs on disk were made under other params and would not be reused:\n" + "\n".join(lines) +
             f"\nRe-run with --overwrite to move them to {paths.trash.relative_to(root)}/ and start over, "
             "or set study.name to keep both.")
-    if stale:
+    if stale:  # their MLflow runs stay: the new outputs get new runs (tasks.tracking.lineage_run)
         bin_ = move_to_trash(paths, list(stale))
-        retired = retire_mlflow_lineages(p, paths, [f.name for f in stale if f != paths.real])
-        warnings.warn(f"--overwrite: moved outputs made under other params to {bin_}"
-                      + (f" and soft-deleted their {retired} MLflow runs (mlflow runs restore brings them back)"
-                         if retired else ""))
+        warnings.warn(f"--overwrite: moved outputs made under other params{' or edited since their commit' if edited else ''}"
+                      f" to {bin_} (their MLflow runs stay)")
     return Plan(p, paths, chosen)
-
-
-def retire_mlflow_lineages(p: Params, paths: StudyPaths, names: list[str]) -> int:
-    if not names:
-        return 0
-    from tasks.tracking import client_for, retire_lineage_runs, tracking_uri
-
-    client = client_for(tracking_uri(p.tracking.uri, paths.root))
-    exp = client.get_experiment_by_name(p.experiment)
-    if exp is None:
-        return 0
-    return sum(retire_lineage_runs(client, exp.experiment_id, p.study.name, name) for name in names)
 
 
 def check_names(p: Params, root: Path) -> None:

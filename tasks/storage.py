@@ -4,8 +4,9 @@ Every output is written to a temporary file in the same folder (``.<name>.<pid>-
 place, so a crash or kill leaves either the old file or the new one, never half a file; a kill between the two
 leaves the temporary file, which the next run of the study removes (:func:`remove_stray_temps`) and DVC ignores
 (``.dvcignore``). The manifest, written last, records the params hash the outputs were made under and the sha256
-of each output, and carries a checksum of its own content, so an edited or bit-rotten manifest is caught too;
-resuming trusts nothing the manifest does not vouch for.
+of each output, and carries a checksum of its own content, so a bit-rotten manifest, or one edited by hand, is
+caught too; resuming trusts nothing the manifest does not vouch for. These checksums are not keyed: they catch
+accidents, not an edit whose author recomputes them (``tasks.integrity`` checks outputs against git for that).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # again: a writer may have made the file anew (safetensors does, 0600), so the mode set above is gone
+        os.chmod(tmp_path, FILE_MODE)
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)

@@ -23,6 +23,19 @@ parent again (the latest value at a step is what MLflow shows). Parent runs carr
 running them, so a later run of the study marks the runs of a dead process KILLED instead of leaving them RUNNING
 forever (:func:`mark_dead_runs`). Studies that share an experiment (``tracking.experiment``) are kept apart: a
 lineage's parent run is found by lineage, recipe and study.
+
+One store per project, and runs that are never erased by the next ones, so MLflow can compare DVC experiments:
+
+- A relative sqlite URI (``sqlite:///mlflow.db``) is anchored at the project root, and inside a DVC experiment's
+  temporary copy of the repository (``dvc exp run --queue`` / ``--run-all`` / ``--temp`` run the stage in
+  ``<repo>/.dvc/tmp/exps/...``) at the repository the experiment belongs to (``DVC_ROOT``, which DVC sets to it),
+  so every kind of run logs to the repository's one ``mlflow.db`` (:func:`tracking_root`).
+- Every run is tagged with the git commit it ran from and, under ``dvc exp run``, with the DVC experiment's name
+  and baseline commit (``dvc.exp_name``, ``dvc.exp_baseline_rev``, from ``DVC_EXP_NAME`` and
+  ``DVC_EXP_BASELINE_REV``; :func:`source_tags`). A lineage's parent run is reused only by the same lineage under
+  the same params in the same context (the same DVC experiment, or plain runs): one under other params
+  (``--overwrite`` moves the old outputs to the trash) or in another experiment gets runs of its own, and the
+  earlier ones stay as they were.
 """
 
 from __future__ import annotations
@@ -47,9 +60,13 @@ from mlflow.tracking import MlflowClient
 LINEAGE_TAG, RECIPE_TAG, GENERATION_TAG = "madloop.lineage", "madloop.recipe", "madloop.generation"
 SCORE_TAG, HOST_TAG, PID_TAG = "madloop.score_hash", "madloop.host", "madloop.pid"
 DONE_TAG, UNDEFINED_TAG = "madloop.generations_done", "madloop.undefined"
-# MLflow 3's experiment type: the model-training view. MLflow 3.17's UI lets its GenAI / model-training switch
-# (remembered per browser, GenAI at first) decide instead; `madloop run` prints a link that sets it.
+# MLflow 3's experiment type: the model-training view (MLflow 3.17's UI follows its own switch instead: the links
+# madloop prints set it, TRAINING_VIEW).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# MLflow 3's UI opens a page in its GenAI or its model-training view as its switch (remembered per browser, GenAI
+# in a new one) says, whatever the experiment's kind; this query parameter sets the switch, for run pages too.
+TRAINING_VIEW = "workflowType=machine_learning"
+LOCAL_UI = "http://127.0.0.1:5000"  # `make ui` (mlflow ui on the project's mlflow.db)
 IMAGE_KEY = "samples"
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
@@ -57,13 +74,59 @@ LOCKED_ATTEMPTS = 8
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# DVC's names (dvc.env) for what it puts in a stage command's environment under `dvc exp run`
+DVC_ROOT, DVC_EXP_NAME, DVC_EXP_BASELINE_REV = "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"
+DVC_TEMP_WORKSPACES = Path(".dvc", "tmp", "exps")  # where queued and --temp experiments run (dvc.repo.experiments)
+EXP_NAME_TAG, EXP_BASELINE_TAG = "dvc.exp_name", "dvc.exp_baseline_rev"
+
+
+def tracking_root(project_root: Path) -> Path:
+    """Where a relative tracking URI and MLflow's artifacts are anchored: the project root, except in a DVC
+    experiment's temporary copy of the repository (``<repo>/.dvc/tmp/exps/[standalone/]tmpXXXX/``, deleted when the
+    experiment ends), where it is the same folder in the repository itself (``DVC_ROOT``: DVC points it at the
+    repository the experiment was queued in)."""
+    root = Path(project_root).resolve()
+    repo = os.environ.get(DVC_ROOT)
+    if not repo:
+        return root
+    repo_root = Path(repo).resolve()
+    if not root.is_relative_to(repo_root / DVC_TEMP_WORKSPACES):
+        return root
+    copy = next((folder for folder in [root, *root.parents] if (folder / ".dvc").is_dir()), None)
+    if copy is None or not copy.is_relative_to(repo_root / DVC_TEMP_WORKSPACES):
+        return root
+    return repo_root / root.relative_to(copy)
+
+
 def tracking_uri(configured: str, project_root: Path) -> str:
-    """MLFLOW_TRACKING_URI wins over params; a relative sqlite path is anchored at the project root."""
+    """MLFLOW_TRACKING_URI wins over params; a relative sqlite path is anchored at :func:`tracking_root`."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        uri = prefix + str((project_root / uri[len(prefix):]).resolve())
+        uri = prefix + str((tracking_root(project_root) / uri[len(prefix):]).resolve())
     return uri
+
+
+def dvc_experiment() -> dict[str, str]:
+    """The DVC experiment this process runs in, as MLflow tags (none outside ``dvc exp run``)."""
+    name, baseline = os.environ.get(DVC_EXP_NAME), os.environ.get(DVC_EXP_BASELINE_REV)
+    return {**({EXP_NAME_TAG: name} if name else {}), **({EXP_BASELINE_TAG: baseline} if name and baseline else {})}
+
+
+def ui_address(uri: str) -> str:
+    """Where a person opens the runs of this store: the tracking server itself, or ``make ui`` for a local one."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+
+
+def experiment_url(uri: str, exp_id: str) -> str:
+    """An experiment's page, in the model-training view."""
+    return f"{ui_address(uri)}/#/experiments/{exp_id}?{TRAINING_VIEW}"
+
+
+def run_url(uri: str, exp_id: str, run_id: str) -> str:
+    """A run's page, in the model-training view (without the parameter a new browser shows it as a GenAI
+    "evaluation run")."""
+    return f"{ui_address(uri)}/#/experiments/{exp_id}/runs/{run_id}?{TRAINING_VIEW}"
 
 
 def client_for(uri: str) -> MlflowClient:
@@ -80,7 +143,7 @@ def experiment_id(client: MlflowClient, name: str, project_root: Path) -> str:
                 client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     local = client.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in client.tracking_uri
-    location = (project_root / "mlruns").resolve().as_uri() if local else None
+    location = (tracking_root(project_root) / "mlruns").as_uri() if local else None
     try:
         return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # created meanwhile by a parallel run
@@ -97,10 +160,20 @@ def find_runs(client: MlflowClient, exp_id: str, filter_string: str) -> list:
             return runs
 
 
-@functools.lru_cache(maxsize=8)
 def source_tags(project_root: Path) -> dict[str, str]:
     """Who ran it from which code: MLflow's own tags for the user and the git commit (``mlflow.source.git.commit``),
-    and whether the working tree had uncommitted changes (then the commit alone does not identify the code)."""
+    whether the working tree had uncommitted changes (then the commit alone does not identify the code), and, under
+    ``dvc exp run``, the DVC experiment (:func:`dvc_experiment`). A DVC experiment's commit is made when it ends, so
+    its runs carry the commit it started from (its baseline), and its name, which ``dvc exp apply`` takes."""
+    experiment = dvc_experiment()
+    tags = {**git_tags(Path(project_root)), **experiment}
+    if EXP_BASELINE_TAG in experiment:
+        tags["mlflow.source.git.commit"] = experiment[EXP_BASELINE_TAG]
+    return tags
+
+
+@functools.lru_cache(maxsize=8)
+def git_tags(project_root: Path) -> dict[str, str]:
     tags = {"mlflow.user": getpass.getuser(), "mlflow.source.name": "madloop", "mlflow.source.type": "LOCAL"}
 
     def git(*args: str) -> str | None:
@@ -134,14 +207,20 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: list[Metric], tags: 
         client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH], tags=tags if last else ())
 
 
+def same_context(run, tags: dict[str, str]) -> bool:
+    """Whether ``run`` was made in the context these tags describe: the same DVC experiment, or none."""
+    return run.data.tags.get(EXP_NAME_TAG) == tags.get(EXP_NAME_TAG)
+
+
 def lineage_run(client: MlflowClient, exp_id: str, lineage: str, recipe: str, tags: dict[str, str],
                 run_name: str | None = None, params: dict[str, Any] | None = None) -> str:
-    """The parent run of this lineage and recipe in this study: reused when it exists (resume), created otherwise
-    with the recipe as its params."""
+    """The parent run of this lineage and recipe in this study and context (:func:`same_context`): reused when it
+    exists (resume), created otherwise with the recipe as its params. So a lineage under other params, or in
+    another DVC experiment, gets runs of its own, and the earlier ones stay as they were."""
     study = f" and tags.study = '{tags['study']}'" if "study" in tags else ""
     runs = [r for r in find_runs(client, exp_id, f"tags.`{LINEAGE_TAG}` = '{lineage}' and "
                                                   f"tags.`{RECIPE_TAG}` = '{recipe}'{study}")
-            if not r.data.tags.get("mlflow.parentRunId")]
+            if not r.data.tags.get("mlflow.parentRunId") and same_context(r, tags)]
     owner = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
     if runs:
         run_id = runs[0].info.run_id
@@ -151,8 +230,10 @@ def lineage_run(client: MlflowClient, exp_id: str, lineage: str, recipe: str, ta
         if params and not runs[0].data.params:  # a parent made before parents carried their recipe
             log_params(client, run_id, params)
         return run_id
-    run = client.create_run(exp_id, run_name=run_name or lineage,
-                            tags={LINEAGE_TAG: lineage, RECIPE_TAG: recipe, **tags, **owner})
+    name = run_name or lineage
+    if tags.get(EXP_NAME_TAG):  # as DVC names an experiment's commit: "<rev> [<name>]"
+        name += f" [{tags[EXP_NAME_TAG]}]"
+    run = client.create_run(exp_id, run_name=name, tags={LINEAGE_TAG: lineage, RECIPE_TAG: recipe, **tags, **owner})
     if params:
         log_params(client, run.info.run_id, params)
     return run.info.run_id
@@ -189,17 +270,6 @@ def mark_dead_runs(uri: str, experiment: str, study: str) -> int:
             client.set_terminated(stale.info.run_id, "KILLED")
             marked += 1
     return marked
-
-
-def retire_lineage_runs(client: MlflowClient, exp_id: str, study: str, lineage: str) -> int:
-    """Soft-delete a lineage's runs, parents and their generations (restorable with ``mlflow runs restore``),
-    when its outputs are replaced."""
-    parents = find_runs(client, exp_id, f"tags.`{LINEAGE_TAG}` = '{lineage}' and tags.study = '{study}'")
-    runs = [*parents, *(child for parent in parents for child in
-                        find_runs(client, exp_id, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"))]
-    for run in runs:
-        client.delete_run(run.info.run_id)
-    return len(runs)
 
 
 def defined(metrics: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
@@ -400,16 +470,58 @@ def retry_when_locked(fn: F) -> F:
 
     @functools.wraps(fn)
     def retrying(*args: Any, **kwargs: Any) -> Any:
-        for attempt in range(LOCKED_ATTEMPTS - 1):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as err:
-                if "database is locked" not in str(err):
-                    raise
-            time.sleep(min(0.1 * 2 ** attempt, 5.0))
-        return fn(*args, **kwargs)
+        started = time.monotonic()
+        try:
+            for attempt in range(LOCKED_ATTEMPTS - 1):
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as err:
+                    if "database is locked" not in str(err):
+                        raise
+                time.sleep(min(0.1 * 2 ** attempt, 5.0))
+            return fn(*args, **kwargs)
+        except Exception as err:  # the store itself failed (gone, replaced, locked): say so in one line
+            problem = store_problem(str(args[0]), err, time.monotonic() - started) if args else None
+            if problem is None:
+                raise
+            raise TrackingStoreError(problem) from err
 
     return retrying  # type: ignore[return-value]
+
+
+class TrackingStoreError(RuntimeError):
+    """The MLflow store failed under a study (deleted, replaced, locked): the message says which."""
+
+
+# A sqlite store deleted, replaced or made read-only while a study runs surfaces from SQLAlchemy as "(raised as a
+# result of Query-invoked autoflush; consider using a session.no_autoflush block ...)", one locked past every retry
+# as "database is locked": store_problem says which, and that nothing on disk is lost.
+SQLITE = "sqlite:///"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
+
+
+def store_problem(uri: str, err: BaseException, locked_seconds: float = 0.0) -> str | None:
+    """What went wrong with the MLflow store at ``uri`` behind ``err`` (one line), or None when it is not the
+    store itself (a bug, a bad value: left as it is)."""
+    text = " ".join(str(part) for part in (err, err.__cause__, err.__context__) if part is not None).lower()
+    path = sqlite_path(uri)
+    kept = "finished generations are kept on disk, and the next run records them"
+    if path is not None and not path.exists():
+        return (f"the MLflow store {path} is gone (deleted while the study ran?): {kept} in a new store "
+                "there")
+    if "database is locked" in text:
+        return (f"the MLflow store {path or uri} stayed locked by another writer for {locked_seconds:.0f} s (another "
+                f"madloop run, `mlflow ui` or `mlflow gc` writing to it): {kept}")
+    if path is not None and ("readonly database" in text or "no such table" in text or "disk i/o error" in text
+                             or "file is not a database" in text or "unable to open database" in text):
+        why = ("was replaced or emptied while the study ran" if "no such table" in text or "not a database" in text
+               else "cannot be written here (its file's or folder's permissions, a full disk, or it was replaced "
+                    "while the study ran)")
+        return f"the MLflow store {path} {why}: {kept}"
+    return None
 
 
 # --- the calls the flow makes ---------------------------------------------------------------------------------
@@ -424,6 +536,12 @@ def open_lineage(uri: str, experiment: str, lineage: str, recipe_hash: str, tags
     exp_id = experiment_id(client, experiment, project_root)
     return exp_id, lineage_run(client, exp_id, lineage, recipe_hash, {**source_tags(project_root), **tags}, run_name,
                                params)
+
+
+@retry_when_locked
+def open_experiment(uri: str, experiment: str, project_root: Path) -> str:
+    """The study's experiment (made now if new): its page, in the model-training view."""
+    return experiment_url(uri, experiment_id(client_for(uri), experiment, project_root))
 
 
 @retry_when_locked
@@ -453,26 +571,32 @@ RECIPE_KIND_TAG = "madloop.kind"
 
 @retry_when_locked
 def log_recipe_runs(uri: str, experiment: str, project_root: Path, study: str,
-                    recipes: list[dict[str, Any]], metrics: list[str]) -> list[str]:
+                    recipes: list[dict[str, Any]], metrics: list[str],
+                    recipe_hashes: dict[str, str] | None = None) -> list[str]:
     """A run per recipe run over several seeds, beside its seeds' lineage runs: per metric the mean over seeds
     (``fid``) and its 95% t-interval (``fid_ci_low``, ``fid_ci_high``) at step = generation; tagged ``recipe`` like
-    its seeds, so the UI groups them. Made anew each time the reports are (the old one is deleted)."""
+    its seeds, so the UI groups them. Made anew each time the reports are: the run it replaces is the one of the
+    same recipe, made under the same params (``recipe_hashes``: recipe -> a digest of its seeds' recipes) in the
+    same context (:func:`same_context`); a summary of other params or another DVC experiment stays."""
     client = client_for(uri)
     exp_id = experiment_id(client, experiment, project_root)
+    context = source_tags(project_root)
     by_recipe: dict[str, list[dict[str, Any]]] = {}
     for entry in recipes:
         by_recipe.setdefault(entry["recipe"], []).append(entry)
     made = []
     for recipe, entries in by_recipe.items():
+        made_under = (recipe_hashes or {}).get(recipe, "")
         for old in find_runs(client, exp_id, f"tags.`{RECIPE_KIND_TAG}` = 'recipe' and tags.recipe = '{recipe}' and "
                                               f"tags.study = '{study}'"):
-            client.delete_run(old.info.run_id)
+            if same_context(old, context) and old.data.tags.get(RECIPE_TAG, "") == made_under:
+                client.delete_run(old.info.run_id)
         seeds = max(e["seeds"] for e in entries)
         if seeds < 2:
             continue
         run_id = client.create_run(exp_id, run_name=f"{recipe} (mean of {seeds} seeds)", tags={
-            RECIPE_KIND_TAG: "recipe", "recipe": recipe, "study": study, "seeds": str(seeds),
-            **source_tags(project_root)}).info.run_id
+            RECIPE_KIND_TAG: "recipe", "recipe": recipe, "study": study, "seeds": str(seeds), RECIPE_TAG: made_under,
+            **context}).info.run_id
         now = int(time.time() * 1000)
         points = []
         for e in entries:

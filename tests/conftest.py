@@ -19,6 +19,49 @@ torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+# --- nothing a test starts outlives the session, however it ends -------------------------------------------------
+# Every process a test starts (a Prefect server, workers and the flow runs they start, `madloop run` children)
+# inherits this session's tag in its environment. A reaper outside the session's process tree waits for the
+# session's process to end, then ends every process that carries the tag: a pytest killed by a CI timeout no
+# longer leaves its Prefect server and workers running (they hold ports, memory and, in the workers' case, poll).
+SESSION_TAG = "MADLOOP_TEST_SESSION"
+REAPER = """
+import os, signal, sys, time
+import psutil
+tag, pid = sys.argv[1], int(sys.argv[2])
+session = psutil.Process(pid)
+while session.is_running() and session.status() != psutil.STATUS_ZOMBIE:
+    time.sleep(0.5)
+def tagged():
+    out = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("MADLOOP_TEST_SESSION") == tag:
+                out.append(proc)
+        except (psutil.Error, OSError):
+            pass
+    return out
+for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+    procs = tagged()
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=grace)
+"""
+
+
+def pytest_configure(config) -> None:
+    import uuid
+
+    tag = uuid.uuid4().hex
+    os.environ[SESSION_TAG] = tag  # a pytest inside a test gets a tag of its own (and is reaped with the outer's)
+    env = {key: value for key, value in os.environ.items() if key != SESSION_TAG}
+    config._madloop_reaper = subprocess.Popen(  # outlives this process by design: kept, never waited for
+        [sys.executable, "-c", REAPER, tag, str(os.getpid())], env=env, start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
 
 def tiny(**overrides) -> dict:
     """A study small enough to run in seconds: digits, 2 generations, a few epochs."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,8 +37,10 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.cli import main as cli
 from flows.deploy import scheduled_study
 from flows.loop import lineage_loop
+from flows.slurm import ensure_pool
 from tasks.layout import StudyPaths
 from tasks.params import lineage_recipe, validate
+from tasks.realdata import real_train_file
 from tasks.resume import inspect_lineage, real_train_data
 from tests.conftest import BIN, REPO, tiny
 
@@ -167,7 +170,7 @@ def assert_study_landed(project: Path, params: dict) -> None:
     study, lineages, generations = p.study.name, [spec.name for spec in p.lineages], p.loop.generations
     paths = StudyPaths(project, study)
     for name in lineages:
-        state = inspect_lineage(paths.lineage(name), lineage_recipe(p, p.lineage(name)), real_train_data(paths))
+        state = inspect_lineage(paths.lineage(name), lineage_recipe(p, p.lineage(name)), real_train_data(paths, real_train_file(p, p.lineage(name))))
         assert state.corrupt is None and not state.stale, (name, state)
         assert len(state.finished) == generations, name
         assert (paths.data / f"{name}.dvc").is_file()
@@ -197,6 +200,7 @@ def test_study_deployment_fans_its_lineages_out_to_a_process_work_pool(project, 
     with get_client(sync_client=True) as client:  # `prefect work-pool create gpu --type process`, faster
         for pool in ("gpu", "cpu"):
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    ensure_pool("slurm")  # prefect.yaml's lineage/slurm needs its pool to exist (no Slurm needed to deploy it)
     workers = {pool: [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", f"test-{pool}"]
                for pool in ("cpu", "gpu")}
     workers["gpu"] += ["--limit", "2"]  # two lineages at once on this CPU machine; one per GPU in production
@@ -206,6 +210,7 @@ def test_study_deployment_fans_its_lineages_out_to_a_process_work_pool(project, 
         study = run_deployment("scheduled-study/nightly", timeout=400, poll_interval=1)
 
     assert study.state.is_completed(), f"{study.state}\n{(project.parent / 'worker-cpu.log').read_text()[-4000:]}"
+    assert study.name.startswith("study tiny (nightly, "), study.name  # not a random name
     lineages = completed_runs_of("lineage/gpu")
     assert sorted(r.name for r in lineages) == ["tiny/mle", "tiny/ple"]
     assert all({"madloop", "study:tiny", f"lineage:{r.name[5:]}"} <= set(r.tags) for r in lineages)
@@ -234,6 +239,7 @@ def test_madloop_serve_runs_the_study_on_its_schedule(project, scheduler_server)
 
         runs = wait_for(completed, 240, "a completed scheduled run of scheduled-study/served", log)
     assert runs[0].auto_scheduled
+    assert re.fullmatch(r"study served \(served, \d{4}-\d\d-\d\d \d\d:\d\d UTC\)", runs[0].name), runs[0].name
     assert_study_landed(project, params)
     assert (project / "reports" / "served" / "generations.csv").is_file()
 
@@ -250,8 +256,8 @@ def test_prefect_yaml_is_read_by_prefects_own_loader():
     PrefectYamlModel.model_validate(yaml.safe_load((REPO / "prefect.yaml").read_text()))  # raises when invalid
     configs, actions = _load_deploy_configs_and_actions(REPO / "prefect.yaml", console=Console())
     by_name = {c["name"]: c for c in configs}
-    assert set(by_name) == {"nightly", "gpu"} and actions["pull"] is None
-    nightly, gpu = by_name["nightly"], by_name["gpu"]
+    assert set(by_name) == {"nightly", "gpu", "slurm"} and actions["pull"] is None
+    nightly, gpu, slurm = by_name["nightly"], by_name["gpu"], by_name["slurm"]
     assert nightly["entrypoint"] == "flows/deploy.py:scheduled_study" and scheduled_study.name == "scheduled-study"
     assert gpu["entrypoint"] == "flows/loop.py:lineage_loop" and lineage_loop.name == "lineage"
     assert nightly["parameters"]["lineage_deployment"] == f"{lineage_loop.name}/gpu"
@@ -259,6 +265,7 @@ def test_prefect_yaml_is_read_by_prefects_own_loader():
     assert nightly["concurrency_limit"]["limit"] == 1
     assert (nightly["work_pool"]["name"], gpu["work_pool"]["name"]) == ("cpu", "gpu")
     assert gpu["work_pool"]["job_variables"]["env"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert slurm["entrypoint"] == gpu["entrypoint"] and slurm["work_pool"]["name"] == "slurm"
 
 
 def test_serve_fails_fast_without_a_server_or_with_a_bad_schedule(project, monkeypatch, capsys):

@@ -74,8 +74,8 @@ def test_every_mitigations_weights_reach_the_fit_and_change_it(root, recording_e
     assert recording_estimator.pop() is None
     for m in names:
         lin = open_lineage(study.p, f"w-{m}", study.paths, study.real, study.scorer, study.device)
-        expected, _ = lin.mitigation.training_weights(0, study.real.train)
-        generation = run_generation(lin, 0, study.real.train)
+        expected, _ = lin.mitigation.training_weights(0, lin.real.train)
+        generation = run_generation(lin, 0, lin.real.train)
         got = recording_estimator.pop()
         assert got is not None and np.allclose(got, expected), m  # what the mitigation computed reached the fit
         assert got.std() > 0, m  # and it is not uniform, so it changes the fit:

@@ -20,6 +20,7 @@ from tasks.resume import StaleOutputsError
 from tasks.storage import file_digest, read_json, read_manifest
 from tasks.versioning import tracked_md5s
 from tests.conftest import tiny
+from tests.kit import dataset_zero
 
 METRICS = ["fid", "kid", "precision", "recall", "minority_share", "fid_majority", "fid_minority", "r_fair"]
 pytestmark = pytest.mark.slow
@@ -42,7 +43,7 @@ def test_two_generation_loop_end_to_end(project, prefect_server):
     assert [(r["lineage"], r["generation"]) for r in rows] == [("mle", 0), ("mle", 1)]
 
     folder = project / "data" / "studies" / "tiny" / "mle"
-    real_train = read_parquet(project / "data" / "studies" / "tiny" / "real" / "train.parquet")
+    real_train = dataset_zero(project / "data" / "studies" / "tiny", "mle")
     assert set(real_train.origin) == {"real"} and set(real_train.generation) == {0}
     for k in (1, 2):  # dataset k was made by generation k-1's model
         data = read_parquet(folder / f"dataset-{k:03d}.parquet")
@@ -154,9 +155,12 @@ def test_outputs_of_other_params_are_refused_then_replaced_with_overwrite(projec
     run_study(changed, project, overwrite=True)
     assert read_json(folder / "gen-000.json")["recipe"]["train.epochs"] == 4
     assert list((project / ".madloop" / "trash").rglob("gen-000.json"))  # the old lineage kept aside
-    parents, _ = lineage_runs(mlflow_client(project), "tiny")
-    active = [r for r in parents if r.info.lifecycle_stage == "active"]
-    assert len(active) == 1 and active[0].data.tags["madloop.recipe"] != ""
+    # the replaced lineage's MLflow runs stay as they were, beside the new ones: MLflow compares the two
+    parents, children = lineage_runs(mlflow_client(project), "tiny")
+    assert all(r.info.lifecycle_stage == "active" for r in [*parents, *children])
+    assert sorted(r.data.params["train.epochs"] for r in parents) == ["3", "4"]
+    assert len({r.data.tags["madloop.recipe"] for r in parents}) == 2
+    assert {r.info.status for r in parents} == {"FINISHED"} and len(children) == 4
 
 
 def test_cli_rejects_bad_params_before_any_work(project, capsys):
@@ -217,3 +221,18 @@ def test_1d_families_run_through_the_same_flow_by_params_alone(project, prefect_
     client = mlflow_client(project)
     parents, _ = lineage_runs(client, "tiny")
     assert {m.step for m in client.get_metric_history(parents[0].info.run_id, "kl")} == {0, 1}
+
+
+def test_a_1d_study_over_five_seeds_draws_five_real_datasets_and_its_interval_is_not_zero_wide(project,
+                                                                                               prefect_server):
+    import csv
+
+    params = tiny(model__family="gaussian", data__source="model", data__size=20, loop__generations=1,
+                  lineages=[{"name": "mle", "seeds": [0, 1, 2, 3, 4]}])
+    rows = self_consuming_loop(params=params, root=str(project))
+    stds = [row["param.std"] for row in rows if row["generation"] == 0]
+    assert len(stds) == 5 and len(set(stds)) == 5  # each seed its own real draw, not the study's one
+    with open(project / "reports" / "tiny" / "recipes.csv") as f:
+        (recipe,) = [r for r in csv.DictReader(f) if r["generation"] == "0"]
+    low, high = float(recipe["param.std_low"]), float(recipe["param.std_high"])
+    assert 0 < low < float(recipe["param.std"]) < high  # a std: positive bounds, and a real width

@@ -21,7 +21,7 @@ def digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
     p = validate({"classifier": {"epochs": 15}})
     real = load_real(p.data, 0, root)
-    path, accuracy = ensure_classifier(real, p, root / "cache", CPU)
+    path, accuracy = ensure_classifier(real, p.classifier, p.seed, root / "cache", CPU)
     return p, real, path, accuracy
 
 
@@ -55,7 +55,7 @@ def test_mle_training_lowers_the_negative_elbo(digits):
 def test_classifier_is_far_above_chance_and_cached(digits, tmp_path):
     p, real, path, accuracy = digits
     assert accuracy > 0.9  # chance is 0.1 on ten balanced classes
-    again, accuracy_again = ensure_classifier(real, p, path.parent, CPU)
+    again, accuracy_again = ensure_classifier(real, p.classifier, p.seed, path.parent, CPU)
     assert again == path and accuracy_again == accuracy  # cache hit: same file, same model
     assert (predict(load_classifier(path), real.test.pixels) == real.test.label).mean() == accuracy
 
@@ -117,3 +117,51 @@ def test_scores_use_every_held_out_image_with_standard_errors(digits):
         assert np.isfinite(metrics["kid_majority"]) and np.isfinite(metrics["kid_minority"])
     few = scorer.score(train.pixels[train.label == 3][:100], seed=0)
     assert math.isnan(few["kid_minority"]) and math.isnan(few["fid_minority"])
+
+
+def test_a_lineage_is_scored_against_its_own_class_references_at_matched_counts(digits):
+    """Each class's reference is its held-out images plus the training images the lineage never trains on; the
+    matched-count FIDs of dataset 0 itself sit on their floors; a second labeller checks the first."""
+    p, real, path, _ = digits
+    check, _ = ensure_classifier(real, p.classifier.for_check(), p.seed + 1, path.parent, CPU)
+    base = ImageScorer.from_classifier(p, real, path, CPU, check)
+    assert base.labeller["accuracy"] > 0.9 and base.labeller["check_accuracy"] > 0.9
+    assert 0.9 < base.labeller["recall_minority"] <= 1 and 0.9 < base.labeller["precision_minority"] <= 1
+    scorer = base.for_lineage(real)
+    held_out = {c: int((real.test.label == c).sum()) for c in (3, 6)}
+    assert len(scorer.class_reference_features[6]) == held_out[6] + len(real.unused_index(6)) > 2 * held_out[6]
+    assert len(scorer.class_reference_features[3]) == held_out[3]  # dataset 0 holds every training 3
+    assert len(scorer.train_class_features[6]) == int((real.train.label == 6).sum())
+
+    metrics = scorer.score(real.train.pixels, seed=0)  # a perfect memoriser of dataset 0
+    labels = scorer.label(real.train.pixels)
+    assert metrics["minority_count"] == (labels == 6).sum() and metrics["reference_size_minority"] == len(
+        scorer.class_reference_features[6])
+    assert metrics["match_count"] == min((labels == 3).sum(), (labels == 6).sum(), (real.train.label == 6).sum())
+    if (labels == real.train.label).all():  # every 6 of dataset 0 is called a 6: the same images as the floor's
+        assert metrics["fid_minority_matched"] == pytest.approx(metrics["fid_floor_minority"], rel=1e-6)
+    assert metrics["r_fair_matched"] == pytest.approx(metrics["fid_minority_matched"] / metrics["fid_majority_matched"])
+    assert 0.9 < metrics["label_agreement"] <= 1
+    assert metrics["minority_share_check"] == pytest.approx(metrics["minority_share"], abs=0.05)
+
+
+def test_the_papers_r_fair_grows_as_minority_samples_shrink_and_the_kid_ratio_does_not(digits):
+    """Same generator quality (noisy copies of the same images), fewer minority samples: FID's small-sample bias
+    inflates FID_min and so R_Fair; KID is unbiased, so its ratio stays where it was (on average)."""
+    p, real, path, _ = digits
+    scorer = ImageScorer.from_classifier(p, real, path, CPU).for_lineage(real)
+    rng = np.random.default_rng(0)
+    threes, sixes = (real.train.pixels[real.train.label == c] for c in (3, 6))
+
+    def blurred(images, n):  # a model's samples: dataset 0's images with noise, n of them
+        pick = images[rng.integers(0, len(images), n)]
+        return np.clip(pick + rng.normal(0, 0.2, pick.shape).astype(np.float32), 0, 1)
+
+    few, many = [], []
+    for seed in range(8):
+        for out, n in ((few, 10), (many, 200)):
+            metrics = scorer.score(np.concatenate([blurred(threes, 300), blurred(sixes, n)]), seed)
+            out.append((metrics["r_fair"], metrics["r_fair_kid"]))
+    few, many = np.nanmean(few, axis=0), np.nanmean(many, axis=0)
+    assert few[0] > 1.3 * many[0]  # the paper's R_Fair: a sample-size effect (1.49x here)
+    assert 0.75 < few[1] / many[1] < 1.33  # KID's ratio: none beyond its noise (1.17x here)

@@ -131,11 +131,17 @@ def test_params_plugins_import_a_users_module_before_validation(tmp_path, monkey
                 return synthetic.take(list(range(0, len(synthetic), self.lineage.params.every_other.stride)))
     '''))
     monkeypatch.syspath_prepend(str(tmp_path))
+    params = {"plugins": ["my_madloop_parts"], "loop": {"mode": "every_other"}, "every_other": {"stride": 3}}
+    with pytest.raises(ParamsError, match="plugins: 'my_madloop_parts' is not allowed here.*MADLOOP_PLUGINS"):
+        validate(params)  # params alone choose no code: whoever runs madloop allows it
+    assert "my_madloop_parts" not in sys.modules
+    monkeypatch.setenv("MADLOOP_PLUGINS", "other_parts, my_madloop_parts")
     try:
-        p = validate({"plugins": ["my_madloop_parts"], "loop": {"mode": "every_other"}, "every_other": {"stride": 3}})
+        p = validate(params)
         assert p.every_other.stride == 3 and p.loop.mode == "every_other"
     finally:
         MODES.remove("every_other")
+    monkeypatch.setenv("MADLOOP_PLUGINS", "no_such_module")
     with pytest.raises(ParamsError, match="invalid params: plugins: cannot import no_such_module"):
         validate({"plugins": ["no_such_module"]})
 
@@ -180,3 +186,29 @@ def test_every_registry_finds_its_built_in_parts():
     found = {registry.kind: set(registry.names()) for registry in Registry.all}
     for kind, names in expected.items():
         assert names <= found[kind], kind
+
+
+def test_a_plugin_with_a_misspelled_hook_is_refused_at_registration():
+    from models.registry import Registry, misspelled_hooks
+    from tasks.mitigations import MITIGATIONS, Mitigation
+    from tasks.modes import MODES, LoopMode
+
+    with pytest.raises(ValueError, match="'training_weight' is not a hook of Mitigation.*'training_weights'"):
+        @MITIGATIONS.register("typo")
+        class Typo(Mitigation):
+            def training_weight(self, k, rows):  # the hook is training_weights: this would never be called
+                return None, {}
+    assert "typo" not in MITIGATIONS
+    with pytest.raises(ValueError, match="did you mean 'next_dataset'"):
+        MODES.register("typo")(type("Typo", (LoopMode,), {"next_datasets": lambda self, k, c, s: s}))
+
+    @MODES.register("helper-ok")
+    class WithHelper(LoopMode):  # a helper with a name of its own is no typo
+        def next_dataset(self, k, current, synthetic):
+            return self.shuffle(synthetic)
+
+        def shuffle(self, data):
+            return data
+    MODES.remove("helper-ok")
+    for registry in Registry.all:  # and no built-in part trips the check
+        assert all(not misspelled_hooks(entry.obj) for entry in registry.entries()), registry.kind

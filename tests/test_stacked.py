@@ -84,7 +84,7 @@ class Autoencoder(TorchFamily):
     def nll(self, module, x, weights=None):
         return (run(module, weights, x.flatten(1)) - x.flatten(1)).pow(2).sum(dim=1)
 
-    def sample(self, module, n, generator=None, temperature=1.0, weights=None):
+    def sample(self, module, n, generator=None, temperature=1.0, weights=None, penalty=False):
         device = next(module.parameters()).device
         return run(module, weights, torch.rand(n, self.data_shape[0], generator=generator, device=device))
 
@@ -164,15 +164,15 @@ def test_lineages_of_one_recipe_run_in_lockstep_and_a_group_of_one_is_the_lineag
     names = [[lin.name for lin in group] for group in lockstep_groups(lineages)]
     assert names == [["mle-s0", "mle-s1"], ["ple-s0"], ["iw-s0"], ["iw-s1"]]  # importance weights the fit itself
 
-    alone = run_generation(lineages[0], 0, real.train)
-    [together] = run_lockstep_generation(lineages[:1], 0, [real.train])
+    alone = run_generation(lineages[0], 0, lineages[0].real.train)
+    [together] = run_lockstep_generation(lineages[:1], 0, [lineages[0].real.train])
     np.testing.assert_allclose(together.next_dataset.pixels, alone.next_dataset.pixels, atol=1e-4)
     assert together.manifest["metrics"]["fid"] == pytest.approx(alone.manifest["metrics"]["fid"], rel=1e-3)
 
-    pair = run_lockstep_generation(lineages[:2], 0, [real.train] * 2)
+    pair = run_lockstep_generation(lineages[:2], 0, [lin.real.train for lin in lineages[:2]])
     for lineage, generation in zip(lineages[:2], pair):
         assert (lineage.folder / generation_files(0)["manifest"]).is_file()
         assert generation.manifest["info"]["stacked_members"] == 2
     assert not np.allclose(pair[0].next_dataset.pixels, pair[1].next_dataset.pixels, atol=1e-3)  # own seeds
     with pytest.raises(ValueError, match="cannot share a stacked fit"):
-        run_lockstep_generation([lineages[0], lineages[2]], 0, [real.train] * 2)
+        run_lockstep_generation([lineages[0], lineages[2]], 0, [lineages[0].real.train] * 2)

@@ -12,11 +12,12 @@ from scipy import stats
 
 from flows.loop import self_consuming_loop
 from models.reweighting import fairness_discrepancy, fit_density_ratio, group_weights
-from tasks.datasets import Dataset, read_parquet
+from tasks.datasets import Dataset, RealData, read_parquet
 from tasks.mitigations.dynamic_ratio import dynamic_next_dataset, dynamic_shares
 from tasks.modes import MODES
 from tasks.params import validate
 from tests.conftest import tiny
+from tests.kit import dataset_zero
 
 
 def images(n, value):
@@ -32,8 +33,10 @@ def counts(data: Dataset) -> dict:
 
 def mode(name, real, synthetic_size=None, real_fraction=0.5):
     """A loop mode serving a stand-in lineage: only what modes read (params, real data, seed, family kind)."""
-    loop = SimpleNamespace(synthetic_size=synthetic_size, real_fraction=real_fraction)
-    lineage = SimpleNamespace(params=SimpleNamespace(loop=loop), real=SimpleNamespace(train=real), seed=0,
+    loop = SimpleNamespace(synthetic_size=synthetic_size, real_fraction=real_fraction, generations=2)
+    data = SimpleNamespace(majority=3, minority=6, fresh_pool=0.5)
+    own = real if isinstance(real, RealData) else SimpleNamespace(train=real)
+    lineage = SimpleNamespace(params=SimpleNamespace(loop=loop, data=data), real=own, seed=0,
                               family=SimpleNamespace(kind="image"))
     return MODES.get(name)(lineage)
 
@@ -52,9 +55,19 @@ def test_each_mode_builds_the_documented_dataset():
     assert n == 10
     gen2_small = Dataset.synthetic(images(n, 0.6), "x", 2, "digits")
     assert counts(augment.next_dataset(1, accumulated, gen2_small)) == {("real", 0): 40, ("synthetic", 2): 10}
-    # fresh: a new real draw each generation plus the newest samples, real rows real_fraction of the whole
-    mixed = mode("fresh", real, real_fraction=1 / 3).next_dataset(1, accumulated, gen2)
-    assert counts(mixed) == {("real", 0): 20, ("synthetic", 2): 40}
+    # fresh: real rows no model has seen (the pool) in dataset 0's class mix, real_fraction of the whole
+    pool = Dataset.real(images(40, 0.2), np.r_[np.full(30, 3), np.full(10, 6)], "digits")
+    own = RealData(train=real, test=real, train_full=Dataset.concat([real, pool]), num_classes=10,
+                   train_index=np.arange(40), pool_index=np.arange(40, 80))
+    fresh = mode("fresh", own, real_fraction=1 / 3)
+    mixed, later = fresh.next_dataset(0, real, gen2), fresh.next_dataset(1, accumulated, gen2)
+    assert counts(mixed) == counts(later) == {("real", 0): 20, ("synthetic", 2): 40}
+    for data in (mixed, later):
+        assert (data.pixels[data.origin == "real"] == 0.2).all()  # from the pool, never dataset 0
+        assert np.bincount(data.label[data.origin == "real"], minlength=7)[[3, 6]].tolist() == [15, 5]
+    assert fresh.data_problem(SimpleNamespace(loop=SimpleNamespace(real_fraction=1 / 3, synthetic_size=None,
+                                                                   generations=3), data=fresh.lineage.params.data),
+                              own) is not None  # 3 x 15 threes from a pool of 30
     assert mode("replace", real).synthetic_rows() == 40 and mode("fresh", real, 25).synthetic_rows() == 25
 
 
@@ -108,22 +121,22 @@ def test_many_lineages_in_one_study_land_in_one_experiment_and_rank(project, pre
         {"name": "mle-replace", "estimator": "mle", "seeds": [0, 1]},
         {"name": "mle-accumulate", "estimator": "mle", "mode": "accumulate"},
         {"name": "mle-augment", "estimator": "mle", "mode": "augment", "real_fraction": 0.5},
-        {"name": "mle-fresh", "estimator": "mle", "mode": "fresh", "real_fraction": 0.25},
+        {"name": "mle-fresh", "estimator": "mle", "mode": "fresh", "real_fraction": 0.2},
         {"name": "mle-importance", "estimator": "mle", "mitigation": "importance"},
         {"name": "ple-importance", "estimator": "ple", "mitigation": "importance"},
         {"name": "mle-group", "estimator": "mle", "mitigation": "group"},
         {"name": "mle-dynamic", "estimator": "mle", "mitigation": "dynamic_ratio", "real_fraction": 0.3},
     ]
-    self_consuming_loop(params=tiny(lineages=lineages, mitigation={"importance": {"reference_per_class": 20}}),
-                        root=str(project))
+    self_consuming_loop(params=tiny(lineages=lineages, mitigation={"importance": {"reference_per_class": 20}},
+                                    data__fresh_pool=0.6), root=str(project))
     study = project / "data" / "studies" / "tiny"
-    n_real = len(read_parquet(study / "real" / "train.parquet"))
+    n_real = len(dataset_zero(study, "mle-accumulate"))
     assert counts(read_parquet(study / "mle-accumulate" / "dataset-002.parquet")) == {
         ("real", 0): n_real, ("synthetic", 1): n_real, ("synthetic", 2): n_real}
     assert counts(read_parquet(study / "mle-augment" / "dataset-002.parquet")) == {("real", 0): n_real,
                                                                                   ("synthetic", 2): n_real}
     assert counts(read_parquet(study / "mle-fresh" / "dataset-001.parquet")) == {
-        ("real", 0): round(n_real / 3), ("synthetic", 1): n_real}
+        ("real", 0): round(n_real / 4), ("synthetic", 1): n_real}
     assert counts(read_parquet(study / "mle-replace-s1" / "dataset-002.parquet")) == {("synthetic", 2): n_real}
     dynamic = read_parquet(study / "mle-dynamic" / "dataset-001.parquet")
     assert (dynamic.origin == "real").sum() > 0 and (dynamic.origin == "synthetic").sum() == n_real

@@ -121,7 +121,8 @@ def test_fig4_and_fig3_write_their_csv_png_and_mlflow_runs(project, prefect_serv
 def test_table1_and_fig2_run_the_loop_with_controls_and_verdicts(project, prefect_server):
     params = tiny(studies={
         "table1": {"ratios": [1, 4], "seeds": [0, 1], "estimators": ["mle", "ple", "hyper_nopenalty"],
-                   "lam_ratio": 4, "lams": [0.0, 1.0], "params": TINY_LOOP},
+                   "confirm_ratios": [4], "confirm_seeds": [2, 3], "lam_ratio": 4, "lams": [0.0, 1.0],
+                   "params": TINY_LOOP},
         "fig2": {"generations": 2, "seeds": [0, 1], "estimators": ["mle", "ple", "hyper_nopenalty"],
                  "params": TINY_LOOP}},
         train__epochs=999)  # the loop studies read their own params, not the top-level sections
@@ -138,7 +139,12 @@ def test_table1_and_fig2_run_the_loop_with_controls_and_verdicts(project, prefec
     assert manifest["recipe"]["ple.lam"] == 1.0 and manifest["recipe"]["train.epochs"] == 3
     uses = read(folder / "uses_input.csv")[0]
     assert float(uses["relative_weight_distance"]) > 0  # H emits other weights for other inputs
-
+    runs = read(folder / "table1_runs.csv")
+    confirmation = {(float(r["ratio"]), r["estimator"], r["seed"]) for r in runs if r["phase"] == "confirmation"}
+    assert confirmation == {(4.0, e, s) for e in ("mle", "ple", "hyper_nopenalty") for s in ("2", "3")}
+    assert all(r["seed"] in ("0", "1") for r in summary_runs(runs))  # the table summarises the screening seeds
+    labeller = json.loads((folder / "labeller.json").read_text())
+    assert 0.5 < labeller["accuracy"] <= 1 and 0 <= labeller["recall_minority"] <= 1
     paper_study("fig2", params=params, root=str(project))
     fig2 = read(project / "reports" / "fig2" / "fig2.csv")
     assert sorted((s["estimator"], s["generation"], s["runs"]) for s in fig2) == [
@@ -155,8 +161,10 @@ def test_table1_and_fig2_run_the_loop_with_controls_and_verdicts(project, prefec
     assert "a resumed run: 12 of its 12 generations were finished by an earlier run" in run_time(timing)
     results = write_results(project).read_text()
     for heading in ("## Table 1", "## Fig. 2", "PLE degrades more slowly than MLE", "Lambda sweep",
-                    "Does H use its input?"):
+                    "Does H use its input?", "the premise", "Pre-registered confirmation", "tests in all",
+                    "Labeller", "KID-based"):
         assert heading in results
+    assert "partly" not in results
 
 
 
@@ -189,6 +197,9 @@ def test_the_lambda_study_sweeps_both_units_beside_its_controls(project, prefect
     assert (folder / "lambda.png").is_file()
     results = write_results(project).read_text()
     assert "## The lambda study" in results and "(b) as lambda grows PLE converges to MLE" in results
+
+def summary_runs(runs: list[dict]) -> list[dict]:
+    return [r for r in runs if r["phase"] == "screening"]
 
 def test_vectorized_em_reaches_scikit_learns_likelihood():
     from models.families.gmm import GaussianMixture1D, em_batch
@@ -264,18 +275,11 @@ def test_paired_comparison_finds_a_real_shift_and_not_noise():
     assert mean == 2.0 and low < 2.0 < high and high - 2.0 == pytest.approx(2.0 - low)
 
 
-def test_verdict_rules_fail_when_they_should():
+def test_studies_decide_claims_by_the_one_verdict_rule():
     from flows.studies import verdict_from
-    from tasks.stats import paired
+    from tasks.stats import paired, verdict
 
     rng = np.random.default_rng(1)
     base = rng.normal(0, 1, 8)
-    better = [paired(base + 1 + rng.normal(0, 0.1, 8), base) for _ in range(3)]
-    noise = [paired(base + rng.normal(0, 0.5, 8), base) for _ in range(3)]
-    worse = [paired(base - 1 + rng.normal(0, 0.1, 8), base) for _ in range(3)]
-    assert verdict_from(better) == "reproduced" and verdict_from(worse, "negative") == "reproduced"
-    assert verdict_from(worse) == "not reproduced" and verdict_from(better, "negative") == "not reproduced"
-    assert verdict_from(better[:1] + worse[:2]) == "not reproduced"  # a claim contradicted in most conditions
-    assert verdict_from(better[:2] + worse[:1]) == "partly"  # confirmed in most, contradicted in one
-    assert verdict_from(noise) in ("partly", "not reproduced")
-    assert verdict_from([paired([1.0], [0.0])]) == "not tested"
+    mixed = [paired(base + d + rng.normal(0, 0.1, 8), base) for d in (1.0, 1.0, -1.0, 0.0)]
+    assert verdict_from(mixed) == verdict(mixed) == "inconclusive"

@@ -150,17 +150,18 @@ def test_cheap_generations_are_batched_summarised_over_seeds_and_recorded_again_
         assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "kl")) == [0, 1, 2]
         contexts = [context(i) for i in parent.inputs.dataset_inputs]
         assert contexts.count("produced") == 3 and contexts.count("training") == 1  # datasets 1-3; the real data
-    # the recipe: mean and 95% t-interval over its seeds, in recipes.csv, summary.md and MLflow
-    kl = np.array([[r["kl"] for r in rows if r["generation"] == k] for k in range(3)])
-    half = stats.t.ppf(0.975, 2) * kl.std(axis=1, ddof=1) / math.sqrt(3)
+    # the recipe: a KL is positive and skewed, so its centre and 95% interval over seeds are the geometric mean and a
+    # t-interval on the log scale (tasks.stats), in recipes.csv, summary.md and MLflow
+    log_kl = np.log(np.array([[r["kl"] for r in rows if r["generation"] == k] for k in range(3)]))
+    half = stats.t.ppf(0.975, 2) * log_kl.std(axis=1, ddof=1) / math.sqrt(3)
     recipes = (project / "reports" / "tiny" / "recipes.csv").read_text().splitlines()
     assert recipes[0].startswith("recipe,generation,seeds,param.mean,param.mean_low,param.mean_high")
     assert len(recipes) == 4 and all(line.startswith(f"mle,{k},3,") for k, line in enumerate(recipes[1:]))
-    assert "## Recipes: mean ± half-width" in (project / "reports" / "tiny" / "summary.md").read_text()
+    assert "## Recipes: centre [95% interval] over seeds" in (project / "reports" / "tiny" / "summary.md").read_text()
     mean_run = next(r for r in runs if r.data.tags.get("madloop.kind") == "recipe")
     assert mean_run.info.run_name == "mle (mean of 3 seeds)"
     history = {m.step: m.value for m in client.get_metric_history(mean_run.info.run_id, "kl_ci_high")}
-    assert [history[k] for k in range(3)] == pytest.approx(kl.mean(axis=1) + half, rel=1e-9)
+    assert [history[k] for k in range(3)] == pytest.approx(np.exp(log_kl.mean(axis=1) + half), rel=1e-9)
 
     # records lost (as by a kill before a batch was sent; here a fresh store): the next run, which has nothing left
     # to compute, records them again from the manifests, once each
@@ -191,7 +192,7 @@ def test_show_reads_a_study_run_with_overrides_from_disk(project, prefect_server
     assert cli(["show", "nothing-here"]) == 1
 
 
-def test_recipe_summary_is_the_mean_and_t_interval_over_seeds_for_every_family():
+def test_recipe_summary_gives_each_quantity_its_interval_over_seeds_for_every_family():
     p = validate(tiny(lineages=[{"name": "mle", "seeds": [0, 1, 2]}, "ple"]))
     fids = {"mle-s0": [10.0, 20.0], "mle-s1": [12.0, 26.0], "mle-s2": [14.0, math.nan], "ple": [9.0, 11.0]}
     rows = [{"lineage": name, "estimator": name.split("-")[0], "generation": k, "fid": fid, "recall": 0.5,
@@ -201,16 +202,20 @@ def test_recipe_summary_is_the_mean_and_t_interval_over_seeds_for_every_family()
     assert [(e["recipe"], e["generation"], e["seeds"]) for e in recipes] == [
         ("mle", 0, 3), ("mle", 1, 3), ("ple", 0, 1), ("ple", 1, 1)]
     first = recipes[0]
-    half = stats.t.ppf(0.975, 2) * 2.0 / math.sqrt(3)
-    assert (first["fid"], first["fid_low"], first["fid_high"]) == pytest.approx((12.0, 12.0 - half, 12.0 + half))
-    assert recipes[1]["fid"] == 23.0  # an undefined seed is left out of the mean
+    logs = np.log([10.0, 12.0, 14.0])  # FID: geometric mean and the t-interval of the logs
+    half = stats.t.ppf(0.975, 2) * logs.std(ddof=1) / math.sqrt(3)
+    assert (first["fid"], first["fid_low"], first["fid_high"]) == pytest.approx(
+        (stats.gmean([10.0, 12.0, 14.0]), math.exp(logs.mean() - half), math.exp(logs.mean() + half)))
+    assert recipes[1]["fid"] == pytest.approx(stats.gmean([20.0, 26.0]))  # an undefined seed is left out ...
+    assert recipes[1]["fid_defined"] == 2  # ... and counted
     assert math.isnan(recipes[2]["fid_low"])  # one seed: no interval
-    assert "| mle | 0 | 3 | 12 ± " in summary_markdown(p, rows, recipes)
+    text = summary_markdown(p, rows, recipes)
+    assert "| mle | 0 | 3 | 11.89 [7.82, 18.1] |" in text and "(1 of 3 seeds n/a)" in text
 
     one_d = validate(tiny(model__family="uniform", data__source="model", lineages=[{"name": "mle", "seeds": [0, 1]}]))
     rows = [{"lineage": f"mle-s{s}", "estimator": "mle", "generation": 0, "param.a": a, "kl": 0.1, "wasserstein": 0.2}
             for s, a in enumerate([0.9, 1.1])]
-    assert recipe_summary(one_d, rows, one_d.lineages)[0]["param.a"] == pytest.approx(1.0)
+    assert recipe_summary(one_d, rows, one_d.lineages)[0]["param.a"] == pytest.approx(math.sqrt(0.99))  # a scale
 
 
 def test_offline_plots_page_loads_no_script_from_the_network(tmp_path):
@@ -273,3 +278,57 @@ def test_logged_model_names_are_what_mlflow_accepts_for_any_lineage_name():
     assert logged_model_name("mle", 3) == "mle-gen003"
     assert logged_model_name("ple-lam0.01-s0", 0) == "ple-lam0_01-s0-gen000"
     assert not set("/:.%\"'") & set(logged_model_name("a/b:c.d%e\"f'g", 12))
+
+
+def test_log_lines_are_routed_through_the_bars_console_and_back():
+    """In a terminal, the progress bars' console writes every log line above the bars: the handlers that wrote to
+    the terminal (a rich console of their own, as Prefect's, or a plain stream) write through it meanwhile."""
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from tasks.progress import logs_to, terminal_handlers
+
+    terminal, above, bars = io.StringIO(), io.StringIO(), io.StringIO()
+    logger = logging.getLogger("madloop-test-terminal")
+    plain, styled = logging.StreamHandler(terminal), logging.StreamHandler(terminal)
+    styled.console = Console(file=terminal)
+    styled.emit = lambda record: styled.console.print(record.getMessage())  # as Prefect's console handler does
+    logger.addHandler(plain)
+    logger.addHandler(styled)
+    try:
+        assert {id(h) for h in terminal_handlers((terminal,))} >= {id(plain), id(styled)}
+        with logs_to([plain, styled], Console(file=bars, markup=False), above):
+            logger.warning("[mle] generation 3")
+        logger.warning("after")
+    finally:
+        logger.removeHandler(plain)
+        logger.removeHandler(styled)
+    assert above.getvalue() == "[mle] generation 3\n" and bars.getvalue() == "[mle] generation 3\n"
+    assert terminal.getvalue() == "after\nafter\n"
+
+
+def test_log_lines_say_times_and_batches_as_a_person_reads_them():
+    from tasks.progress import duration, generation_line
+
+    assert [duration(s) for s in (280.4, 12.0, 2.06, 0.652, 0.0123, 0.00033)] == [
+        "280 s", "12 s", "2.1 s", "652 ms", "12 ms", "0.33 ms"]
+    assert generation_line("mle", 3, 3, 5, "FID 4.5", 2.06) == "[mle] generation 3 (of 0-4): FID 4.5  fit 2.1 s"
+    assert generation_line("mle", 0, 2, 5, "kl 0.1", 0.00033) == (
+        "[mle] generations 0-2 (of 0-4; recorded as one batch), the last: kl 0.1  fit 0.33 ms")
+
+
+def test_metrics_json_holds_each_lineages_summary_scores_fid_first():
+    """`dvc metrics show` and `dvc exp show` draw one column per value of metrics.json: the terminal table's scores
+    of each lineage's last generation, not every score (generations.csv has those)."""
+    from tasks.reports import final_metrics
+
+    p = validate(tiny(lineages=["mle", "ple"]))
+    rows = [{"lineage": name, "estimator": name, "generation": k, "fid": 10.0 + k, "precision": 0.5, "recall": 0.2,
+             "minority_share": 0.1, "r_fair": math.nan, "kid": 1.0, "density": 0.9, "fit_seconds": 1.0}
+            for name in ("mle", "ple") for k in (0, 1)]
+    final = final_metrics(p, rows)
+    assert list(final) == ["mle", "ple"]
+    assert list(final["mle"]) == ["fid", "precision", "recall", "minority_share", "r_fair", "generation"]
+    assert final["mle"]["fid"] == 11.0 and final["mle"]["generation"] == 1 and final["mle"]["r_fair"] is None

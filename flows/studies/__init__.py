@@ -17,7 +17,7 @@ import platform
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +30,7 @@ from models.registry import Registry, Settings
 from tasks.layout import RESULTS_MD, TIMING_JSON, reports_folder, studies_folder
 from tasks.params import Params, ParamsError, flatten, validate
 from tasks.storage import write_atomic, write_json_atomic
+from tasks.stats import VERDICT_RULE, adjusted, verdict
 from tasks.tracking import log_study_run, tracking_uri
 
 PAPER = "Mayer et al., Improving Fairness and Mitigating MADness in Generative Models"
@@ -202,12 +203,14 @@ def seed_lineages(estimators: list[str], seeds: list[int], **extra: dict[str, An
 
 @dataclass
 class Claim:
-    """One claim of the paper, the rule that decides it (stated before the numbers), the evidence, the verdict."""
+    """One claim of the paper, the rule that decides it (stated before the numbers), the evidence, the verdict,
+    and how many tests (conditions) it took, for the study's count of tests."""
 
     claim: str
     rule: str
     evidence: str
-    verdict: str  # reproduced | partly | not reproduced | not tested
+    verdict: str  # reproduced | inconclusive | not reproduced | not tested | void (a failed sanity rule)
+    tests: int = 1
 
     def markdown(self) -> list[str]:
         return [f"- **{self.claim}** — verdict: **{self.verdict}**", f"  - Rule: {self.rule}",
@@ -215,23 +218,20 @@ class Claim:
 
 
 def verdict_from(comparisons: list, direction: str = "positive") -> str:
-    """The verdict of one claim tested once per condition (a ``tasks.stats.Comparison`` each, a - b, where the
-    claim says ``direction`` of the difference): reproduced when the 95% interval lies on the claimed side in at
-    least half the conditions and on the other side in none; partly when the mean is on the claimed side in at
-    least half; not reproduced otherwise (or when nothing could be tested)."""
-    tested = [c for c in comparisons if c.n >= 2 and math.isfinite(c.low)]
-    if direction != "positive":  # the claim says a < b: test b - a > 0
-        tested = [replace(c, mean=-c.mean, low=-c.high, high=-c.low) for c in tested]
-    if not tested:
-        return "not tested"
-    confirmed = sum(c.low > 0 for c in tested)
-    against = sum(c.high < 0 for c in tested)
-    leaning = sum(c.mean > 0 for c in tested)
-    if confirmed * 2 >= len(tested) and against == 0:
-        return "reproduced"
-    if leaning * 2 >= len(tested):
-        return "partly"
-    return "not reproduced"
+    """The verdict of one claim tested once per condition: ``tasks.stats.verdict`` (Holm across the conditions;
+    reproduced / inconclusive / not reproduced)."""
+    return verdict(comparisons, direction)
+
+
+def holm_texts(comparisons: list) -> list[str]:
+    """Each condition's comparison as text, with its Holm-adjusted p across the claim's conditions."""
+    return [c.text() for c in adjusted(comparisons)]
+
+
+def tests_line(claims: list[Claim]) -> str:
+    """The line a RESULTS.md section states its number of tests with."""
+    return (f"{len(claims)} claims, {sum(c.tests for c in claims)} tests in all; within a claim p-values are "
+            f"Holm-adjusted across its conditions; verdict rule: {VERDICT_RULE}.")
 
 
 def loop_generations(project: Path, studies: list[str], started_at: float) -> dict[str, int]:
@@ -252,6 +252,15 @@ STYLE = {"mle": ("tab:red", "MLE"), "ple": ("tab:blue", "PLE (hypernetwork)"),
 def style(estimator: str) -> tuple[str, str]:
     """(colour, label) of an estimator in every figure."""
     return STYLE.get(estimator, ("tab:purple", estimator))
+
+
+def errors(sel: list[dict], key: str) -> list[list[float]]:
+    """Asymmetric error bars from summaries' 95% intervals (``{key}_low``, ``{key}_high``; zero where undefined)."""
+    def gap(a: float, b: float) -> float:
+        return max(a - b, 0.0) if math.isfinite(a) and math.isfinite(b) else 0.0
+
+    return [[gap(num(s[key]), num(s.get(f"{key}_low"))) for s in sel],
+            [gap(num(s.get(f"{key}_high")), num(s[key])) for s in sel]]
 
 
 def pyplot():

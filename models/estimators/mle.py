@@ -7,8 +7,9 @@ import time
 import numpy as np
 import torch
 
-from models.estimators import (ESTIMATORS, Progress, TrainSettings, adam, compiled, finish_batchnorm, minibatches,
-                               mixed_precision, timed, weighted_mean)
+from models.estimators import (ESTIMATORS, FamilyOptimizer, Progress, TrainSettings, batches_per_epoch, compiled,
+                               finish_batchnorm, held_out_nll, hold_out, minibatches, mixed_precision, timed,
+                               weighted_mean)
 from models.families import FittedTorchModel, TorchFamily
 
 
@@ -17,7 +18,8 @@ def fit_mle(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, seed: i
             sample_weight: np.ndarray | None = None, progress: Progress | None = None,
             init: dict[str, torch.Tensor] | None = None) -> FittedTorchModel:
     """Maximum likelihood: the family's own closed form or EM when it has one (1-D families), otherwise Adam on
-    the family's parameters over ``train.epochs`` passes through x (the VAE: the negative ELBO). ``init``: start
+    the family's parameters over ``train.epochs`` passes through x (the VAE: the negative ELBO), as the family's
+    ``training_recipe`` asks (Adam's betas, learning-rate decay, weight average, early stopping). ``init``: start
     from these tensors (a state dict of the family's module) instead of a fresh initialization: fine-tuning. A
     family may train part of its module otherwise (``trained_parameters``, ``auxiliary_step``: a GAN's
     discriminator)."""
@@ -32,7 +34,10 @@ def fit_mle(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, seed: i
         module.load_state_dict(init)
     data = torch.as_tensor(x, dtype=torch.float32, device=device)
     weight = None if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float32, device=device)
-    optimizer = adam(family.trained_parameters(module).values(), train.lr, device)
+    recipe = family.training_recipe()  # the family's betas, learning-rate decay, weight average, early stopping
+    data, weight, held, held_weight = hold_out(recipe, data, weight, seed)
+    optimizer = FamilyOptimizer(recipe, family.trained_parameters(module).values(), train.lr, device,
+                                train.epochs * batches_per_epoch(len(data), train.batch_size))
     auxiliary = family.auxiliary_step(module, train.lr, device)  # a GAN's discriminator step; None for the others
     loss_of = compiled(lambda batch, w: weighted_mean(family.nll(module, batch), w), train.compile)
 
@@ -49,7 +54,10 @@ def fit_mle(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, seed: i
             optimizer.step()
         if progress is not None:
             progress(epoch + 1, train.epochs)
+        if optimizer.stop(lambda: held_out_nll(family, module, None, held, held_weight)):
+            break
+    recipe_info = optimizer.finish()  # the fitted weights: the best held-out check's, the average or the last
     finish_batchnorm(family, module, None, data, train)
     module.eval()
-    info = {"train_loss": float(loss.detach()), "fit_seconds": time.perf_counter() - started}
+    info = {"train_loss": float(loss.detach()), "fit_seconds": time.perf_counter() - started, **recipe_info}
     return FittedTorchModel(family, module, info=info)

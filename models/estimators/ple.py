@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from pydantic import Field, PositiveInt
 
-from models.estimators import (ESTIMATORS, Progress, TrainSettings, adam, compiled, finish_batchnorm, minibatches,
-                               mixed_precision, weighted_mean)
+from models.estimators import (ESTIMATORS, FamilyOptimizer, Progress, TrainSettings, batches_per_epoch, compiled,
+                               finish_batchnorm, held_out_nll, hold_out, minibatches, mixed_precision, weighted_mean)
 from models.families import FittedTorchModel, TorchFamily
 from models.hypernet import FixedInputHyperNetwork, HyperNetwork
 from models.penalty import penalized
@@ -81,7 +81,9 @@ def fit_ple(family: TorchFamily, x: np.ndarray, *, train: TrainSettings, ple: PL
 
     H emits the weights the family trains through its NLL (``family.trained_parameters``: all of them, a GAN's
     generator's); a family's ``auxiliary_step`` (a GAN's discriminator update) runs before every step, against
-    the model H(X) defines.
+    the model H(X) defines. The family's ``training_recipe`` applies to H's parameters as MLE applies it to the
+    family's (Adam's betas, learning-rate decay, their moving average, early stopping on the held-out NLL of H over
+    the rows it fits; those rows are then the "whole training set" the fitted weights are H of).
     """
     return train_hypernetwork(HyperNetwork, family, x, train=train, ple=ple, seed=seed, device=device,
                               sample_weight=sample_weight, progress=progress, groups=groups)
@@ -116,7 +118,10 @@ def train_hypernetwork(network: type[HyperNetwork], family: TorchFamily, x: np.n
     hyper = network(target, features.flatten(1).shape[1], list(ple.hidden), ple.rank,
                     family.trained_parameters(target)).to(device)
     weight = None if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float32, device=device)
-    optimizer = adam(hyper.parameters(), train.lr, device)
+    recipe = family.training_recipe()  # as MLE: the family's betas, learning-rate decay, average, early stopping
+    data, weight, held, held_weight = hold_out(recipe, data, weight, seed)
+    optimizer = FamilyOptimizer(recipe, hyper.parameters(), train.lr, device,
+                                train.epochs * batches_per_epoch(len(data), train.batch_size))
     auxiliary = family.auxiliary_step(target, train.lr, device)  # a GAN's discriminator step; None for the others
     dims = family.nll_units()
     every = ple.penalty_every
@@ -148,8 +153,13 @@ def train_hypernetwork(network: type[HyperNetwork], family: TorchFamily, x: np.n
         history["penalty"].append(float(penalty_sum) / penalty_steps if penalty_steps else math.nan)
         if progress is not None:
             progress(epoch + 1, train.epochs)
+        if optimizer.stop(lambda: held_out_nll(family, target, final_weights(family, hyper, data), held, held_weight)):
+            break
 
-    return finish(family, target, hyper, data, train, ple, history, started, seed, groups)
+    recipe_info = optimizer.finish()  # H's fitted weights: the best held-out check's, the average or the last
+    model = finish(family, target, hyper, data, train, ple, history, started, seed, groups)
+    model.info.update(recipe_info)
+    return model
 
 
 def finish(family: TorchFamily, target: torch.nn.Module, hyper: HyperNetwork, data: torch.Tensor,
@@ -234,7 +244,7 @@ def penalty(family: TorchFamily, target: torch.nn.Module, hyper: HyperNetwork, e
     evaluated, over every emitted weight or the sampled ``entries`` (an unbiased estimate of the same mean)."""
     differences = []
     for _ in range(m):
-        y = family.sample(target, size, generator, weights=weights)
+        y = family.sample(target, size, generator, weights=weights, penalty=True)
         differences.append(hyper.difference(hyper.embed(family.hyper_features(y)), e_x, entries, allow_sparse))
     return eq5_penalty(torch.stack(differences), "per_set", reduction, hyper.num_emitted)
 

@@ -52,11 +52,13 @@ OWN_TRAINING_HOOKS = ("auxiliary_step", "trained_parameters")
 
 def stackable(name: str, family: TorchFamily) -> bool:
     """Whether :func:`fit_stacked` can fit ``family`` with the named estimator: it trains the family by minibatches
-    of its NLL (no closed form, no training hooks of the family's own)."""
+    of its NLL with plain Adam (no closed form, no training hooks of the family's own, the default training recipe:
+    no learning-rate decay, weight average or early stopping)."""
     obj = ESTIMATORS.entry(name).obj
     own_hooks = any(getattr(type(family), hook, None) is not getattr(TorchFamily, hook, None)
                     for hook in OWN_TRAINING_HOOKS)
-    return not own_hooks and (obj is fit_ple or (obj is fit_mle and not hasattr(family, "fit_mle")))
+    minibatches = obj is fit_ple or (obj is fit_mle and not hasattr(family, "fit_mle"))
+    return not own_hooks and family.training_recipe().plain and minibatches
 
 
 def fit_stacked(name: str, family: TorchFamily, xs: Sequence[np.ndarray], *, seeds: Sequence[int],

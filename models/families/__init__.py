@@ -7,8 +7,14 @@ hypernetwork uses (it emits weights, the family runs them); MLE simply passes ``
 
 Hooks with defaults that every family but one or two leaves alone: ``trained_parameters`` (what the estimators'
 objective trains and the hypernetwork emits; a GAN: its generator's), ``auxiliary_step`` (a step before each
-training step; a GAN: its discriminator's), ``nll_units`` (what PLE divides the NLL by) and ``held_out_scores``
-(extra per-family metrics of held-out real images the image scorer records; a flow: bits per dimension).
+training step; a GAN: its discriminator's), ``nll_units`` (what PLE divides the NLL by), ``held_out_scores``
+(extra per-family metrics of held-out real images the image scorer records; a flow: bits per dimension) and
+``training_recipe`` (what the gradient estimators add to plain Adam for this family: a learning-rate decay, a
+weight average to sample with, early stopping on held-out rows, Adam's betas; :class:`TrainingRecipe`).
+
+``sample(..., penalty=True)`` is how PLE's penalty asks for its synthetic sets: a family may sample more cheaply
+there (the diffusion model: a few DDIM steps); everything else (scoring, the next dataset) samples with
+``penalty=False``, the family's own sampler. Nothing depends on the autograd mode.
 
 A family is registered by name (``model.family`` in params.yaml) with its settings, which live at
 ``model.<name>`` in params::
@@ -53,6 +59,33 @@ def run(module: nn.Module, weights: dict[str, torch.Tensor] | None, *args: torch
     return functional_call(module, weights, args, kwargs, strict=False, tie_weights=False)  # no tied weights here
 
 
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """What the gradient estimators (``mle``, ``ple``, ``hyper_nopenalty``) add to Adam at ``train.lr`` over
+    ``train.epochs`` for one family; every estimator applies it alike, so estimators are compared under one recipe.
+    Its values come from the family's settings (their one home, so they are in the resume hash); the default adds
+    nothing. ``models.estimators.FamilyOptimizer`` applies it."""
+
+    lr: float | None = None  # Adam's learning rate for this family; None: the estimator's (train.lr)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's (beta1, beta2) for the trained parameters
+    lr_decay: str = "constant"  # constant | cosine: from the learning rate to 0 over the fit's steps (Loshchilov &
+    # Hutter 2017)
+    ema_decay: float | None = None  # fitted weights: an exponential moving average of the trained ones; None: the last
+    holdout: float = 0.0  # share of the training rows held out to stop early on their NLL; 0: no early stopping
+    patience: int = 0  # epochs without a better held-out NLL before stopping (the best weights are restored)
+    check_every: int = 1  # epochs between held-out checks
+
+    def __post_init__(self):
+        if self.lr_decay not in ("constant", "cosine"):
+            raise ValueError(f"lr_decay: constant or cosine, got {self.lr_decay!r}")
+
+    @property
+    def plain(self) -> bool:
+        """Nothing added: Adam at the estimator's learning rate with its default betas, the last weights."""
+        return (self.lr is None and tuple(self.betas) == (0.9, 0.999) and self.lr_decay == "constant"
+                and self.ema_decay is None and self.holdout <= 0)
+
+
 AuxiliaryStep = Callable[[torch.Tensor, "dict[str, torch.Tensor] | None", "torch.Tensor | None"], None]
 
 
@@ -75,8 +108,9 @@ class TorchFamily:
         raise NotImplementedError
 
     def sample(self, module: nn.Module, n: int, generator: torch.Generator | None = None,
-               temperature: float = 1.0, weights=None) -> torch.Tensor:
-        """n samples, shape [n, *data_shape]; differentiable in ``weights`` where the family allows."""
+               temperature: float = 1.0, weights=None, penalty: bool = False) -> torch.Tensor:
+        """n samples, shape [n, *data_shape]; differentiable in ``weights`` where the family allows. ``penalty``:
+        the synthetic sets of PLE's penalty, which a family may draw with a cheaper sampler (module docstring)."""
         raise NotImplementedError
 
     def hyper_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,6 +140,11 @@ class TorchFamily:
     def held_out_scores(self, module: nn.Module, weights, x: torch.Tensor, seed: int) -> dict[str, float]:
         """Extra metrics of held-out real images x (columns :attr:`held_out_columns`); none by default."""
         return {}
+
+    def training_recipe(self) -> TrainingRecipe:
+        """What the gradient estimators add to plain Adam for this family (:class:`TrainingRecipe`); nothing by
+        default."""
+        return TrainingRecipe()
 
 
 def build_family(name: str, data_shape: tuple[int, ...], model_section) -> TorchFamily:

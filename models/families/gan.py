@@ -6,7 +6,7 @@ The module holds both networks. The estimators train the **generator** through `
 
 - ``nll`` stands in for the NLL with the generator loss -log D(G(z)) = softplus(-D(G(z))), one fresh z per row
   of the batch (it is per image, so ``nll_units`` is 1: PLE uses it as it is, not divided by the pixels);
-- the discriminator step: Adam (betas 0.5, 0.999, lr ``d_lr`` or the estimator's) on
+- the discriminator step: Adam (the family's ``betas``, the generator's too; lr ``d_lr`` or the estimator's) on
   softplus(-D(x)) + softplus(D(G(z))) + r1/2 |grad_x D(x)|^2 for the real batch x (weighted by the batch's
   sample weights when a mitigation gives some) and as many samples of the current generator, which it does not
   train. The R1 penalty (Mescheder et al. 2018) is what makes this GAN train on 164 digits at all: without it
@@ -25,10 +25,10 @@ from math import prod
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 from torch import nn
 
-from models.families import FAMILIES, TorchFamily, run, sub_weights
+from models.families import FAMILIES, TorchFamily, TrainingRecipe, run, sub_weights
 from models.registry import Settings
 
 
@@ -39,6 +39,16 @@ class GANSettings(Settings):
     negative_slope: float = Field(0.2, ge=0.0)
     d_lr: PositiveFloat | None = None  # discriminator's Adam learning rate; null = the estimator's (train.lr)
     r1: float = Field(10.0, ge=0.0)  # R1 gradient penalty on real images (Mescheder et al. 2018); 0 = off
+    # Adam's (beta1, beta2), the same for the generator and the discriminator: StyleGAN2's for this loss with R1
+    # (Karras et al. 2020), and the best of three measured (docs/families.md, "GAN")
+    betas: list[float] = Field(default_factory=lambda: [0.0, 0.99], min_length=2, max_length=2)
+
+    @field_validator("betas")
+    @classmethod
+    def betas_in_range(cls, value: list[float]) -> list[float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"each of Adam's betas must be in [0, 1), got {list(value)}")
+        return value
 
 
 def leaky_mlp(sizes: list[int], negative_slope: float) -> nn.Sequential:
@@ -80,7 +90,7 @@ class GANFamily(TorchFamily):
         z = torch.randn(len(x), module.latent_dim, device=x.device)
         return F.softplus(-module.discriminator(self.generate(module, z, weights))).squeeze(1)
 
-    def sample(self, module, n, generator=None, temperature=1.0, weights=None):
+    def sample(self, module, n, generator=None, temperature=1.0, weights=None, penalty=False):
         z = torch.randn(n, module.latent_dim, generator=generator, device=next(module.parameters()).device)
         return self.generate(module, z * temperature, weights).reshape(n, *self.data_shape)
 
@@ -90,9 +100,12 @@ class GANFamily(TorchFamily):
     def nll_units(self) -> float:
         return 1.0
 
+    def training_recipe(self) -> TrainingRecipe:
+        return TrainingRecipe(betas=tuple(self.settings.betas))  # the generator's Adam: the discriminator's betas
+
     def auxiliary_step(self, module, lr, device):
         d = module.discriminator
-        optimizer = torch.optim.Adam(d.parameters(), lr=self.settings.d_lr or lr, betas=(0.5, 0.999),
+        optimizer = torch.optim.Adam(d.parameters(), lr=self.settings.d_lr or lr, betas=tuple(self.settings.betas),
                                      fused=device.type in ("cpu", "cuda"))
 
         def discriminator_step(batch: torch.Tensor, weights, batch_weight: torch.Tensor | None) -> None:

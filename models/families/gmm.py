@@ -85,6 +85,10 @@ class GaussianMixture1D(ScalarFamily):
     def true_estimates(self):
         return self.flat(self.true_natural())
 
+    def estimate_scales(self):
+        return {name: {"mean": "linear", "var": "log", "weight": "unit"}[name.split("_")[0]]
+                for name in self.true_estimates()}
+
     def log_density(self, params, y):
         means = np.array([params["mean_0"], params["mean_1"]])
         stds = np.sqrt([params["var_0"], params["var_1"]])

@@ -1,12 +1,23 @@
 """The paper's VAE (§5.1): fully connected encoder and decoder, each layer Linear -> BatchNorm -> LeakyReLU.
 
 Pixels are intensities in [0, 1] and the decoder is Bernoulli (binary cross-entropy on logits), as in the
-usual MNIST VAE; a sample is the decoder's mean image, which is what the next generation trains on.
+usual MNIST VAE. A sample decodes z ~ N(0, temperature^2 I) to the pixels' Bernoulli means p = sigmoid(logits);
+``sampling`` says what the sample then is, and so what the next generation trains on:
+
+- ``mean``: the image p itself (the usual picture of a VAE's sample; no pixel noise, so each generation's data
+  are smoother than the model's own likelihood says: a modelling choice that shrinks variance by construction);
+- ``bernoulli``: a draw of the decoder's likelihood, each pixel 1 with probability p, else 0 (binary images,
+  whose per-pixel variance p(1 - p) is what the model was fitted to say). Inside PLE's penalty the draw passes
+  the gradient straight through (its value is the draw, its gradient that of p), so Y_j stay differentiable in
+  the emitted weights, as the flow's rounding does.
+
+docs/families.md measures what each does to the MAD curve and says why the default is what it is.
 """
 
 from __future__ import annotations
 
 from math import prod
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +32,7 @@ class VAESettings(Settings):
     hidden: list[PositiveInt] = Field(default_factory=lambda: [128, 128], min_length=1)  # encoder; decoder mirrors
     latent_dim: PositiveInt = 8
     negative_slope: float = Field(0.2, ge=0.0)
+    sampling: Literal["mean", "bernoulli"] = "mean"  # a sample: the decoder's mean image, or a Bernoulli draw of it
 
 
 def mlp_stack(sizes: list[int], negative_slope: float) -> nn.Sequential:
@@ -69,9 +81,12 @@ class VAEFamily(TorchFamily):
     def nll(self, module, x, weights=None):
         return run(module, weights, x.flatten(1))
 
-    def sample(self, module, n, generator=None, temperature=1.0, weights=None):
+    def sample(self, module, n, generator=None, temperature=1.0, weights=None, penalty=False):
         device = next(module.parameters()).device
         # The latent prior's temperature is the sampling-bias knob: < 1 cherry-picks typical samples.
         z = torch.randn(n, self.settings.latent_dim, generator=generator, device=device) * temperature
-        logits = run(module.decoder, sub_weights(weights, "decoder"), z)
-        return torch.sigmoid(logits).reshape(n, *self.data_shape)
+        p = torch.sigmoid(run(module.decoder, sub_weights(weights, "decoder"), z))
+        if self.settings.sampling == "bernoulli":
+            draw = torch.bernoulli(p.detach(), generator=generator)
+            p = p + (draw - p).detach()  # the draw's value, p's gradient (straight through)
+        return p.reshape(n, *self.data_shape)

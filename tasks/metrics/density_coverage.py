@@ -31,7 +31,7 @@ class DensityCoverage(ImageMetric):
     """Naeem et al.'s density and coverage of the samples against the held-out reference (prdc)."""
 
     order = 30
-    columns = (Column("density", better="higher"), Column("coverage", better="higher"))
+    columns = (Column("density", better="higher", scale="log"), Column("coverage", better="higher", scale="unit"))
 
     @classmethod
     def compute(cls, scorer, samples, labels, seed):

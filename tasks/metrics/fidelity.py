@@ -15,11 +15,12 @@ class Fidelity(ImageMetric):
     """torch-fidelity's FID, KID (mean and std), precision and recall."""
 
     order = 10
-    columns = (Column("fid", headline=True, summary=True, rank=True, better="lower"),
-               Column("kid", headline=True, better="lower"),
-               Column("precision", headline=True, summary=True, better="higher"),
-               Column("recall", headline=True, summary=True, rank=True, better="higher"),
-               Column("fid_se"), Column("precision_se"), Column("recall_se"), Column("kid_std"))
+    columns = (Column("fid", headline=True, summary=True, rank=True, better="lower", scale="log"),
+               Column("kid", headline=True, better="lower", scale="log"),
+               Column("precision", headline=True, summary=True, better="higher", scale="unit"),
+               Column("recall", headline=True, summary=True, rank=True, better="higher", scale="unit"),
+               Column("fid_se", scale="log"), Column("precision_se", scale="log"), Column("recall_se", scale="log"),
+               Column("kid_std", scale="log"))
 
     @classmethod
     def compute(cls, scorer, samples, labels, seed):

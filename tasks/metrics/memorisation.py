@@ -25,7 +25,7 @@ class Memorisation(ImageMetric):
     """Share of samples much closer to a real training image than training images are to each other."""
 
     order = 40
-    columns = (Column("memorisation_rate", better="lower"),)
+    columns = (Column("memorisation_rate", better="lower", scale="unit"),)
 
     @classmethod
     def compute(cls, scorer, samples, labels, seed):

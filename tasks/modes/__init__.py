@@ -20,12 +20,20 @@ class RealFractionSettings(Settings):
 
 
 class LoopMode:
+    accumulates = False  # dataset k holds every generation's samples so far (it grows: tasks.sizing counts it)
+
     def __init__(self, lineage):  # a tasks.generation.Lineage
         self.lineage = lineage
 
     @classmethod
     def supports(cls, family) -> str | None:
         """Why this mode cannot run with ``family`` (a class), or None."""
+        return None
+
+    @classmethod
+    def data_problem(cls, p, real) -> str | None:
+        """Why this mode cannot run a lineage with params ``p`` on its real data ``real``
+        (``tasks.datasets.RealData``) for ``loop.generations`` generations, or None: checked before any work."""
         return None
 
     def synthetic_rows(self) -> int:

@@ -8,5 +8,7 @@ from tasks.modes import MODES, LoopMode
 class Accumulate(LoopMode):
     """Dataset k plus model k's samples."""
 
+    accumulates = True
+
     def next_dataset(self, k, current, synthetic):
         return Dataset.concat([current, synthetic])

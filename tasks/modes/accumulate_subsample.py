@@ -34,6 +34,8 @@ def subsample(data: Dataset, size: int, seed: int) -> Dataset:
 class AccumulateSubsample(LoopMode):
     """Dataset k plus model k's samples; each model trains on a fixed-size random subsample of its dataset."""
 
+    accumulates = True
+
     def next_dataset(self, k, current, synthetic):
         return Dataset.concat([current, synthetic])
 

@@ -1,4 +1,16 @@
-"""Fresh data (Alemohammad et al. 2023's fresh-data loop): a new draw of real data each generation."""
+"""Fresh data (Alemohammad et al. 2023's fresh-data loop): each generation adds real data no model of the lineage
+has seen.
+
+Dataset k+1 is model k's samples plus ``round(n_synthetic * f / (1 - f))`` fresh real rows (``f`` =
+``loop.real_fraction``). For the 1-D families the fresh rows are new draws from the truth. For image sources they
+are the next unused rows of the lineage's fresh-data pool (``data.fresh_pool``: a share of each class of the
+training split kept out of dataset 0 when it is drawn), in dataset 0's class mix: generation k takes the k-th
+slice of a fixed permutation of each class's pool, so no row is ever drawn twice and a resumed run draws the same
+rows. A study whose pool cannot supply ``loop.generations`` slices is refused before any work
+(docs/data.md, "Fresh data", tabulates what a pool supports: :func:`generations_supported`).
+"""
+
+from __future__ import annotations
 
 import numpy as np
 
@@ -7,23 +19,63 @@ from tasks.modes import MODES, LoopMode, RealFractionSettings
 from tasks.seeds import FRESH, derive_seed
 
 
-def fresh_real_rows(real: Dataset, rows: int, seed: int, truth=None) -> Dataset:
-    """A new draw of real data: from the true distribution for 1-D families, otherwise a new random subset of the
-    real training pool (with replacement only when more rows are asked for than the pool holds)."""
-    if truth is not None:
-        return Dataset.real(truth.true_sample(rows, seed), np.full(rows, -1), real.source)
-    rng = np.random.default_rng(seed)
-    return real.take(rng.choice(len(real), rows, replace=rows > len(real)))
+def fresh_counts(p, real) -> tuple[int, dict[int, int]]:
+    """(fresh rows per generation, of them per class) for a lineage with params ``p`` and real data ``real``."""
+    fraction = p.loop.real_fraction
+    synthetic = p.loop.synthetic_size or len(real.train)
+    total = round(synthetic * fraction / (1 - fraction))
+    if real.num_classes == 0:
+        return total, {}
+    majority = round(total * float((real.train.label == p.data.majority).mean()))
+    return total, {p.data.majority: majority, p.data.minority: total - majority}
+
+
+def generations_supported(p, real) -> int:
+    """How many generations the lineage's fresh-data pool can supply (no limit for the 1-D families' truth)."""
+    if real.num_classes == 0:
+        return 10 ** 9
+    _, per_class = fresh_counts(p, real)
+    pool = real.train_full.label[real.pool_index]
+    return min(int((pool == label).sum()) // need if need else 10 ** 9 for label, need in per_class.items())
+
+
+def pool_slice(real, label: int, per_generation: int, k: int, seed: int) -> np.ndarray:
+    """Rows of ``real.train_full`` that generation ``k`` takes from class ``label``'s pool."""
+    rows = real.pool_index[real.train_full.label[real.pool_index] == label]
+    order = np.random.default_rng([seed, label]).permutation(rows)
+    return order[k * per_generation:(k + 1) * per_generation]
 
 
 @MODES.register("fresh", settings={"loop": RealFractionSettings})
 class Fresh(LoopMode):
-    """A new draw of real data plus model k's samples; real rows are ``loop.real_fraction`` of dataset k+1."""
+    """Model k's samples plus real rows no model of the lineage has trained on (``loop.real_fraction`` of dataset
+    k+1): new draws from the truth, or the next unused rows of the fresh-data pool (``data.fresh_pool``)."""
+
+    @classmethod
+    def data_problem(cls, p, real):
+        if real.num_classes == 0:
+            return None  # the truth never runs out
+        total, per_class = fresh_counts(p, real)
+        if p.data.fresh_pool <= 0:
+            return ("data.fresh_pool: the fresh loop needs real images kept out of dataset 0 for its new draws; "
+                    f"set data.fresh_pool (a share of each class; {total} fresh rows per generation here)")
+        pool = real.train_full.label[real.pool_index]
+        for label, need in per_class.items():
+            have = int((pool == label).sum())
+            if need * p.loop.generations > have:  # generations_supported(p, real) < p.loop.generations
+                return (f"data.fresh_pool: {p.loop.generations} generations take {need} fresh images of class {label} "
+                        f"each ({need * p.loop.generations} in all), the pool holds {have}: raise data.fresh_pool "
+                        f"(now {p.data.fresh_pool:g}), or lower loop.real_fraction or loop.generations")
+        return None
 
     def next_dataset(self, k, current, synthetic):
         lin = self.lineage
-        fraction = lin.params.loop.real_fraction
-        truth = lin.family if lin.family.kind == "scalar" else None
-        fresh = fresh_real_rows(lin.real.train, round(len(synthetic) * fraction / (1 - fraction)),
-                                derive_seed(lin.seed, k, FRESH), truth)
-        return Dataset.concat([fresh, synthetic])
+        if lin.family.kind == "scalar":
+            total, _ = fresh_counts(lin.params, lin.real)
+            rows = Dataset.real(lin.family.true_sample(total, derive_seed(lin.seed, k, FRESH)), np.full(total, -1),
+                                lin.real.train.source)
+            return Dataset.concat([rows, synthetic])
+        _, per_class = fresh_counts(lin.params, lin.real)
+        seed = derive_seed(lin.seed, 0, FRESH)  # one permutation for the whole lineage: slices never overlap
+        index = np.concatenate([pool_slice(lin.real, label, need, k, seed) for label, need in per_class.items()])
+        return Dataset.concat([lin.real.train_full.take(np.sort(index)), synthetic])

@@ -20,13 +20,16 @@ from tasks.registries import SCORERS
 @dataclass(frozen=True)
 class Column:
     """A metric column. ``headline``: leads the per-generation CSV; ``summary``: in summary.md and the terminal
-    table; ``rank``: in the recipe ranking; ``better``: "lower", "higher" or "" (no direction)."""
+    table; ``rank``: in the recipe ranking; ``better``: "lower", "higher" or "" (no direction); ``scale``: what
+    kind of quantity it is, which decides its interval over seeds (``tasks.stats``: "linear", "log" for positive
+    skewed quantities, "unit" for shares in [0, 1])."""
 
     name: str
     headline: bool = False
     summary: bool = False
     rank: bool = False
     better: str = ""
+    scale: str = "linear"
 
 
 class Scorer:
@@ -34,6 +37,10 @@ class Scorer:
     set itself looked like), ``picture(samples, path, caption)`` (a PNG) and ``describe(metrics)`` (a log line)."""
 
     rank_by: str | None = None  # the metric recipes are ranked by (lower first); None: no ranking
+
+    def for_lineage(self, real) -> "Scorer":
+        """The scorer as one lineage sees it (``real``: its ``tasks.datasets.RealData``); by default the same."""
+        return self
 
     @classmethod
     def columns(cls, family) -> list[Column]:
@@ -51,5 +58,7 @@ def scorer_class(family_name: str) -> type[Scorer]:
 
 
 def build_scorer(p, real, cache_dir: Path, device) -> tuple[Any, str]:
-    """The scorer for the family's kind, and a line for the log."""
+    """The scorer for the family's kind, and a line for the log (``real``: the study's ``tasks.datasets.RealSplit``,
+    or a ``tasks.realdata.StudyReal``, whose split it takes)."""
+    real = getattr(real, "split", real)
     return scorer_class(p.model.family).build(p, real, cache_dir, device)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +18,7 @@ from pydantic import Field, PositiveInt, model_validator
 from models.classifier import DomainClassifier, load_classifier, predict, save_classifier, train_classifier
 from models.fidelity import CLASSIFIER_EXTRACTOR, INCEPTION_EXTRACTOR, Features
 from models.registry import Settings
-from tasks.datasets import Dataset, RealData, evaluation_reference
+from tasks.datasets import Dataset, RealData, RealSplit, evaluation_reference
 from tasks.layout import trash_folder
 from tasks.metrics import IMAGE_METRICS, image_metrics_in_order
 from tasks.scorers import SCORERS, Column, Scorer
@@ -39,6 +39,14 @@ class ClassifierSettings(Settings):
     channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64], min_length=2, max_length=2)
     feature_dim: PositiveInt = 64
     arch: Literal["cnn", "resnet"] = "cnn"  # resnet: residual blocks, for 28x28 (closer to the paper's ResNet-18)
+    # The labeller's check: a second classifier of another architecture (null: the other of cnn / resnet) and
+    # seed (seed + 1), trained on the same split; its agreement with the first on generated images is reported.
+    check_arch: Literal["cnn", "resnet"] | None = None
+
+    def for_check(self) -> "ClassifierSettings":
+        """The second, independent labeller's settings."""
+        other = self.check_arch or ("resnet" if self.arch == "cnn" else "cnn")
+        return self.model_copy(update={"arch": other, "check_arch": None})
 
 
 class ImageScoreSettings(Settings):
@@ -47,8 +55,9 @@ class ImageScoreSettings(Settings):
     inception_weights: str | None = None  # local torch-fidelity Inception weights (never downloaded)
     kid_subset_size: PositiveInt = 1000
     prc_neighborhood: PositiveInt = 3
-    min_class_samples: PositiveInt = 10  # fewer generated images of a class than this: its FID and KID are NaN
+    min_class_samples: PositiveInt = 10  # fewer generated images of a class than this: its FID is NaN (KID: 2)
     bootstrap: int = Field(100, ge=0)  # resamples of the generated images for FID's standard error (0: none)
+    fairness_resamples: int = Field(10, ge=0)  # half-samples for the KID-based R_Fair's standard error (0: none)
 
     @model_validator(mode="after")
     def inception_needs_weights(self) -> "ImageScoreSettings":
@@ -65,9 +74,9 @@ def data_fingerprint(data: Dataset) -> str:
     return h.hexdigest()
 
 
-def classifier_path(cache_dir: Path, train_full: Dataset, p) -> Path:
-    """Cache key: the bytes of the data it is trained on and every classifier knob."""
-    key = hashlib.sha256(f"{data_fingerprint(train_full)}|{p.classifier.model_dump_json()}|{p.seed}".encode())
+def classifier_path(cache_dir: Path, train_full: Dataset, settings: ClassifierSettings, seed: int) -> Path:
+    """Cache key: the bytes of the data it is trained on, every classifier knob and its seed."""
+    key = hashlib.sha256(f"{data_fingerprint(train_full)}|{settings.model_dump_json()}|{seed}".encode())
     return cache_dir / f"classifier-{key.hexdigest()[:20]}.safetensors"
 
 
@@ -88,11 +97,12 @@ def cached_accuracy(path: Path, test: Dataset, device: torch.device) -> float:
     return acc
 
 
-def ensure_classifier(real: RealData, p, cache_dir: Path, device: torch.device) -> tuple[Path, float]:
-    """Train the domain classifier once per training set (reused from the cache after that, once verified); its
-    test accuracy. A cache entry that fails verification goes to the trash and is trained again (derived data).
-    Studies share the cache: one process at a time checks or writes it."""
-    path = classifier_path(cache_dir, real.train_full, p)
+def ensure_classifier(real: RealSplit, settings: ClassifierSettings, seed: int, cache_dir: Path,
+                      device: torch.device) -> tuple[Path, float]:
+    """Train a domain classifier once per training set, settings and seed (reused from the cache after that, once
+    verified); its test accuracy. A cache entry that fails verification goes to the trash and is trained again
+    (derived data). Studies share the cache: one process at a time checks or writes it."""
+    path = classifier_path(cache_dir, real.train_full, settings, seed)
     sidecar = path.with_suffix(".json")
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache_dir / ".classifier.lock")):
@@ -104,15 +114,30 @@ def ensure_classifier(real: RealData, p, cache_dir: Path, device: torch.device) 
                 moved = move_to_trash(root, trash_folder(root), [path, sidecar])
                 warnings.warn(f"the cached domain classifier cannot be used ({err}): moved to {moved}, training it "
                               "again")
-        c = p.classifier
+        c = settings
         model = train_classifier(real.train_full.pixels, real.train_full.label, real.num_classes, epochs=c.epochs,
-                                 batch_size=c.batch_size, lr=c.lr, seed=p.seed, channels=c.channels,
+                                 batch_size=c.batch_size, lr=c.lr, seed=seed, channels=c.channels,
                                  feature_dim=c.feature_dim, arch=c.arch, device=device)
         sha = write_atomic(path, lambda tmp: save_classifier(model, tmp))
         acc = accuracy(model, real.test)
         write_manifest(sidecar, {"sha256": sha, "accuracy": acc, "test_rows": len(real.test),
-                                 "classifier": p.classifier.model_dump(mode="json"), "seed": p.seed})
+                                 "classifier": settings.model_dump(mode="json"), "seed": seed})
     return path, acc
+
+
+def labeller_report(primary: DomainClassifier, check: DomainClassifier, test: Dataset,
+                    classes: tuple[int, int]) -> dict[str, float]:
+    """How far the labels of generated images can be trusted, measured on held-out real images: the labeller's
+    accuracy, its precision and recall on the study's two classes (a generated image it calls a 6 is a 6 that
+    often), and the second labeller's accuracy and agreement with it."""
+    label, other = predict(primary, test.pixels), predict(check, test.pixels)
+    out = {"accuracy": float((label == test.label).mean()), "check_accuracy": float((other == test.label).mean()),
+           "agreement_held_out": float((label == other).mean()), "held_out_images": int(len(test))}
+    for name, c in zip(("majority", "minority"), classes):
+        called, actual = label == c, test.label == c
+        out[f"precision_{name}"] = float((called & actual).sum() / max(called.sum(), 1))
+        out[f"recall_{name}"] = float((called & actual).sum() / max(actual.sum(), 1))
+    return out
 
 
 def accuracy(model: DomainClassifier, test: Dataset) -> float:
@@ -168,8 +193,13 @@ class ImageScorer(Scorer):
     features: Features  # the feature extractor (see :meth:`features_of`)
     reference: np.ndarray  # every held-out row of the study's two classes
     reference_features: torch.Tensor
+    reference_labels: np.ndarray
     reference_weights: np.ndarray  # per row: the training class mix (R_I : 1) spread over each class's rows
-    class_reference_features: dict[int, torch.Tensor]  # every held-out row of the majority / the minority class
+    # Per class: the held-out rows' features, and the training split's rows (their index in it) with features.
+    # A lineage's class reference is the held-out rows plus the split's rows it never trains on (for_lineage).
+    test_class_features: dict[int, torch.Tensor]
+    split_class_rows: dict[int, np.ndarray]
+    split_class_features: dict[int, torch.Tensor]
     majority: int
     minority: int
     kid_subset_size: int
@@ -179,9 +209,19 @@ class ImageScorer(Scorer):
     bootstrap: int
     device: torch.device
     fingerprint: str = ""  # sha256 of the feature extractor's weights: a retrained classifier means new scores
+    check_classifier: DomainClassifier | None = None  # the second labeller (another architecture and seed)
+    labeller: dict[str, float] | None = None  # the labellers on held-out real images (labeller_report)
+    fairness_resamples: int = 0
     _cache: tuple = (None, None)
-    train: np.ndarray | None = None  # the real training images (dataset 0): what memorisation is measured against
+    # What one lineage sees (for_lineage); before that, the held-out rows alone and no dataset 0.
+    class_reference_features: dict[int, torch.Tensor] | None = None
+    train_class_features: dict[int, torch.Tensor] | None = None  # its dataset 0's rows of each class
+    train: np.ndarray | None = None  # the lineage's dataset 0: what memorisation is measured against
     score_settings: Any = None  # params' score section: metric plug-ins read their own settings under it
+
+    def __post_init__(self):
+        if self.class_reference_features is None:
+            self.class_reference_features = dict(self.test_class_features)
 
     @classmethod
     def settings(cls):
@@ -196,33 +236,64 @@ class ImageScorer(Scorer):
         (``TorchFamily.held_out_columns``: a flow's bits per dimension)."""
         extra = getattr(family, "held_out_columns", {})
         return [column for metric in image_metrics_in_order() for column in metric.columns] + \
-            [Column("minority_share_train"), Column("reference_size")] + \
-            [Column(name, summary=True, better=b) for name, b in extra.items()]
+            [Column("minority_share_train", scale="unit"), Column("reference_size")] + \
+            [Column(name, summary=True, better=b, scale="log") for name, b in extra.items()]
 
     @classmethod
-    def build(cls, p, real: RealData, cache_dir: Path, device: torch.device) -> tuple["ImageScorer", str]:
-        classifier_file, acc = ensure_classifier(real, p, cache_dir, device)
-        scorer = cls.from_classifier(p, real, classifier_file, device)
-        note = (f"domain classifier accuracy {acc:.3f} on the {len(real.test)}-image test split; scores against "
-                f"{len(scorer.reference)} held-out images of classes {scorer.majority} and {scorer.minority}")
+    def build(cls, p, real: RealSplit, cache_dir: Path, device: torch.device) -> tuple["ImageScorer", str]:
+        classifier_file, acc = ensure_classifier(real, p.classifier, p.seed, cache_dir, device)
+        check_file, _ = ensure_classifier(real, p.classifier.for_check(), p.seed + 1, cache_dir, device)
+        scorer = cls.from_classifier(p, real, classifier_file, device, check_file)
+        lab = scorer.labeller
+        note = (f"domain classifier accuracy {acc:.3f} on the {len(real.test)}-image test split (class "
+                f"{scorer.minority}: precision {lab['precision_minority']:.3f}, recall {lab['recall_minority']:.3f}; "
+                f"class {scorer.majority}: precision {lab['precision_majority']:.3f}, recall "
+                f"{lab['recall_majority']:.3f}), a second labeller ({p.classifier.for_check().arch}) agrees on "
+                f"{lab['agreement_held_out']:.3f}; scores against {len(scorer.reference)} held-out images of classes "
+                f"{scorer.majority} and {scorer.minority}")
         return scorer, note
 
     @classmethod
-    def from_classifier(cls, p, real: RealData, classifier_file: Path, device: torch.device) -> "ImageScorer":
+    def from_classifier(cls, p, real: RealSplit, classifier_file: Path, device: torch.device,
+                        check_file: Path | None = None) -> "ImageScorer":
         s, d = p.score, p.data
         weights = s.inception_weights if s.feature_extractor == "inception" else str(classifier_file)
         features = Features(INCEPTION_EXTRACTOR if s.feature_extractor == "inception" else CLASSIFIER_EXTRACTOR,
                             weights, device)
         reference = evaluation_reference(real.test, d)
-        return cls(classifier=load_classifier(classifier_file, device), features=features, reference=reference.pixels,
-                   reference_features=features(reference.pixels),
+        classes = (d.majority, d.minority)
+        split_rows = {c: np.flatnonzero(real.train_full.label == c) for c in classes}
+        classifier = load_classifier(classifier_file, device)
+        check = load_classifier(check_file, device) if check_file is not None else None
+        return cls(classifier=classifier, features=features, reference=reference.pixels,
+                   reference_features=features(reference.pixels), reference_labels=reference.label,
                    reference_weights=class_mix_weights(reference.label, d.majority, d.minority, d.imbalance_ratio),
-                   class_reference_features={c: features(real.test.pixels[real.test.label == c])
-                                             for c in (d.majority, d.minority)},
+                   test_class_features={c: features(real.test.pixels[real.test.label == c]) for c in classes},
+                   split_class_rows=split_rows,
+                   split_class_features={c: features(real.train_full.pixels[rows]) for c, rows in split_rows.items()},
                    majority=d.majority, minority=d.minority, kid_subset_size=s.kid_subset_size,
                    prc_neighborhood=s.prc_neighborhood, min_class_samples=s.min_class_samples, samples=s.samples,
-                   bootstrap=s.bootstrap, device=device, fingerprint=file_digest(Path(weights)),
-                   train=real.train.pixels, score_settings=s)
+                   bootstrap=s.bootstrap, device=device, fingerprint=file_digest(Path(weights)), score_settings=s,
+                   check_classifier=check, fairness_resamples=s.fairness_resamples,
+                   labeller=labeller_report(classifier, check, real.test, classes) if check is not None else None)
+
+    def for_lineage(self, real: RealData) -> "ImageScorer":
+        """The scorer as one lineage sees it: each class's reference is its held-out images plus the training
+        split's images of the class that the lineage never trains on (neither in its dataset 0 nor in its fresh
+        pool: typically the minority rows the imbalanced draw left out), its dataset 0 is what memorisation and
+        the per-class floors are measured against, and the overall reference is weighted to dataset 0's class
+        mix."""
+        reference, own = {}, {}
+        for c, rows in self.split_class_rows.items():
+            unused = np.isin(rows, real.unused_index(c))
+            trained = np.isin(rows, real.train_index)
+            reference[c] = torch.cat([self.test_class_features[c], self.split_class_features[c][torch.as_tensor(
+                unused)]])
+            own[c] = self.split_class_features[c][torch.as_tensor(trained)]
+        labels = real.train.label
+        ratio = float((labels == self.majority).sum() / max((labels == self.minority).sum(), 1))
+        return replace(self, train=real.train.pixels, class_reference_features=reference, train_class_features=own,
+                       reference_weights=class_mix_weights(self.reference_labels, self.majority, self.minority, ratio))
 
     def features_of(self, pixels: np.ndarray) -> torch.Tensor:
         """Features of an image set, extracted once: the metrics of one ``score`` call share them."""
@@ -279,6 +350,6 @@ class ImageScorer(Scorer):
 
     @staticmethod
     def describe(metrics: dict[str, float]) -> str:
-        return (f"fid {metrics['fid']:.3g}  precision {metrics['precision']:.3f}  recall {metrics['recall']:.3f}  "
+        return (f"FID {metrics['fid']:.3g}  precision {metrics['precision']:.3f}  recall {metrics['recall']:.3f}  "
                 f"minority share {metrics['minority_share']:.3f} (trained on {metrics['minority_share_train']:.3f})"
-                f"  r_fair {metrics['r_fair']:.3g}")
+                f"  R_Fair {metrics['r_fair']:.3g}  R_Fair(KID) {metrics['r_fair_kid']:.3g}")  # the table's names (tasks.reports.TITLES)

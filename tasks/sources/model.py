@@ -6,6 +6,7 @@ import numpy as np
 from pydantic import PositiveInt
 
 from models.registry import Settings
+from tasks.datasets import Dataset
 from tasks.sources import SOURCES, Source, SourceSplit
 
 
@@ -27,3 +28,12 @@ class TrueDistribution(Source):
         none = np.full(data.size, -1)
         return SourceSplit(family.true_sample(data.size, seed), none, family.true_sample(data.size, seed + 1_000_003),
                            none, 0)
+
+    @classmethod
+    def draw(cls, data, seed, family) -> Dataset:
+        """``data.size`` draws from the truth with the lineage's ``seed``: each seed its own real data."""
+        return Dataset.real(family.true_sample(data.size, seed), np.full(data.size, -1), data.source)
+
+    @classmethod
+    def size_bound(cls, data):
+        return 2 * data.size, (1,), "data.size"

@@ -12,6 +12,7 @@ from tasks.sources import SOURCES, Source, SourceSplit
 
 class TorchvisionSettings(Settings):
     not_hashed = frozenset({"download"})  # where the files came from changes no output
+    study_wide = frozenset({"root", "download"})
 
     root: str | None = None  # local torchvision root for mnist/cifar10 (relative to the project root)
     download: bool = False  # let torchvision download into root (default data/raw) when online
@@ -21,6 +22,11 @@ class TorchvisionSource(Source):
     """A torchvision dataset with its official train/test split."""
 
     dataset = ""  # torchvision.datasets class name
+    rows, shape = 0, (1,)  # train + test images, and an image's shape
+
+    @classmethod
+    def size_bound(cls, data):
+        return cls.rows, cls.shape, "data.source"
 
     @classmethod
     def root(cls, data, project_root: Path) -> Path:
@@ -70,6 +76,7 @@ class MNIST(TorchvisionSource):
     """MNIST (60,000 + 10,000 28x28 digits) from a local torchvision root."""
 
     dataset = "MNIST"
+    rows, shape = 70_000, (1, 28, 28)
 
 
 @SOURCES.register("cifar10", settings={"data": TorchvisionSettings})
@@ -77,4 +84,5 @@ class CIFAR10(TorchvisionSource):
     """CIFAR-10 (50,000 + 10,000 32x32 colour images) from a local torchvision root."""
 
     dataset = "CIFAR10"
+    rows, shape = 60_000, (3, 32, 32)
     classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
