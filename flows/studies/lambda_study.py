@@ -36,15 +36,18 @@ from models.penalty import literal_factor
 from models.registry import Settings
 from tasks.datasets import read_parquet
 from tasks.generation import load_generation_model, load_model, resolve_device
-from tasks.layout import REAL_TRAIN, StudyPaths, generation_files
+from tasks.layout import StudyPaths, generation_files
 from tasks.params import validate
-from tasks.reports import holm
-from tasks.stats import interval, paired
+from tasks.realdata import real_train_file
+from tasks.stats import holm, interval, paired
 from tasks.storage import read_manifest, write_csv_atomic
 
 GRID = [0.01, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6]
 CONTROLS = ["mle", "hyper_nopenalty", "mle_factorised"]
 LITERAL = {"ple.nll_reduction": "sum", "ple.penalty_reduction": "sum"}  # the paper's literal units
+# each metric's scale for its interval over seeds (tasks.stats): positive and skewed, or a share
+SCALES = {"fid": "log", "fid_minority": "log", "kid_ratio": "log", "gradient_share": "log",
+          "input_dependence": "log", "minority_share": "unit", "penalty_share": "unit"}
 DIAGNOSTICS = ("penalty_share", "gradient_share", "input_dependence")
 LOG_METRICS = ("gradient_share", "input_dependence")  # spanning decades: log axes in the figure
 METRICS = ("fid", "fid_minority", "minority_share", "kid_ratio", "nll", *DIAGNOSTICS)
@@ -138,9 +141,9 @@ class LambdaStudy(PaperStudy):
 
 def run_rows(p, paths: StudyPaths, dataset: str, recipes: dict[str, dict], loop_rows: list[dict]) -> list[dict]:
     """Each lineage's row: its recipe (group, units, lambda and lambda in code units), its metrics, the penalty's
-    diagnostics from its manifest, and its training NLL per image."""
+    diagnostics from its manifest, and its training NLL per image (of the lineage's own real draw)."""
     device = resolve_device(p.device)
-    real = read_parquet(paths.real / REAL_TRAIN)
+    real = read_parquet(paths.real / real_train_file(p, p.lineage(loop_rows[0]["lineage"])))
     family = build_family(p.model.family, real.shape, p.model)
     module = family.build()
     weights = sum(t.numel() for t in family.trained_parameters(module).values())
@@ -149,6 +152,7 @@ def run_rows(p, paths: StudyPaths, dataset: str, recipes: dict[str, dict], loop_
     for row in loop_rows:
         lineage = row["lineage"]
         group, seed = lineage.rsplit("-s", 1)
+        pixels = read_parquet(paths.real / real_train_file(p, p.lineage(lineage))).pixels
         recipe = recipes.get(group, {})
         lam = recipe.get("set", {}).get("ple.lam", 0.0 if group in ("hyper_nopenalty", "mle_factorised") else math.nan)
         units = "-" if not recipe else "paper" if "ple.nll_reduction" in recipe["set"] else "code"
@@ -161,7 +165,7 @@ def run_rows(p, paths: StudyPaths, dataset: str, recipes: dict[str, dict], loop_
                     "fid_majority": row.get("fid_majority", math.nan),
                     "minority_share": row.get("minority_share", math.nan), "r_fair": row.get("r_fair", math.nan),
                     "kid_ratio": kid_min / kid_maj if kid_maj > 0 else math.nan,
-                    "nll": training_nll(family, paths.lineage(lineage), real.pixels, device),
+                    "nll": training_nll(family, paths.lineage(lineage), pixels, device),
                     **{k: info.get(k, 0.0 if k in DIAGNOSTICS else math.nan)
                        for k in (*DIAGNOSTICS, "penalty_gradient_ratio", "input_split")}})
     return out
@@ -180,14 +184,14 @@ def training_nll(family, folder: Path, pixels: np.ndarray, device: torch.device,
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:
-    """Per dataset and group: mean and 95% interval over seeds of every metric."""
+    """Per dataset and group: centre and 95% interval over seeds of every metric, by its scale (tasks.stats)."""
     out = []
     for key in dict.fromkeys((r["dataset"], r["group"]) for r in rows):
         sel = [r for r in rows if (r["dataset"], r["group"]) == key]
         entry = {"dataset": key[0], "group": key[1], "units": sel[0]["units"], "lam": sel[0]["lam"],
                  "lam_code": sel[0]["lam_code"], "seeds": len(sel)}
         for metric in METRICS:
-            mean, low, high = interval([num(r[metric]) for r in sel])
+            mean, low, high = interval([num(r[metric]) for r in sel], SCALES.get(metric, "linear"))
             entry.update({metric: mean, f"{metric}_low": low, f"{metric}_high": high})
         out.append(entry)
     return out
