@@ -77,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    project = load(args.params)
+    project = load(args.params, studies=True)
     cfg = project.studies.families
     families = args.families or list(cfg.families)
     seeds = args.seeds if args.seeds is not None else list(cfg.seeds)

@@ -34,7 +34,9 @@ def add_params_args(parser: argparse.ArgumentParser) -> None:
                         help="on a failure, print the full traceback (default: one line saying what failed)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(studies: bool = True) -> argparse.ArgumentParser:
+    """The command line. ``studies``: list the paper studies under ``madloop study`` (imports flows.studies, and
+    with it torch and Prefect: only when that command is asked for, so --help and --version stay instant)."""
     parser = argparse.ArgumentParser(
         prog="madloop", description="Self-consuming generative model loops (MADness), MLE vs PLE, tracked with "
                                     "Prefect, DVC and MLflow.",
@@ -84,15 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     params = commands.add_parser("params", help="validate params and print them resolved, as YAML")
     add_params_args(params)
 
-    from flows.studies import STUDIES
+    if studies:
+        from flows.studies import STUDIES
 
-    studies = {entry.name: entry.doc.rstrip(".") for entry in sorted(STUDIES.entries(), key=lambda e: e.obj.order)}
-    study = commands.add_parser(
-        "study", help=f"reproduce one of the paper's results: {', '.join(studies)} (CSV + PNG in reports/)",
-        description="; ".join(f"{name}: {doc}" for name, doc in studies.items()) + ". Sizes come from "
-                    "studies.<name> in params (e.g. --set studies.fig4.seeds=50 for a quick run).")
-    study.add_argument("name", choices=[*studies, "results"],
-                       help="the study; results re-renders reports/RESULTS.md from the studies' reports")
+        papers = {entry.name: entry.doc.rstrip(".") for entry in sorted(STUDIES.entries(), key=lambda e: e.obj.order)}
+        study = commands.add_parser(
+            "study", help=f"reproduce one of the paper's results: {', '.join(papers)} (CSV + PNG in reports/)",
+            description="; ".join(f"{name}: {doc}" for name, doc in papers.items()) + ". Sizes come from "
+                        "studies.<name> in params (e.g. --set studies.fig4.seeds=50 for a quick run).")
+        study.add_argument("name", choices=[*papers, "results"],
+                           help="the study; results re-renders reports/RESULTS.md from the studies' reports")
+    else:
+        study = commands.add_parser("study", help="reproduce one of the paper's results (CSV + PNG in reports/; "
+                                                  "`madloop study --help` lists them)")
+        study.add_argument("name")
     add_params_args(study)
 
     serve = commands.add_parser(
@@ -164,6 +171,13 @@ def experiment_link(p, root: Path) -> str:
     return experiment_url(uri, experiment.experiment_id) if experiment else ui_address(uri)
 
 
+def paper_studies() -> list[str]:
+    """The paper studies' names, which a study run from the command line may not take (tasks.resume.check_names)."""
+    from flows.studies import STUDIES
+
+    return STUDIES.names()
+
+
 def version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as installed
@@ -222,7 +236,8 @@ def verify(root: Path, study: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 2 bad input or the study is locked by another run (nothing was done), 1 a failure while
     working (one line; ``--debug`` for the traceback), 130 interrupted (Ctrl-C)."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(studies="study" in argv).parse_args(argv)
     import warnings
 
     from tasks.lock import StudyLockedError
@@ -277,7 +292,9 @@ def run_command(args) -> int:
     from tasks.params import load
 
     root = Path(args.root).resolve()
-    p = load(resolve_params_file(args), args.overrides)
+    # the paper studies' settings (studies.<name>) are checked only for `madloop study`; the other commands take
+    # them as they are (tasks.params.schema)
+    p = load(resolve_params_file(args), args.overrides, studies=args.command == "study")
     if args.command == "params":
         import yaml
 
@@ -308,7 +325,7 @@ def run_command(args) -> int:
         from flows.deploy import serve_study
 
         serve_study(p, resolve_params_file(args), args.overrides, root, cron=args.cron, interval=args.interval,
-                    lineages=args.lineage, fan_out_to=args.fan_out, name=args.name)
+                    lineages=args.lineage, fan_out_to=args.fan_out, name=args.name, paper_studies=paper_studies())
         return 0
     from flows.loop import run_study
     from flows.server import prefect_api
@@ -319,7 +336,7 @@ def run_command(args) -> int:
     with terminal_bars(not args.quiet):
         rows = run_study(p, root, args.lineage, args.overwrite, wait=args.wait, api=prefect_api, force=args.force,
                          on_wait=lambda line: print(f"madloop: {line}", file=sys.stderr, flush=True),
-                         lineage_deployment=args.fan_out)
+                         lineage_deployment=args.fan_out, paper_studies=paper_studies())
     if not args.quiet:
         print_table(p, rows)
         print(f"\nfinished in {time.perf_counter() - started:.0f} s. Compare the lineages:\n"

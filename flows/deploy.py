@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from prefect import flow, serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -85,7 +85,7 @@ def study_deployment(name: str, params_file: Path | None, overrides: list[str], 
 
 def serve_study(p: Params, params_file: Path | None, overrides: list[str], root: Path, *,
                 cron: str | None = None, interval: float | None = None, lineages: list[str] | None = None,
-                fan_out_to: str | None = None, name: str | None = None) -> None:
+                fan_out_to: str | None = None, name: str | None = None, paper_studies: Sequence[str] = ()) -> None:
     """Serve the study on a schedule until interrupted (``madloop serve``); with ``fan_out_to`` = SERVED_LINEAGES
     this process also serves the lineage flow, so the lineages of each run are parallel processes here."""
     if not (os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()):
@@ -94,7 +94,7 @@ def serve_study(p: Params, params_file: Path | None, overrides: list[str], root:
                           "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
     if interval is not None and interval <= 0:
         raise ParamsError(f"--interval: expected a positive number of seconds (got {interval:g})")
-    check_names(p, root)
+    check_names(p, root, paper_studies)
     try:  # bad params, a missing DVC repo or stale outputs fail now, not at 3 a.m.
         plan = preflight(p, root, lineages)
     except StaleOutputsError as err:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from prefect import flow, get_run_logger
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -259,12 +259,13 @@ def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite
 
 def run_study(p: Params, root: Path, lineages: list[str] | None = None, overwrite: bool = False,
               wait: bool = False, on_wait=print, api=nullcontext, lineage_deployment: str | None = None,
-              force: bool = False):
+              force: bool = False, paper_studies: Sequence[str] = ()):
     """Validate against the world first (no Prefect run, and with ``api`` no Prefect server, is started for bad
     input), then run the flow, holding the study's lock throughout (``wait``: wait for another run of the study to
     end instead of refusing to start; ``force``: run a study that does not seem to fit this machine).
-    ``lineage_deployment``: fan the lineages out (flows.fanout), checked before the study's flow run starts."""
-    check_names(p, root)
+    ``lineage_deployment``: fan the lineages out (flows.fanout), checked before the study's flow run starts.
+    ``paper_studies``: the names a study may not take (:func:`tasks.resume.check_names`)."""
+    check_names(p, root, paper_studies)
     chosen = check_world(p, root.resolve(), lineages)  # before the lock file is made: bad input leaves nothing
     check_fits(p, root.resolve(), chosen, force)
     if lineage_deployment:

@@ -74,9 +74,12 @@ class Registry(Generic[T]):
     all: list["Registry"] = []  # every registry created, for the params schema
     version = 0  # bumped on every registration, so a composed schema knows when to rebuild
 
-    def __init__(self, kind: str, package: str | None = None):
+    def __init__(self, kind: str, package: str | None = None, in_params: bool = True):
         self.kind = kind
         self.package = package
+        # False: its parts' settings are not the loop's (the paper studies': checked by their own schema, so that
+        # validating a loop study's params never imports them)
+        self.in_params = in_params
         self._entries: dict[str, Entry[T]] = {}
         self._discovered = package is None
         Registry.all.append(self)

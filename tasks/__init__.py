@@ -1,4 +1,5 @@
-"""Prefect tasks of madloop: each a thin wrapper over a plain function in this package that tests call directly.
+"""Prefect tasks of madloop: each a thin wrapper over a plain function in this package that tests call directly
+(made on first use, :class:`LazyTask`).
 
 Tasks pass numpy arrays and torch modules in memory, so input hashing (Prefect's default cache policy) is off:
 resuming is handled by manifests on disk (see ``tasks.resume``), not by Prefect's result cache.
@@ -17,13 +18,35 @@ for _key, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK"
                      "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "GIT_PYTHON_REFRESH": "quiet"}.items():
     os.environ.setdefault(_key, _value)
 
-from typing import Callable  # noqa: E402
-
-from prefect import task  # noqa: E402  (after the defaults: Prefect reads its settings on import)
-from prefect.cache_policies import NO_CACHE  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
 
-def as_task(fn: Callable, *, retries: int = 0, retry_delay_seconds: float = 1.0):
-    """Wrap a plain function as a Prefect task named after it."""
-    return task(fn, name=fn.__name__.replace("_", "-"), cache_policy=NO_CACHE, retries=retries,
-                retry_delay_seconds=retry_delay_seconds, persist_result=False)
+class LazyTask:
+    """A plain function as a Prefect task named after it, made on first use: importing a module that declares
+    tasks imports no Prefect (``madloop --help``, ``madloop params`` and the plain runner never need it)."""
+
+    def __init__(self, fn: Callable, retries: int, retry_delay_seconds: float):
+        self.fn, self._options, self._task = fn, {"retries": retries, "retry_delay_seconds": retry_delay_seconds}, None
+
+    @property
+    def task(self):
+        if self._task is None:
+            from prefect import task  # after the defaults above: Prefect reads its settings on import
+            from prefect.cache_policies import NO_CACHE
+
+            self._task = task(self.fn, name=self.fn.__name__.replace("_", "-"), cache_policy=NO_CACHE,
+                              persist_result=False, **self._options)
+        return self._task
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.task(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # with_options, submit, name, ...: the Prefect task's
+        if name.startswith("_"):  # not a task's (and never recurse through self._task while unpickling)
+            raise AttributeError(name)
+        return getattr(self.task, name)
+
+
+def as_task(fn: Callable, *, retries: int = 0, retry_delay_seconds: float = 1.0) -> LazyTask:
+    """Wrap a plain function as a Prefect task named after it (made when first used)."""
+    return LazyTask(fn, retries, retry_delay_seconds)

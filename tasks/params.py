@@ -274,10 +274,13 @@ Params = ParamsBase  # the composed class is a subclass; annotate with this
 # --- composing the schema from the registries ------------------------------------------------------------------
 
 
-def declared_sections() -> dict[str, list[type[Settings]]]:
-    """dotted path -> the settings classes declared there (the core's and every registered part's)."""
+def declared_sections(every: bool = False) -> dict[str, list[type[Settings]]]:
+    """dotted path -> the settings classes declared there (the core's and every registered part's; with ``every``,
+    also those of registries whose settings are not the loop's, the paper studies')."""
     out: dict[str, list[type[Settings]]] = {path: [cls] for path, cls in CORE_SECTIONS.items()}
     for registry in Registry.all:
+        if not (registry.in_params or every):
+            continue
         for entry in registry.entries():
             for path, cls in entry.settings.items():
                 if cls not in out.setdefault(path, []):
@@ -305,9 +308,9 @@ def merge(path: str, classes: list[type[Settings]], children: dict[str, type[Set
     return create_model(f"Section_{path.replace('.', '_')}", __base__=bases, **fields)
 
 
-@lru_cache(maxsize=4)
-def _schema(version: int) -> type[ParamsBase]:
-    declared = declared_sections()
+@lru_cache(maxsize=8)
+def _schema(version: int, studies: bool = False) -> type[ParamsBase]:
+    declared = declared_sections(every=studies)
     paths = set(declared)
     for path in list(paths):  # every parent of a declared path is a section too
         parts = path.split(".")
@@ -320,13 +323,23 @@ def _schema(version: int) -> type[ParamsBase]:
     clash = set(top) & set(ParamsBase.model_fields)
     if clash:
         raise ParamsError(f"settings conflict: {', '.join(sorted(clash))} is a top-level key, not a section")
-    return create_model("Params", __base__=ParamsBase,
+    if not studies and STUDIES_KEY not in top:
+        # the paper studies' settings, free-form: `madloop run` and `dvc repro study` read params.yaml, whose
+        # `studies:` section only `madloop study` checks (with the studies' own schema: schema(studies=True))
+        top_fields = {STUDIES_KEY: (dict[str, Any], Field(default_factory=dict))}
+    else:
+        top_fields = {}
+    return create_model("Params", __base__=ParamsBase, **top_fields,
                         **{name: (cls, Field(default_factory=cls)) for name, cls in sorted(top.items())})
 
 
-def schema(plugins: list[str] = ()) -> type[ParamsBase]:
+STUDIES_KEY = "studies"  # the paper studies' settings (flows.studies), outside the loop's schema
+
+
+def schema(plugins: list[str] = (), studies: bool = False) -> type[ParamsBase]:
     """The params schema of every part registered now (after importing ``plugins``, each checked against
-    :func:`plugin_problem` first)."""
+    :func:`plugin_problem` first). ``studies``: with the settings of registries kept out of the loop's params (the
+    paper studies', registered by importing ``flows.studies``), as ``madloop study`` checks them."""
     if not isinstance(plugins, (list, tuple)) or not all(isinstance(m, str) for m in plugins):
         raise ParamsError(f"invalid params: plugins: expected a list of module names (got {shown(plugins)})")
     for module in plugins:
@@ -343,7 +356,7 @@ def schema(plugins: list[str] = ()) -> type[ParamsBase]:
             raise ParamsError(f"invalid params: plugins: importing {module} failed: {type(err).__name__}: "
                               f"{shown(str(err), 200)}") from None
     load_plugins([])
-    return _schema(Registry.version)
+    return _schema(Registry.version, studies)
 
 
 # --- plug-ins: params may name code to import, but only code this machine's owner allowed ----------------------
@@ -578,14 +591,16 @@ def format_validation_error(err: ValidationError) -> str:
     return "invalid params: " + "; ".join(problems[:MAX_PROBLEMS]) + more
 
 
-def validate(raw: dict[str, Any] | BaseModel | None) -> Params:
+def validate(raw: dict[str, Any] | BaseModel | None, studies: bool = False) -> Params:
+    """Params from a mapping (or params validated before): the loop's schema, or with ``studies`` the paper
+    studies' too (:func:`schema`)."""
     if isinstance(raw, BaseModel):
         raw = raw.model_dump(mode="json")
     if raw is not None and not isinstance(raw, dict):
         raise ParamsError(f"invalid params: expected a mapping of sections, got {type(raw).__name__}")
     plugins = (raw or {}).get("plugins")
     try:
-        p = schema([] if plugins is None else plugins).model_validate(raw or {})
+        p = schema([] if plugins is None else plugins, studies).model_validate(raw or {})
     except ValidationError as err:
         raise ParamsError(format_validation_error(err)) from None
     check_name_clashes(p)
@@ -649,9 +664,9 @@ def load_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, An
     return raw
 
 
-def load(path: str | Path | None = None, overrides: list[str] = ()) -> Params:
-    """Read params.yaml (or defaults), apply ``--set`` overrides, validate."""
-    return validate(load_raw(path, overrides))
+def load(path: str | Path | None = None, overrides: list[str] = (), studies: bool = False) -> Params:
+    """Read params.yaml (or defaults), apply ``--set`` overrides, validate (``studies``: :func:`validate`)."""
+    return validate(load_raw(path, overrides), studies)
 
 
 # --- hashing: which params decide which outputs -------------------------------------------------------------

@@ -17,7 +17,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from tasks.layout import (REAL, REPORT_FILES, StudyPaths, file_name_problem, generation_files, generation_of,
                           reports_folder)
@@ -229,12 +229,11 @@ def preflight(p: Params, root: Path, lineages: list[str] | None = None, overwrit
     return Plan(p, paths, chosen)
 
 
-def check_names(p: Params, root: Path) -> None:
+def check_names(p: Params, root: Path, papers: Sequence[str] = ()) -> None:
     """A study a person runs (``madloop run``, a schedule) may not take a name that belongs to something else in the
-    project: a paper study's (its reports/<name>/ and MLflow experiment; its sub-studies are <name>-...), or a file
-    under reports/ (RESULTS.md). Paper study names are read from the params schema (``studies.<name>``)."""
-    studies = getattr(p, "studies", None)
-    papers = list(type(studies).model_fields) if studies is not None else []
+    project: one of the paper studies ``papers`` (its reports/<name>/ and MLflow experiment; its sub-studies are
+    <name>-...; ``flows.studies.STUDIES.names()``, which the command line passes), or a file under reports/
+    (RESULTS.md)."""
     for key, name in (("study.name", p.study.name), ("tracking.experiment", p.tracking.experiment)):
         paper = next((s for s in papers if name is not None and (name == s or name.startswith(f"{s}-"))), None)
         if paper:

@@ -78,8 +78,20 @@ def test_recipe_hash_ignores_what_does_not_change_outputs():
 
 
 def test_params_yaml_spells_out_the_defaults():
-    # examples/*.yaml set only what they change; the rest must be what params.yaml shows the user.
-    assert load(Path(__file__).resolve().parents[1] / "params.yaml") == validate({})
+    # examples/*.yaml set only what they change; the rest must be what params.yaml shows the user, the paper
+    # studies' settings included (checked with their schema, as `madloop study` reads them)
+    import flows.studies  # noqa: F401  (registers the paper studies)
+
+    assert load(Path(__file__).resolve().parents[1] / "params.yaml", studies=True) == validate({}, studies=True)
+
+
+def test_the_loop_schema_takes_the_studies_settings_unchecked_and_madloop_study_checks_them():
+    import flows.studies  # noqa: F401  (registered: still not the loop's)
+
+    typo = {"studies": {"fig4": {"seedz": 3}}}
+    assert validate(typo).studies == typo["studies"]  # `madloop run` and `dvc repro study` do not read them
+    with pytest.raises(ParamsError, match=r"studies\.fig4\.seedz"):
+        validate(typo, studies=True)
 
 
 def test_a_lineage_overrides_any_key_for_itself_and_its_hash_follows():
@@ -194,9 +206,10 @@ def test_a_device_this_machine_lacks_is_a_params_error():
     ("tracking.experiment=fig2", "tracking.experiment"),
 ])
 def test_names_that_belong_to_the_paper_or_the_reports_are_refused(override, key, tmp_path):
+    from flows.cli import paper_studies
     from tasks.resume import check_names
 
     with pytest.raises(ParamsError) as err:
-        check_names(load(None, [override]), tmp_path)
+        check_names(load(None, [override]), tmp_path, paper_studies())
     assert str(err.value).startswith(f"invalid params: {key}:"), str(err.value)
-    check_names(load(None, ["study.name=fig4b", "tracking.experiment=mine"]), tmp_path)  # near misses are fine
+    check_names(load(None, ["study.name=fig4b", "tracking.experiment=mine"]), tmp_path, paper_studies())  # near misses

@@ -16,7 +16,6 @@ import math
 import platform
 import time
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -72,7 +71,9 @@ class PaperStudy:
         raise NotImplementedError
 
 
-STUDIES: Registry[type[PaperStudy]] = Registry("paper study", package="flows.studies")
+# in_params=False: the studies' settings (studies.<name>) are checked by `madloop study` only (validate(...,
+# studies=True)); a loop study's params never import this package
+STUDIES: Registry[type[PaperStudy]] = Registry("paper study", package="flows.studies", in_params=False)
 
 
 # --- running one ------------------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ def torch_threads(count: int | None):
 def paper_study(name: str, params: dict | None = None, root: str = ".") -> dict[str, Any]:
     """One paper study: its reports under reports/<name>/, its runs in the MLflow experiment <name>."""
     logger = get_run_logger()
-    p = validate(params)
+    p = validate(params, studies=True)
     study = STUDIES.get(name)
     project = Path(root).resolve()
     folder = reports_folder(project, name)
@@ -159,21 +160,13 @@ class LoopStudySettings(Settings):
 
     @model_validator(mode="after")
     def valid_params(self) -> "LoopStudySettings":
-        if _checking.get():  # validating a study's params validates a whole Params again: check one level only
-            return self
-        token = _checking.set(True)
-        try:
+        try:  # the loop's schema: it holds no study settings, so this never recurses into another study's
             p = validate({**self.params, "lineages": [{"name": e, "estimator": e} for e in self.estimators]})
         except ParamsError as err:
             raise ValueError(f"params: {str(err).removeprefix('invalid params: ')}") from None
-        finally:
-            _checking.reset(token)
         if FAMILIES.get(p.model.family).kind != "image":
             raise ValueError(f"params: a loop study needs an image family, got {p.model.family!r}")
         return self
-
-
-_checking: ContextVar[bool] = ContextVar("checking_study_params", default=False)
 
 
 def study_params(p: Params, settings: LoopStudySettings, name: str, lineages: list[dict[str, Any]],
