@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup demo test ui repro lock serve server slurm slurm-down
+.PHONY: setup demo test test-fast ui repro lock serve server slurm slurm-down
 
 # torch 2.14.1 / torchvision 0.29.1 come from this machine's local wheels with Python 3.11's pip
 # (see DEVELOPERS.md); requirements.lock pins every package, pyproject.toml states the ranges.
@@ -30,6 +30,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+# While you work (DEVELOPERS.md): no end-to-end flows, no Prefect server, no model training, no repository checks.
+test-fast: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow and not fit and not repo" -p no:cacheprovider
 
 # Two processes, not ~15: one web worker, and no job runner (it runs MLflow's GenAI jobs, with a pool of consumers).
 ui: $(STAMP)

@@ -98,6 +98,7 @@ def test_dvc_repro_runs_resumes_versions_and_skips(project, subprocess_env, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.repo
 def test_the_paper_stages_are_locked_to_this_code(subprocess_env):
     """dvc.lock records the paper stages as built from the code in this checkout, so `dvc repro` on a fresh clone
     runs only the default study and not the 80 minutes of paper studies whose reports are committed. After a code
@@ -159,6 +160,7 @@ def covered(path: str, deps: list[str]) -> bool:
     return any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps)
 
 
+@pytest.mark.repo
 def test_each_paper_stage_depends_on_its_own_module_and_what_it_imports():
     """Editing one study's module stales its stage only; editing code a study runs stales it."""
     from flows.studies import STUDIES

@@ -17,6 +17,8 @@ from tasks.storage import json_safe
 from tests.conftest import tiny
 from tests.kit import open_study, run_lineage
 
+pytestmark = pytest.mark.fit  # every test here trains models (make test-fast leaves them out)
+
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):

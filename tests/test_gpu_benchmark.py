@@ -7,11 +7,13 @@ import importlib.util
 import re
 import sys
 
+import pytest
 import torch
 
 from tests.conftest import REPO
 
 
+@pytest.mark.fit
 def test_quick_benchmark_prints_every_row(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_benchmark", REPO / "benchmarks" / "gpu.py")
     benchmark = importlib.util.module_from_spec(spec)

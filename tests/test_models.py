@@ -13,6 +13,8 @@ from tasks.datasets import load_real
 from tasks.params import validate
 from tasks.scorers.image import ImageScorer, ensure_classifier
 
+pytestmark = pytest.mark.fit  # every test here trains models (make test-fast leaves them out)
+
 CPU = torch.device("cpu")
 
 

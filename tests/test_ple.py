@@ -124,6 +124,7 @@ def test_gaussian_mle_variance_is_biased_by_sigma2_over_n():
     assert abs(ple_var.mean() - 4.0) < 4 * ple_var.std() / np.sqrt(seeds)
 
 
+@pytest.mark.fit
 @pytest.mark.parametrize("estimator", ["mle", "ple"])
 def test_gmm_em_and_ple_recover_a_well_separated_balanced_mixture(estimator):
     family = GaussianMixture1D.of(means=[-3.0, 3.0], variances=[1.0, 1.0], minority_weight=0.5)
@@ -154,6 +155,7 @@ def test_analytic_families_mle_recovers_truth_and_samples_match(name):
     assert nll.shape == (100,) and torch.isfinite(nll).all()
 
 
+@pytest.mark.fit
 @pytest.mark.parametrize("estimator", ["mle", "ple"])
 def test_bf16_autocast_trains(estimator):
     """train.precision: bf16 runs (autocast on the CPU here, the GPU path's option) and still learns."""

@@ -126,6 +126,7 @@ def test_fresh_without_a_pool_or_with_too_small_a_pool_is_refused_before_any_wor
     assert not paths.data.exists()  # checking wrote nothing
 
 
+@pytest.mark.fit
 def test_a_fresh_lineage_never_trains_twice_on_the_same_real_image(tmp_path):
     from tests.kit import open_study, run_lineage
 

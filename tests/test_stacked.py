@@ -14,6 +14,8 @@ from models.estimators.stacked import fit_stacked, stackable
 from models.families import FAMILIES, TorchFamily, run
 from models.families.vae import VAEFamily, VAESettings
 
+pytestmark = pytest.mark.fit  # every test here trains models (make test-fast leaves them out)
+
 TRAIN = {"epochs": 4, "batch_size": 32}
 PLE = {"rank": 4, "penalty_every": 2, "penalty_entries": 512}  # the penalty runs, on sampled entries
 

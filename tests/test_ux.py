@@ -251,6 +251,7 @@ def _umask() -> int:
     return mask
 
 
+@pytest.mark.slow  # the session's Prefect server
 def test_an_empty_work_pool_is_seen_as_one_with_no_worker(prefect_server):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
