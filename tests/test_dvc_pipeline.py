@@ -110,6 +110,20 @@ def test_the_paper_stages_are_locked_to_this_code(subprocess_env):
     assert stale == {}, f"dvc.lock is behind the code for: {stale}"
 
 
+@pytest.mark.repo
+def test_a_frozen_stage_says_why_and_its_results_section_says_it_was_not_re_run():
+    """A stage frozen in dvc.yaml (its reports made by an earlier revision; `dvc status` no longer compares it with
+    the code) must say why (meta.frozen_because), and RESULTS.md must say so in that study's section."""
+    from flows.studies import STUDIES, frozen_stages
+
+    frozen = frozen_stages(REPO)
+    results = (REPO / "reports" / "RESULTS.md").read_text()
+    for name, why in frozen.items():
+        assert len(why) > 40, f"stage {name} is frozen without saying why (meta.frozen_because in dvc.yaml)"
+        if name in STUDIES:
+            assert f"`dvc unfreeze {name}`" in results, f"RESULTS.md does not say that {name} was not re-run"
+
+
 # --- each paper stage depends on its own code -----------------------------------------------------------------------
 
 PACKAGES = ("models", "tasks", "flows")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,3 +148,35 @@ def test_no_uncorrected_rule_in_the_verdict_words():
 
     assert VERDICTS == ("reproduced", "inconclusive", "not reproduced")
     assert not any("partly" in word for word in itertools.chain(VERDICTS))
+
+
+@pytest.mark.repo
+def test_no_committed_report_gives_a_positive_quantity_a_negative_bound():
+    """Every interval in reports/ (CSV columns ``<metric>_low``) respects its quantity: a positive one (scale log:
+    FID, KID, KL, a rate; scale unit: a share, precision, recall) never has a lower bound below 0."""
+    import csv
+    import subprocess
+
+    from models.families import FAMILIES
+    from tasks.scorers import scorer_class
+
+    repo = Path(__file__).resolve().parents[1]
+    scales = {c.name: c.scale for name in FAMILIES.names()
+              for c in scorer_class(name).columns(FAMILIES.get(name))}
+    positive = {name for name, scale in scales.items() if scale in ("log", "unit")}
+    tracked = subprocess.run(["git", "ls-files", "reports/*.csv", "reports/**/*.csv"], cwd=repo, text=True,
+                             capture_output=True, check=True).stdout.split()
+    from flows.studies import frozen_stages  # made by an earlier revision, and said so (tests/test_dvc_pipeline.py)
+
+    frozen = tuple(f"reports/{name}/" for name in frozen_stages(repo))
+    tracked = [path for path in tracked if not path.startswith(frozen)]
+    assert tracked, "no committed reports found"
+    bad = []
+    for path in tracked:
+        with open(repo / path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                for column, value in row.items():
+                    if column and column.endswith("_low") and column[:-4] in positive and value not in ("", "nan"):
+                        if float(value) < 0:
+                            bad.append(f"{path}: {column} = {value}")
+    assert not bad, f"{len(bad)} negative lower bounds of positive quantities, e.g. {bad[:40]}"

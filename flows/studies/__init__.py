@@ -299,17 +299,53 @@ def run_time(t: dict) -> str:
     return text
 
 
+# reports/frozen/<study>.md: a frozen study's section as the code of its run rendered it (its CSVs may lack what
+# today's section reads); outside reports/<study>/, which is the stage's output as it ran
+FROZEN_SECTIONS = "frozen"
+
+
+def frozen_stages(root: Path) -> dict[str, str]:
+    """The DVC stages of dvc.yaml that are frozen (``dvc repro`` does not re-run them, ``dvc status`` does not
+    compare their dependencies with the code), each with why (``meta.frozen_because``): reports made by an earlier
+    revision of the code, kept until they are re-run."""
+    import yaml
+
+    path = Path(root) / "dvc.yaml"
+    if not path.is_file():
+        return {}
+    stages = (yaml.safe_load(path.read_text()) or {}).get("stages", {})
+    return {name: str((stage.get("meta") or {}).get("frozen_because", "")) for name, stage in stages.items()
+            if stage.get("frozen")}
+
+
+def frozen_note(name: str, why: str, t: dict) -> list[str]:
+    """The line a frozen study's section opens with: its numbers come from an earlier revision of the code."""
+    return [f"> **Not re-run under the current code** (its DVC stage is frozen): {why} These numbers are the run "
+            f"that finished {t.get('finished', 'at an unrecorded time')}. To re-run it: `dvc unfreeze {name}`, then "
+            f"`dvc repro {name}` (it resumes where an earlier run stopped), then commit reports/{name}/ and dvc.lock.",
+            ""]
+
+
 def write_results(root: Path) -> Path:
-    """reports/RESULTS.md, rendered from the studies' own CSVs and timings (no number in it is typed by hand)."""
+    """reports/RESULTS.md, rendered from the studies' own CSVs and timings (no number in it is typed by hand). A
+    study whose stage is frozen says so at the top of its section (:func:`frozen_note`)."""
     reports = Path(root) / "reports"
+    frozen = frozen_stages(root)
     parts = ["# Results: the paper's evidence, reproduced with madloop", "",
              f"Paper: {PAPER} (../shared/seeds/001). Every number below is read from the CSVs next to this file, "
              "written by the study commands; `madloop study results` renders this page again.", ""]
     for study in sorted((e.obj for e in STUDIES.entries()), key=lambda s: (s.order, s.__name__)):
         name = next(e.name for e in STUDIES.entries() if e.obj is study)
         folder = reports / name
-        parts += (study.section(folder) if folder.is_dir() and any(folder.glob("*.csv"))
-                  else [f"## {name}", "", f"Not run yet: `madloop study {name}`."]) + [""]
+        snapshot = reports / FROZEN_SECTIONS / f"{name}.md"
+        if name in frozen and snapshot.is_file():  # as rendered when it ran, by the code of then
+            section = snapshot.read_text().rstrip("\n").split("\n")
+        else:
+            section = (study.section(folder) if folder.is_dir() and any(folder.glob("*.csv"))
+                       else [f"## {name}", "", f"Not run yet: `madloop study {name}`."])
+        if name in frozen:  # after the section's heading
+            section = section[:2] + frozen_note(name, frozen[name], timing(folder)) + section[2:]
+        parts += section + [""]
     path = reports / RESULTS_MD
     write_atomic(path, lambda tmp: tmp.write_text("\n".join(parts)))
     return path
