@@ -115,9 +115,11 @@ class LoopParams(Section):
 class TrackingParams(Section):
     uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI, when set, wins
     experiment: str | None = None  # MLflow experiment; null = "madloop/<study.name>"
-    # Generations whose fit takes less than this run as plain functions (not Prefect tasks) and are recorded in
-    # batches: on the lineage's MLflow run only, dvc add once at the end. 0: every generation recorded at once.
-    cheap_fit_seconds: float = Field(1.0, ge=0.0)
+    # How a lineage's generations are recorded, decided before any fit (so any machine records the same runs):
+    # batched (plain-function steps, MLflow records on the lineage's run only, dvc add once at the end) or per
+    # generation (Prefect task steps, a nested MLflow run and a dvc add each). auto: batched for the scalar (1-D)
+    # families, whose fits take milliseconds; per generation for the image families.
+    batch_records: Literal["auto", "always", "never"] = "auto"
 
     @field_validator("uri")
     @classmethod
