@@ -129,15 +129,8 @@ def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite
     # fanned out, each lineage runs (and is sized and verified) on a worker's machine, not this one
     study = Study.open(p, Path(root), lineages, overwrite=overwrite, force=force, here=not lineage_deployment,
                        observers=[before])
-    paths, real = study.paths, study.real
-    sizes = sorted({len(r.train) for r in real.lineages.values()})
-    rows = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
-    what = (f"classes {p.data.majority}/{p.data.minority} (R_I = {p.data.imbalance_ratio:g})"
-            if real.split.num_classes else f"draws of the {p.model.family} truth")
-    draws = len(set(real.files.values()))
-    logger.info(f"study {p.study.name!r}: {rows} real training rows of {p.data.source}, {what}, "
-                f"{draws} real draw{'s' if draws > 1 else ''} (data.draw: {p.data.draw}); {study.scorer_note}; "
-                f"device {study.device}")
+    paths = study.paths
+    logger.info(study.describe())
     logger.info(f"MLflow experiment {p.experiment!r}: "
                 f"{open_experiment(tracking_uri(p.tracking.uri, paths.root), p.experiment, paths.root)}")
     if p.dvc.track:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from models.families import FAMILIES
 from tasks.generation import (PLAIN, Generation, Lineage, Steps, load_generation_dataset, open_lineage, rescore,
                               resolve_device, run_generation)
 from tasks.layout import StudyPaths
@@ -40,12 +41,12 @@ FLUSH_SECONDS = 10.0  # a batched lineage's records go out at least this often (
 OPENED = {"real data": 0, "scorer": 0}  # how often this process prepared each: once per study (tests count them)
 
 
-def records_batched(lineage: Lineage) -> bool:
-    """Whether a lineage's generations are recorded in batches (plain-function steps, records on its MLflow run
-    only, ``dvc add`` at its end) rather than one by one: ``tracking.batch_records``, by default for the scalar
-    families, whose fits take milliseconds. Decided by params alone, never by how long a fit took."""
-    setting = lineage.params.tracking.batch_records
-    return lineage.family.kind == "scalar" if setting == "auto" else setting == "always"
+def records_batched(p: Params) -> bool:
+    """Whether a lineage (``p``: its params) has its generations recorded in batches (plain-function steps, records
+    on its MLflow run only, ``dvc add`` at its end) rather than one by one: ``tracking.batch_records``, by default
+    for the scalar families, whose fits take milliseconds. Decided by params alone, never by how long a fit took."""
+    setting = p.tracking.batch_records
+    return FAMILIES.get(p.model.family).kind == "scalar" if setting == "auto" else setting == "always"
 
 
 @dataclass
@@ -149,6 +150,17 @@ class Study:
             study.states = {spec.name: study.inspect(spec.name) for spec in chosen}
         return study
 
+    def describe(self) -> str:
+        """A line for the log: the real data, the scorer and the device."""
+        p, real = self.p, self.real
+        sizes = sorted({len(r.train) for r in real.lineages.values()})
+        rows = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+        what = (f"classes {p.data.majority}/{p.data.minority} (R_I = {p.data.imbalance_ratio:g})"
+                if real.split.num_classes else f"draws of the {p.model.family} truth")
+        draws = len(set(real.files.values()))
+        return (f"study {p.study.name!r}: {rows} real training rows of {p.data.source}, {what}, {draws} real "
+                f"draw{'s' if draws > 1 else ''} (data.draw: {p.data.draw}); {self.scorer_note}; device {self.device}")
+
     def lineage(self, name: str) -> Lineage:
         """Lineage ``name`` with its parts, over this study's real data and scorer."""
         return open_lineage(self.p, name, self.paths, self.real, self.scorer, self.device)
@@ -176,7 +188,7 @@ class Study:
             moved = quarantine_from(lin.paths, lin.folder, state.next_generation)
             quarantined = (f"{state.corrupt}: not used; generation {state.next_generation} and later are redone "
                            f"(old files moved to {moved})")
-        run = LineageRun(self, lin, min(state.next_generation, total), total, records_batched(lin), quarantined)
+        run = LineageRun(self, lin, min(state.next_generation, total), total, records_batched(lin.params), quarantined)
         steps_of = steps if callable(steps) else (lambda _lineage, _k: steps)
 
         def steps_for(k: int) -> Steps:
