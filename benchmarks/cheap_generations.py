@@ -6,12 +6,12 @@
 The study (gaussian family, real data drawn from its truth; recipes ``mle`` and ``ple_closed``, each over
 ``--seeds`` seeds) runs through the full ``self_consuming_loop`` flow (Prefect, DVC, MLflow) in fresh projects:
 
-- **per generation** (``tracking.cheap_fit_seconds=0``, how every generation was recorded before): each generation
+- **per generation** (``tracking.batch_records=never``, how the image families are recorded): each generation
   as Prefect tasks, its own MLflow nested run (params, inputs, logged model, artifacts), ``dvc add`` after it;
-- **batched** (the default, 1 s): generations whose fit took under a second run as plain functions and are
-  recorded in batches on the lineage's MLflow run, ``dvc add`` once at the lineage's end;
-- **bare**: the same generations as a plain Python loop (``run_generation`` with plain functions), no Prefect, DVC
-  or MLflow: the floor.
+- **batched** (``auto``, the 1-D families' default): generations run as plain functions and are recorded in
+  batches on the lineage's MLflow run, ``dvc add`` once at the lineage's end;
+- **bare**: the same generations through the plain runner (``tasks.study``) with no observers: no Prefect, DVC
+  or MLflow, the floor.
 
 The two flow variants alternate (``--repeats``), so their ratio is measured under the same machine load; the best
 run of each counts. Kept out of the timings, as in benchmarks/orchestration_overhead.py: the Prefect server's
@@ -36,9 +36,9 @@ from benchmarks.orchestration_overhead import bare_study, new_project, prefect_s
 from tasks.params import Params, load  # noqa: E402
 
 
-def study_params(generations: int, seeds: int, cheap_fit_seconds: float) -> Params:
+def study_params(generations: int, seeds: int, batch_records: str) -> Params:
     return load(None, ["study.name=cheap", "model.family=gaussian", "data.source=model",
-                       f"loop.generations={generations}", f"tracking.cheap_fit_seconds={cheap_fit_seconds}",
+                       f"loop.generations={generations}", f"tracking.batch_records={batch_records}",
                        f"lineages=[{{name: mle, seeds: {list(range(seeds))}}}, "
                        f"{{name: ple_closed, seeds: {list(range(seeds))}}}]"])
 
@@ -59,13 +59,13 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-    variants = {"per generation": study_params(args.generations, args.seeds, 0.0),
-                "batched": study_params(args.generations, args.seeds, 1.0)}
+    variants = {"per generation": study_params(args.generations, args.seeds, "never"),
+                "batched": study_params(args.generations, args.seeds, "auto")}
     times: dict[str, list[float]] = {name: [] for name in variants}
     loads = [os.getloadavg()[0]]
     with prefect_server() as (api, startup), tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        warm = study_params(1, 1, 1.0)
+        warm = study_params(1, 1, "auto")
         full_study(warm, new_project(tmp, "warm", warm))  # first-call imports and warm-ups, untimed
         started = time.perf_counter()
         bare_study(variants["batched"], tmp / "bare")

@@ -20,11 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.generation import fit_model, open_lineage, resolve_device  # noqa: E402
-from tasks.layout import StudyPaths  # noqa: E402
+from tasks.generation import fit_model, resolve_device  # noqa: E402
 from tasks.params import load  # noqa: E402
-from tasks.realdata import prepare_real_data  # noqa: E402
-from tasks.scorers import build_scorer  # noqa: E402
+from tasks.study import Study  # noqa: E402
 
 SAMPLERS = [(100, 0.0), (1000, 0.0), (1000, 1.0), (100, 1.0), (20, 0.0), (4, 0.0), (2, 0.0)]
 
@@ -41,10 +39,8 @@ def main() -> None:
     device = resolve_device(p.device)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
-        paths = StudyPaths(Path(tmp), p.study.name)
-        real = prepare_real_data(p, paths)
-        scorer, _ = build_scorer(p, real, paths.cache, device)
-        lineage = open_lineage(p, "mle", paths, real, scorer, device)
+        study = Study.open(p, Path(tmp), check=False)
+        lineage, scorer = study.lineage("mle"), study.scorer
         settings = lineage.family.settings
         for seed in args.seeds:
             model = fit_model(lineage, lineage.real.train, seed)

@@ -38,8 +38,7 @@ from flows.studies import study_params  # noqa: E402
 from tasks.generation import fit_model, open_lineage, resolve_device  # noqa: E402
 from tasks.layout import StudyPaths  # noqa: E402
 from tasks.params import load, parse_override, set_dotted, validate  # noqa: E402
-from tasks.realdata import prepare_real_data  # noqa: E402
-from tasks.scorers import build_scorer  # noqa: E402
+from tasks.study import Study  # noqa: E402
 from tasks.seeds import FIT, SCORE, derive_seed  # noqa: E402
 from tasks.stats import interval  # noqa: E402
 
@@ -90,16 +89,15 @@ def main() -> None:
     gen_s: dict[str, list[float]] = {f: [] for f in families}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.workdir or tmp)
-        paths = StudyPaths(root, "strength")
-        real = prepare_real_data(first, paths)
-        scorer, _ = build_scorer(first, real, paths.cache, device)
+        study = Study.open(first, root, check=False)  # one real draw and scorer for every family
+        real, scorer = study.real, study.scorer
         lineages = {(f, s): open_lineage(params[f], f"mle-s{s}", StudyPaths(root, f"strength-{f}"), real, scorer,
                                          device) for f in families for s in seeds}
         for seed in seeds:
             for family in families:
                 lineage = lineages[(family, seed)]
                 started = time.perf_counter()
-                model = fit_model(lineage, real.train, derive_seed(lineage.seed, 0, FIT))
+                model = fit_model(lineage, lineage.real.train, derive_seed(lineage.seed, 0, FIT))
                 _, metrics = scorer.evaluate(model, derive_seed(lineage.seed, 0, SCORE))
                 gen_s[family].append(time.perf_counter() - started)
                 fit_s[family].append(model.info["fit_seconds"])
@@ -116,7 +114,7 @@ def main() -> None:
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, {args.threads} "
           f"torch thread(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average "
           f"{os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}, device {device}")
-    print(f"budget: {first.data.source}, {len(real.train)} training rows (majority {first.data.majority}, minority "
+    print(f"budget: {first.data.source}, {len(real.of('mle-s' + str(seeds[0])).train)} training rows (majority {first.data.majority}, minority "
           f"{first.data.minority}), {t.epochs} epochs at batch {t.batch_size}, lr {t.lr}; MLE, generation 0; "
           f"seeds {seeds}; FID of {first.score.samples} samples"
           + (f"; --set {' '.join(args.overrides)}" if args.overrides else ""))

@@ -66,12 +66,10 @@ without_prefect()
 
 import models.estimators as estimators_module  # noqa: E402  (FamilyOptimizer's Adam, swapped by default_adam)
 from models.estimators import fit  # noqa: E402
-from tasks.generation import PLAIN, open_lineage, resolve_device, run_generation  # noqa: E402
-from tasks.layout import StudyPaths  # noqa: E402
+from tasks.generation import PLAIN, resolve_device, run_generation  # noqa: E402
 from tasks.lockstep import lockstep_groups, run_lockstep_generation  # noqa: E402
 from tasks.params import load_raw, validate  # noqa: E402
-from tasks.realdata import prepare_real_data  # noqa: E402
-from tasks.scorers import build_scorer  # noqa: E402
+from tasks.study import Study  # noqa: E402
 
 # The default study on the team's 2-core x86_64 CPU VM, `python benchmarks/ple_overhead.py --repeats 5` (README,
 # "Speed of PLE"): one generation (fit, sample, score, save) of the MLE and PLE lineages, seconds.
@@ -236,14 +234,10 @@ def compiled_rows(table: Table, budget: Budget, device: torch.device, sizes: Siz
                  {"batch_size": big, "compile": True, "precision": "bf16"}, needs=60.0)
 
 
-def open_study(overrides: list[str], device: torch.device, root: Path):
+def open_study(overrides: list[str], device: torch.device, root: Path) -> Study:
     raw = load_raw(REPO / "params.yaml", overrides)
     raw.pop("studies", None)  # the paper studies' sizes: registered by flows/, which needs Prefect, and unused here
-    p = validate(raw)
-    paths = StudyPaths(root, p.study.name)
-    real = prepare_real_data(p, paths)
-    scorer, _ = build_scorer(p, real, paths.cache, device)
-    return p, paths, real, scorer
+    return Study.open(validate({**raw, "device": str(device)}), root, check=False)
 
 
 def run_alone(lineage, dataset, generations: int) -> tuple[float, float]:
@@ -276,10 +270,9 @@ def lineage_rows(table: Table, budget: Budget, device: torch.device, sizes: Size
     counts = (max(sizes.lineages),) if compiled else sizes.lineages
     label = ", compiled" if compiled else ""
     seeds = ", ".join(str(s) for s in range(max(counts)))
-    p, paths, real, scorer = open_study([*sizes.study, f"loop.generations={sizes.generations}",
-                                         f"train.compile={str(compiled).lower()}",
-                                         f"lineages=[{{name: mle, seeds: [{seeds}]}}]"], device, root)
-    lineages = [open_lineage(p, spec.name, paths, real, scorer, device) for spec in p.lineages]
+    study = open_study([*sizes.study, f"loop.generations={sizes.generations}", f"train.compile={str(compiled).lower()}",
+                        f"lineages=[{{name: mle, seeds: [{seeds}]}}]"], device, root)
+    lineages = [study.lineage(spec.name) for spec in study.lineages]
     per_hour = lambda count, seconds: count * 3600 / (seconds * STUDY_GENERATIONS / sizes.generations)  # noqa: E731
 
     run_alone(lineages[0], lineages[0].real.train, 1)  # warm-up (and compilation)
@@ -308,9 +301,9 @@ def study_rows(table: Table, budget: Budget, device: torch.device, sizes: Sizes,
         if budget.left < 40:
             table.add(f"default study, one generation on {where}", "skipped", "", "out of --budget")
             continue
-        p, paths, real, scorer = open_study([*sizes.study, "lineages=[mle, ple]"], where, root)
+        study = open_study([*sizes.study, "lineages=[mle, ple]"], where, root)
         for estimator in ("mle", "ple"):
-            lineage = open_lineage(p, estimator, paths, real, scorer, where)
+            lineage = study.lineage(estimator)
             started = time.perf_counter()
             generation = run_generation(lineage, 0, lineage.real.train, PLAIN)
             seconds = time.perf_counter() - started

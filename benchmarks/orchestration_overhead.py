@@ -43,36 +43,37 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemet
 
 import torch  # noqa: E402
 
-from tasks.generation import PLAIN, open_lineage, resolve_device, run_generation  # noqa: E402
-from tasks.layout import StudyPaths  # noqa: E402
+from tasks.generation import resolve_device  # noqa: E402
 from tasks.params import Params, load  # noqa: E402
-from tasks.realdata import prepare_real_data  # noqa: E402
 from tasks.reports import write_reports  # noqa: E402
-from tasks.scorers import build_scorer  # noqa: E402
 from tasks.storage import read_json  # noqa: E402
+from tasks.study import Observer, Study  # noqa: E402
 
 WARM_UP = ["loop.generations=1", "train.epochs=1", "classifier.epochs=1", "score.samples=120",
            "score.kid_subset_size=50"]
 
 
+class Clock(Observer):
+    """Seconds per generation, per lineage."""
+
+    def __init__(self):
+        self.seconds: dict[str, list[float]] = {}
+
+    def generation_started(self, run, k):
+        self.started = time.perf_counter()
+
+    def generation_done(self, run, generation):
+        self.seconds.setdefault(run.name, []).append(time.perf_counter() - self.started)
+
+
 def bare_study(p: Params, root: Path) -> dict[str, list[float]]:
-    """The study as a plain loop over ``run_generation`` (the lineage flow's body, minus resume, DVC and MLflow);
-    seconds per generation."""
-    paths = StudyPaths(root, p.study.name)
-    device = resolve_device(p.device)
-    real = prepare_real_data(p, paths)
-    scorer, _ = build_scorer(p, real, paths.cache, device)
-    seconds: dict[str, list[float]] = {}
-    for spec in p.lineages:
-        lineage = open_lineage(p, spec.name, paths, real, scorer, device)
-        lineage.mitigation.resume([])
-        dataset, seconds[spec.name] = lineage.real.train, []
-        for k in range(lineage.params.loop.generations):
-            started = time.perf_counter()
-            dataset = run_generation(lineage, k, dataset, PLAIN).next_dataset
-            seconds[spec.name].append(time.perf_counter() - started)
-    write_reports(p, paths, p.lineages)
-    return seconds
+    """The study through the plain runner with no observers but a clock (the lineage flow's body, minus Prefect,
+    DVC and MLflow); seconds per generation."""
+    study, clock = Study.open(p, root, check=False), Clock()
+    for spec in study.lineages:
+        study.run_lineage(spec.name, observers=[clock])
+    write_reports(p, study.paths, p.lineages)
+    return clock.seconds
 
 
 def fit_seconds(root: Path, study: str) -> float:

@@ -27,11 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.generation import PLAIN, open_lineage, resolve_device, run_generation  # noqa: E402
-from tasks.layout import StudyPaths  # noqa: E402
+from tasks.generation import PLAIN, resolve_device, run_generation  # noqa: E402
 from tasks.params import load  # noqa: E402
-from tasks.realdata import prepare_real_data  # noqa: E402
-from tasks.scorers import build_scorer  # noqa: E402
+from tasks.study import Study  # noqa: E402
 
 
 def one_generation(lineage) -> tuple[float, float, dict]:
@@ -55,10 +53,8 @@ def main() -> None:
     device = resolve_device(p.device)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
-        paths = StudyPaths(Path(tmp), p.study.name)
-        real = prepare_real_data(p, paths)
-        scorer, _ = build_scorer(p, real, paths.cache, device)
-        lineages = {name: open_lineage(p, name, paths, real, scorer, device) for name in ("mle", "ple")}
+        study = Study.open(p, Path(tmp), check=False)
+        lineages = {name: study.lineage(name) for name in ("mle", "ple")}
         times: dict[str, list[tuple[float, float]]] = {"mle": [], "ple": []}
         metrics: dict[str, dict] = {}
         for _ in range(args.repeats):

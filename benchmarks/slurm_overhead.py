@@ -46,7 +46,7 @@ def study(lineages: int, generations: int, epochs: int) -> dict:
     return {"study": {"name": "bench"}, "data": {"imbalance_ratio": 4}, "train": {"epochs": epochs, "batch_size": 64},
             "loop": {"generations": generations}, "classifier": {"epochs": 2},
             "score": {"samples": 80, "kid_subset_size": 40, "bootstrap": 10},
-            "lineages": [{"name": "mle", "seeds": list(range(lineages))}], "tracking": {"cheap_fit_seconds": 0}}
+            "lineages": [{"name": "mle", "seeds": list(range(lineages))}], "tracking": {"batch_records": "never"}}
 
 
 def project(root: Path, params: dict, cache_from: Path | None = None) -> Path:

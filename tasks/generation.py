@@ -223,8 +223,8 @@ def run_generation(lineage: Lineage, k: int, dataset: Dataset, steps: Steps = PL
                               lin.params.data.source, lin.params.loop.temperature)
     check_finite(lin, k, "its samples", {"samples": torch.as_tensor(candidates.pixels)})
     synthetic, select_info = lin.mitigation.select(k, candidates, n)
-    samples, metrics = steps.score(lin.scorer, model, derive_seed(lin.seed, k, SCORE))
-    metrics.update(lin.scorer.dataset_metrics(rows), **weight_info, **fit_info, **select_info)
+    samples, metrics = score_generation(lin, k, model, rows, steps)
+    metrics.update(**weight_info, **fit_info, **select_info)
     next_dataset, next_info = lin.mitigation.next_dataset(k, dataset, synthetic, metrics)
     metrics.update(next_info)
     caption = f"{lin.name}, generation {k}"
@@ -232,6 +232,28 @@ def run_generation(lineage: Lineage, k: int, dataset: Dataset, steps: Steps = PL
                           lambda path, s=samples: lin.scorer.picture(s, path, caption), metrics, lin.recipe,
                           lin.score_hash, trained_on, {**model.info, "rows_trained_on": len(rows)})
     return Generation(k, model, manifest, next_dataset, dataset_path(lin, k + 1))
+
+
+def score_generation(lineage: Lineage, k: int, model: FittedTorchModel, rows: Dataset,
+                     steps: Steps = PLAIN) -> tuple[np.ndarray, dict[str, float]]:
+    """Model k's scores (the scorer's, with its seed for generation k) and those of the rows it trained on: what a
+    generation records, and what a re-scored one records again (:func:`rescore`)."""
+    samples, metrics = steps.score(lineage.scorer, model, derive_seed(lineage.seed, k, SCORE))
+    metrics.update(lineage.scorer.dataset_metrics(rows))
+    return samples, metrics
+
+
+def rescore(lineage: Lineage, manifest: dict[str, Any], steps: Steps = PLAIN) -> dict[str, Any]:
+    """A finished generation's manifest, its metrics recomputed (:func:`score_generation`) and written again when
+    the scoring params changed since it was made; as it is otherwise."""
+    if manifest.get("score_hash") == lineage.score_hash:
+        return manifest
+    k = manifest["generation"]
+    model = load_model(lineage.family, load_generation_model(lineage.folder, k), lineage.device)
+    dataset = lineage.real.train if k == 0 else load_generation_dataset(lineage.folder, k)
+    _, metrics = score_generation(lineage, k, model, lineage.mode.training_rows(k, dataset), steps)
+    kept = {key: value for key, value in manifest["metrics"].items() if key not in metrics}  # e.g. weight stats
+    return rescore_manifest(lineage.folder, manifest, {**kept, **metrics}, lineage.score_hash)
 
 
 def rescore_manifest(folder: Path, manifest: dict[str, Any], metrics: dict[str, float], score_hash: str) -> dict:

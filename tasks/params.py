@@ -115,9 +115,11 @@ class LoopParams(Section):
 class TrackingParams(Section):
     uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI, when set, wins
     experiment: str | None = None  # MLflow experiment; null = "madloop/<study.name>"
-    # Generations whose fit takes less than this run as plain functions (not Prefect tasks) and are recorded in
-    # batches: on the lineage's MLflow run only, dvc add once at the end. 0: every generation recorded at once.
-    cheap_fit_seconds: float = Field(1.0, ge=0.0)
+    # How a lineage's generations are recorded, decided before any fit (so any machine records the same runs):
+    # batched (plain-function steps, MLflow records on the lineage's run only, dvc add once at the end) or per
+    # generation (Prefect task steps, a nested MLflow run and a dvc add each). auto: batched for the scalar (1-D)
+    # families, whose fits take milliseconds; per generation for the image families.
+    batch_records: Literal["auto", "always", "never"] = "auto"
 
     @field_validator("uri")
     @classmethod
@@ -559,6 +561,11 @@ def is_type_tag(part: Any) -> bool:
                                       or part.startswith(("constrained-", "function-", "lax-", "strict-")))
 
 
+# keys that were renamed or removed: what a params file that still has them is told
+RENAMED = {"tracking.cheap_fit_seconds": "renamed: how a lineage is recorded no longer depends on how long its fits "
+                                         "took; use tracking.batch_records: auto | always | never (params.yaml)"}
+
+
 def format_validation_error(err: ValidationError) -> str:
     """One line: every problem as ``dotted.key: what is wrong (got <a short prefix of the input>)``, at most
     ``MAX_PROBLEMS`` of them."""
@@ -570,7 +577,7 @@ def format_validation_error(err: ValidationError) -> str:
         loc = cut(".".join(str(p) for p in parts), 2 * SHOWN_CHARS)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (see params.yaml for every key)"
+            msg = RENAMED.get(loc, "unknown key (see params.yaml for every key)")
         # A model-level validator reports "key: problem"; anchor it under its section.
         head = msg.split(":", 1)[0]
         if ":" in msg and e["type"] == "value_error" and head.replace("_", "").replace(".", "").isalnum():

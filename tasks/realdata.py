@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.families import build_family
-from tasks import as_task
 from tasks.datasets import Dataset, RealData, RealSplit, data_digest, draw_real, load_split, write_parquet
 from tasks.layout import REAL_TEST, StudyPaths, real_train_name
 from tasks.params import LineageParams, Params, digest, lineage_params, lineage_seed, real_data_recipe
@@ -132,4 +131,3 @@ def data_problem(p: Params, paths: StudyPaths, lineages: list[LineageParams]) ->
     return None
 
 
-prepare_real_data_task = as_task(prepare_real_data)

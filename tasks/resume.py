@@ -7,8 +7,8 @@ recorded. Resuming starts at the first generation that is not; its files and eve
 without a manifest included) go to the trash before the generation is redone.
 
 Each run checks each lineage once: :func:`preflight`, before any work, reads the manifests' params hashes (outputs
-made under other params stop the run, or with ``--overwrite`` go to the trash); the study flow then verifies
-every file once (:func:`inspect_lineage`) and hands the verified state to its in-process lineages.
+made under other params stop the run, or with ``--overwrite`` go to the trash); ``tasks.study.Study.open`` then
+verifies every file once (:func:`inspect_lineage`) and its lineages start from the verified state.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MLflow: one experiment per study, a parent run per lineage, a nested run per (slow) generation.
+"""MLflow: one experiment per study, a parent run per lineage, a nested run per generation (unless batched).
 
 The study's experiment opens in MLflow's model-training view (``mlflow.experimentKind``). A lineage's parent run
 carries its recipe as params (the flat ``{dotted key: value}`` its resume hash is made of), the git commit and the
@@ -8,11 +8,12 @@ generation (``r_fair`` when the minority class got too few samples) is left out 
 (the UI hides a metric whose last value is NaN), and the run's ``madloop.undefined.<metric>`` tags say where.
 
 Datasets are run inputs (``log_input``) with DVC's md5 as the digest and the DVC path as the source: the link
-back to DVC. A generation whose fit took ``tracking.cheap_fit_seconds`` or more gets a nested run with its
-params, the dataset it trained on and the one it produced, its weights (an MLflow logged model and the
-safetensors file) and the fit's own metrics. Cheaper generations (1-D families: fits of milliseconds) are
-recorded on the parent run alone (scores, datasets as inputs), in batches, with their sample image at the steps
-a batch ends: a nested run per generation would cost more than the generation.
+back to DVC. A lineage recorded per generation (``tracking.batch_records``; by default the image families') gives
+each generation a nested run with its params, the dataset it trained on and the one it produced, its weights (an
+MLflow logged model and the safetensors file) and the fit's own metrics. A batched lineage (by default the 1-D
+families: fits of milliseconds, where a nested run per generation would cost more than the generation) is recorded
+on the parent run alone (scores, datasets as inputs), in batches, with a sample image at the steps its recorder
+names (the lineage's last generation): what is recorded never depends on how long a fit took.
 
 Recording is idempotent: a generation already recorded is not logged again, so resuming a killed study never
 duplicates runs or steps, and a call retried after a "database is locked" error (lineages running in parallel
@@ -342,9 +343,6 @@ class Record:
         if self.undefined:
             self.tags[UNDEFINED_TAG] = ", ".join(self.undefined)
 
-    def cheap(self, cheap_fit_seconds: float) -> bool:
-        return self.manifest["info"].get("fit_seconds", math.inf) < cheap_fit_seconds
-
 
 def recorded_children(client: MlflowClient, exp_id: str, parent_id: str,
                       score_hashes: dict[int, str]) -> dict[int, str]:
@@ -407,15 +405,16 @@ def logged_image_steps(client: MlflowClient, run_id: str) -> set[int]:
 
 
 def record_generations(client: MlflowClient, exp_id: str, parent_id: str, records: list[Record],
-                       params: dict[str, Any], tags: dict[str, str], cheap_fit_seconds: float) -> None:
-    """Record finished generations once each: a nested run for each slow one; on the parent, every new step's
-    scores in one batch, the cheap ones' datasets as inputs, and the sample images (each slow generation's, and
-    the last of a batch of cheap ones)."""
+                       params: dict[str, Any], tags: dict[str, str], batched: bool = False,
+                       images: set[int] | None = None) -> None:
+    """Record finished generations once each: unless ``batched``, a nested run for each; on the parent, every new
+    step's scores in one batch, the batched ones' datasets as inputs, and the sample images of the generations in
+    ``images`` (None: every one's)."""
     from PIL import Image
 
     parent = client.get_run(parent_id)
     done = int(parent.data.tags.get(DONE_TAG, 0))
-    slow = [r for r in records if not r.cheap(cheap_fit_seconds)]
+    slow = [] if batched else records
     if slow:
         children = recorded_children(client, exp_id, parent_id, {r.k: r.score_hash for r in records})
         for record in slow:
@@ -425,12 +424,12 @@ def record_generations(client: MlflowClient, exp_id: str, parent_id: str, record
     rescored = bool(records) and parent.data.tags.get(SCORE_TAG, records[0].score_hash) != records[0].score_hash
     new = [r for r in records if r.k >= done or rescored]
     # each dataset once (MLflow keeps the first context a run logs a dataset with): the one each generation made
-    cheap_inputs = [r.inputs[1] for r in new if r.cheap(cheap_fit_seconds)]
+    cheap_inputs = [r.inputs[1] for r in new] if batched else []
     if records and records[0].k == 0 and done == 0:
         cheap_inputs = [records[0].inputs[0], *cheap_inputs]  # dataset 0, the real data: the lineage's own input
     if cheap_inputs:
         client.log_inputs(parent_id, datasets=cheap_inputs)
-    shown = {r.k for r in records if not r.cheap(cheap_fit_seconds)} | ({records[-1].k} if records else set())
+    shown = {r.k for r in records} if images is None else {r.k for r in records if r.k in images}
     missing = shown - logged_image_steps(client, parent_id) if shown else set()
     for record in records:
         if record.k in missing and record.grids:
@@ -546,18 +545,20 @@ def open_experiment(uri: str, experiment: str, project_root: Path) -> str:
 
 @retry_when_locked
 def log_generations(uri: str, exp_id: str, parent_id: str, lineage: str, manifests: list[dict[str, Any]],
-                    folder: Path, project_root: Path, params: dict[str, Any], cheap_fit_seconds: float = 0.0) -> int:
-    """Record finished generations from their manifests (so a resumed run can record them again, exactly);
-    returns how many were given."""
+                    folder: Path, project_root: Path, params: dict[str, Any], batched: bool = False,
+                    images: set[int] | None = None) -> int:
+    """Record finished generations from their manifests (so a resumed run can record them again, exactly), batched
+    or with a nested run each, the sample images of ``images`` (None: every one's) on the parent; returns how many
+    were given."""
     records = [Record(m, folder, project_root, lineage) for m in manifests]
-    record_generations(client_for(uri), exp_id, parent_id, records, params, source_tags(project_root),
-                       cheap_fit_seconds)
+    record_generations(client_for(uri), exp_id, parent_id, records, params, source_tags(project_root), batched,
+                       images)
     return len(records)
 
 
 def log_generation(uri: str, exp_id: str, parent_id: str, lineage: str, manifest: dict[str, Any],
                    folder: Path, project_root: Path, params: dict[str, Any]) -> int:
-    """One generation, with a nested run whatever its fit time."""
+    """One generation, with its nested run."""
     return log_generations(uri, exp_id, parent_id, lineage, [manifest], folder, project_root, params)
 
 

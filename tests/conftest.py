@@ -73,7 +73,7 @@ def tiny(**overrides) -> dict:
         "classifier": {"epochs": 2},
         "score": {"samples": 80, "kid_subset_size": 40, "bootstrap": 10},
         "lineages": ["mle"],
-        "tracking": {"cheap_fit_seconds": 0},  # every generation gets its nested run (test_ux: the batched records)
+        "tracking": {"batch_records": "never"},  # every generation gets its nested run (test_ux: the batched records)
     }
     for dotted, value in overrides.items():
         node = params

@@ -24,6 +24,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 import flows.loop
+import tasks.observers
 from flows.cli import main as cli
 from flows.loop import lineage_loop, run_study, self_consuming_loop
 from tasks import as_task
@@ -152,7 +153,9 @@ def reference(tmp_path_factory, prefect_server) -> dict:
         adds.append({t.name: tracked_md5s(root, t) for t in targets})
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(flows.loop, "dvc_add_task", as_task(checked_dvc_add, retries=2))
+        checked = as_task(checked_dvc_add, retries=2)
+        patch.setattr(flows.loop, "dvc_add_task", checked)  # the study's adds
+        patch.setattr(tasks.observers, "dvc_add_task", checked)  # each lineage's (tasks.observers.DvcAdder)
         run_study(validate(PARAMS), root)
     return {"root": root, "snapshot": snapshot(root), "adds": adds}
 

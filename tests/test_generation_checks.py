@@ -10,7 +10,7 @@ import torch
 from models.estimators import ESTIMATORS, TrainSettings
 from models.estimators.mle import fit_mle
 from models.families import FittedTorchModel
-from tasks.generation import TrainingDivergedError, open_lineage, run_generation
+from tasks.generation import TrainingDivergedError, run_generation
 from tasks.mitigations import MITIGATIONS
 from tasks.seeds import SCORE, derive_seed
 from tasks.storage import json_safe
@@ -31,7 +31,7 @@ def test_generation_0_learns_the_data(root):
     Measured on the team's 2-core VM: 0.32 (mle) and 0.18 (ple) of the untrained FID at these 30 epochs."""
     study = open_study(tiny(train__epochs=30, lineages=["mle", "ple"]), root)
     for name in ("mle", "ple"):
-        lin = open_lineage(study.p, name, study.paths, study.real, study.scorer, study.device)
+        lin = study.lineage(name)
         trained = run_lineage(study, name, 1)[0].manifest["metrics"]["fid"]
         torch.manual_seed(lin.seed)
         untrained = FittedTorchModel(lin.family, lin.family.build().eval())
@@ -75,7 +75,7 @@ def test_every_mitigations_weights_reach_the_fit_and_change_it(root, recording_e
     plain = run_lineage(study, "plain", 1)[0]
     assert recording_estimator.pop() is None
     for m in names:
-        lin = open_lineage(study.p, f"w-{m}", study.paths, study.real, study.scorer, study.device)
+        lin = study.lineage(f"w-{m}")
         expected, _ = lin.mitigation.training_weights(0, lin.real.train)
         generation = run_generation(lin, 0, lin.real.train)
         got = recording_estimator.pop()

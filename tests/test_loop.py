@@ -90,7 +90,7 @@ def test_kill_and_resume_does_not_redo_finished_generations(project, subprocess_
     args = [sys.executable, "-m", "flows.cli", "run", "--quiet", "--set", "study.name=killed",
             "--set", "loop.generations=4", "--set", "train.epochs=150", "--set", "classifier.epochs=2",
             "--set", "score.samples=120", "--set", "lineages=[mle]",
-            "--set", "tracking.cheap_fit_seconds=0"]  # a nested run per generation, as slow fits get
+            "--set", "tracking.batch_records=never"]  # a nested run per generation
     folder = project / "data" / "studies" / "killed" / "mle"
     proc = subprocess.Popen(args, cwd=project, env=subprocess_env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

@@ -15,17 +15,15 @@ from scipy import stats
 from flows.loop import self_consuming_loop
 from models.neighbors import greedy_entropy_subset, knn_entropy, memorisation_rate
 from tasks.datasets import Dataset, read_parquet
-from tasks.generation import fit_model, open_lineage, resolve_device
-from tasks.layout import StudyPaths
+from tasks.generation import fit_model
 from tasks.metrics.density_coverage import DensityCoverage
 from tasks.metrics.memorisation import Memorisation
 from tasks.mitigations.curation import k_choice
 from tasks.mitigations.verify import confidence
 from tasks.params import digest, lineage_recipe, validate
-from tasks.realdata import prepare_real_data
 from tasks.reports import rank_recipes, ranking_markdown
-from tasks.scorers import build_scorer
 from tasks.storage import read_json
+from tasks.study import Study
 from tests.conftest import tiny
 from tests.kit import dataset_zero
 
@@ -46,10 +44,7 @@ def study(tmp_path_factory):
     """Real data, a real (briefly trained) domain classifier and scorer, and a function opening a lineage."""
     p = validate(tiny(lineages=NEW_RECIPES + [{"name": "mle-neon-w0", "estimator": "mle", "mitigation": "neon",
                                                 "set": {"mitigation.neon.w": 0.0}}], device="cpu"))
-    paths = StudyPaths(tmp_path_factory.mktemp("study"), p.study.name)
-    real = prepare_real_data(p, paths)
-    scorer, _ = build_scorer(p, real, paths.cache, resolve_device("cpu"))
-    return lambda name: open_lineage(p, name, paths, real, scorer, resolve_device("cpu"))
+    return Study.open(p, tmp_path_factory.mktemp("study"), check=False).lineage
 
 
 def noise(n, shape=(1, 8, 8), seed=0):

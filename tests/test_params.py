@@ -213,3 +213,8 @@ def test_names_that_belong_to_the_paper_or_the_reports_are_refused(override, key
         check_names(load(None, [override]), tmp_path, paper_studies())
     assert str(err.value).startswith(f"invalid params: {key}:"), str(err.value)
     check_names(load(None, ["study.name=fig4b", "tracking.experiment=mine"]), tmp_path, paper_studies())  # near misses
+
+
+def test_a_renamed_key_says_what_replaced_it():
+    with pytest.raises(ParamsError, match=r"tracking\.cheap_fit_seconds: renamed.*tracking\.batch_records"):
+        validate({"tracking": {"cheap_fit_seconds": 1.0}})

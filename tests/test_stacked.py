@@ -140,19 +140,13 @@ def test_bad_input_is_refused_before_any_work():
 # --- lineages in lockstep (tasks/lockstep.py) ----------------------------------------------------------------------
 
 
-def open_study(tmp_path, lineages):
-    from tasks.generation import open_lineage
-    from tasks.layout import StudyPaths
+def open_lineages(tmp_path, lineages):
     from tasks.params import validate
-    from tasks.realdata import prepare_real_data
-    from tasks.scorers import build_scorer
+    from tasks.study import Study
     from tests.conftest import tiny
 
-    p = validate(tiny(lineages=lineages))
-    paths = StudyPaths(tmp_path, p.study.name)
-    real = prepare_real_data(p, paths)
-    scorer, _ = build_scorer(p, real, paths.cache, torch.device("cpu"))
-    return real, [open_lineage(p, spec.name, paths, real, scorer, torch.device("cpu")) for spec in p.lineages]
+    study = Study.open(validate(tiny(lineages=lineages, device="cpu")), tmp_path, check=False)
+    return [study.lineage(spec.name) for spec in study.lineages]
 
 
 def test_lineages_of_one_recipe_run_in_lockstep_and_a_group_of_one_is_the_lineage_alone(tmp_path):
@@ -160,7 +154,7 @@ def test_lineages_of_one_recipe_run_in_lockstep_and_a_group_of_one_is_the_lineag
     from tasks.layout import generation_files
     from tasks.lockstep import lockstep_groups, run_lockstep_generation
 
-    real, lineages = open_study(tmp_path, [{"name": "mle", "seeds": [0, 1]}, {"name": "ple", "seeds": [0]},
+    lineages = open_lineages(tmp_path, [{"name": "mle", "seeds": [0, 1]}, {"name": "ple", "seeds": [0]},
                                            {"name": "iw", "estimator": "mle", "mitigation": "importance",
                                             "seeds": [0, 1]}])
     names = [[lin.name for lin in group] for group in lockstep_groups(lineages)]

@@ -139,7 +139,7 @@ def test_mlflow_and_prefect_show_a_study_as_their_users_expect(project, prefect_
 @pytest.mark.slow
 def test_cheap_generations_are_batched_summarised_over_seeds_and_recorded_again_after_a_loss(project, prefect_server):
     params = tiny(model__family="gaussian", data__source="model", data__size=30, loop__generations=3,
-                  tracking__cheap_fit_seconds=1.0, lineages=[{"name": "mle", "seeds": [0, 1, 2]}])
+                  tracking__batch_records="auto", lineages=[{"name": "mle", "seeds": [0, 1, 2]}])
     rows = self_consuming_loop(params=params, root=str(project))
     assert len(rows) == 9
 

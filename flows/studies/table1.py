@@ -23,15 +23,13 @@ from flows.loop import self_consuming_loop
 from flows.studies import (MNIST5K_TRAIN, PAPER_VAE_DIGITS, PAPER_VAE_MNIST, STUDIES, Claim, LoopStudySettings,
                            PaperStudy, StudyRun, fmt, loop_generations, num, pyplot, read_csv, run_time, seed_lineages,
                            study_params, style, tests_line, timing, verdict_from, errors)
-from tasks.generation import fit_model, open_lineage, resolve_device
-from tasks.layout import StudyPaths
+from tasks.generation import fit_model
 from tasks.params import validate
-from tasks.realdata import prepare_real_data
 from tasks.layout import LABELLER_JSON, reports_folder
 from tasks.reports import labeller_markdown, scales_of
-from tasks.scorers import build_scorer
 from tasks.stats import SCALE_NOTE, VERDICT_RULE, adjusted, interval, paired, summarize
 from tasks.storage import read_json, write_atomic, write_csv_atomic, write_json_atomic
+from tasks.study import Study
 
 
 
@@ -139,11 +137,8 @@ def uses_input(study: StudyRun, cfg: Table1Settings) -> dict[str, Any]:
     the minority share of 1,000 samples from each. A hypernetwork ignoring its input emits the same weights."""
     sub = validate(study_params(study.params, cfg, f"{study.name}-uses-input", [{"name": "ple", "seed": 0}], 1,
                                 imbalance_ratio=1.0))
-    paths = StudyPaths(study.project, sub.study.name)
-    device = resolve_device(sub.device)
-    real = prepare_real_data(sub, paths)
-    scorer, _ = build_scorer(sub, real, paths.cache, device)
-    lineage = open_lineage(sub, "ple", paths, real, scorer, device)
+    opened = Study.open(sub, study.project, check=False)
+    lineage, scorer = opened.lineage("ple"), opened.scorer
     real = lineage.real
     model = fit_model(lineage, real.train, seed=0)
     hyper, family = model.hyper, lineage.family
