@@ -141,7 +141,8 @@ def test_table1_and_fig2_run_the_loop_with_controls_and_verdicts(project, prefec
     assert float(uses["relative_weight_distance"]) > 0  # H emits other weights for other inputs
     runs = read(folder / "table1_runs.csv")
     confirmation = {(float(r["ratio"]), r["estimator"], r["seed"]) for r in runs if r["phase"] == "confirmation"}
-    assert confirmation == {(4.0, e, s) for e in ("mle", "ple", "hyper_nopenalty") for s in ("2", "3")}
+    # judged at R_I = 4; run at R_I = 1 too, the reference of each seed's KID-based R_Fair
+    assert confirmation == {(r, e, s) for r in (1.0, 4.0) for e in ("mle", "ple", "hyper_nopenalty") for s in ("2", "3")}
     assert all(r["seed"] in ("0", "1") for r in summary_runs(runs))  # the table summarises the screening seeds
     labeller = json.loads((folder / "labeller.json").read_text())
     assert 0.5 < labeller["accuracy"] <= 1 and 0 <= labeller["recall_minority"] <= 1

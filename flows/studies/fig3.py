@@ -293,7 +293,7 @@ def claims(cells: list[dict]) -> list[Claim]:
     out.append(Claim(
         "for imbalanced mixtures and small n, PLE clearly outperforms MLE (EM)",
         "in every cell with minority weight <= 0.2 and n <= 100, the paired difference KL_EM - KL_PLE over seeds must "
-        "be > 0: reproduced when its 95% interval is above 0 in half the cells or more and below 0 in none, partly "
+        "be > 0: reproduced when its 95% interval is above 0 in half the cells or more and below 0 in none, inconclusive "
         "when its mean is above 0 in half or more, otherwise not reproduced",
         "; ".join(f"w {c['minority_weight']}, n {c['n']}: {fmt(num(c['kl_diff']))} [{fmt(num(c['kl_diff_low']))}, "
                   f"{fmt(num(c['kl_diff_high']))}]" for c in small), verdict_from(tests)))
@@ -311,11 +311,11 @@ def claims(cells: list[dict]) -> list[Claim]:
                 abs(ratio - 1) <= SIMILAR)
 
     def judged(results):
-        return ("reproduced" if all(r[0] for r in results) else "partly" if all(r[1] for r in results)
+        return ("reproduced" if all(r[0] for r in results) else "inconclusive" if all(r[1] for r in results)
                 else "not reproduced")
 
     rule = (f"at the largest n ({big_n}), in every minority weight, the 95% interval of KL_EM - KL_PLE must lie within "
-            f"+-{SIMILAR:.0%} of KL_EM (equivalence): reproduced when it does in every weight, partly when the point "
+            f"+-{SIMILAR:.0%} of KL_EM (equivalence): reproduced when it does in every weight, inconclusive when the point "
             f"ratio KL_PLE / KL_EM is within 1 +- {SIMILAR} in every weight, otherwise not reproduced. Every fit is "
             "trained to a tolerance first (its training NLL per point within the stated gap of EM's, or the cap)")
     out.append(Claim(

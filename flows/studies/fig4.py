@@ -504,7 +504,7 @@ def claims(rows: list[dict], band: float) -> list[Claim]:
         scale = DISTRIBUTIONS[dist].of().roles[param] in ("scale", "rate")
         rule = (f"the paired difference over seeds of the distance to the truth at the last generation "
                 f"({'|log(estimate / truth)|' if scale else '|error|'} of {param}), the other estimator's minus "
-                "PLE's, must be > 0: reproduced when its 95% interval is above 0, partly when only its mean is, "
+                "PLE's, must be > 0: reproduced when its 95% interval is above 0, inconclusive when only its mean is, "
                 f"otherwise not reproduced; void when PLE's calibration slope is outside 1 +- {band:g}")
         for other, who in COMPARATORS:
             if f"vs_{other}" not in r:

@@ -283,7 +283,7 @@ def claim_a(rows: list[dict], metric: str, better: str) -> Claim:
                         f"closest {names[best]}: vs MLE {tests['mle'][best].text()}, vs the control "
                         f"{tests['hyper_nopenalty'][best].text()}")
     verdict = ("reproduced" if datasets and all(found.values()) else
-               "partly" if any(found.values()) or (datasets and all(hinted.values())) else "not reproduced")
+               "inconclusive" if any(found.values()) or (datasets and all(hinted.values())) else "not reproduced")
     direction = "lower" if better == "lower" else "higher"
     return Claim(
         f"(a) there is a lambda where PLE beats both MLE and the lambda = 0 control ({LABELS[metric]}, {direction} is "
@@ -291,7 +291,7 @@ def claim_a(rows: list[dict], metric: str, better: str) -> Claim:
         f"per dataset, at each lambda of the grid (both units), the paired differences over seeds of {metric}, PLE "
         "minus MLE and PLE minus the control; Holm-adjusted over the grid's lambdas, per dataset and comparator. "
         "Reproduced when on every dataset some lambda has both differences in PLE's favour with adjusted p < 0.05; "
-        "partly when some dataset has one, or every dataset has a lambda with both uncorrected 95% intervals in "
+        "inconclusive when some dataset has one, or every dataset has a lambda with both uncorrected 95% intervals in "
         "PLE's favour; otherwise not reproduced", "; ".join(evidence), verdict)
 
 
@@ -324,7 +324,7 @@ def claim_b(rows: list[dict], tolerance: float, nll_tolerance: float) -> Claim:
                         + f"; input dependence {fmt(dependence)} vs the control's {fmt(control_dependence)}"
                         + (f"; broken (NLL more than {nll_tolerance:.0%} above MLE's) at {', '.join(broken)}"
                            if broken else ""))
-    verdict = ("reproduced" if datasets and all(equivalent) else "partly" if datasets and all(close)
+    verdict = ("reproduced" if datasets and all(equivalent) else "inconclusive" if datasets and all(close)
                else "not reproduced")
     return Claim(
         "(b) as lambda grows PLE converges to MLE",
@@ -332,7 +332,7 @@ def claim_b(rows: list[dict], tolerance: float, nll_tolerance: float) -> Claim:
         f"{nll_tolerance:.0%} of MLE's (larger ones are reported as broken), the paired differences PLE minus MLE "
         f"of FID, minority FID and minority share must each have their 95% interval within +-{tolerance:.0%} of "
         f"MLE's mean, and H's input dependence must be below {tolerance:.0%} of the lambda = 0 control's; "
-        "reproduced when that holds on every dataset, partly when the mean differences are within the band (and "
+        "reproduced when that holds on every dataset, inconclusive when the mean differences are within the band (and "
         "the input dependence below it) on every dataset, otherwise not reproduced", "; ".join(evidence), verdict)
 
 
@@ -346,7 +346,7 @@ def claim_c(rows: list[dict]) -> Claim:
         "parameterisation",
         "per dataset, the paired difference of minority shares, the lambda = 0 hypernetwork minus MLE through the "
         "same head with a fixed input (mle_factorised), must be > 0: reproduced when its 95% interval is above 0 on "
-        "half the datasets or more and below 0 on none, partly when its mean is above 0 on half or more, otherwise "
+        "half the datasets or more and below 0 on none, inconclusive when its mean is above 0 on half or more, otherwise "
         "not reproduced (mle_factorised minus MLE is given beside it: the parameterisation's own effect)",
         "; ".join(f"{d}: {t.text()} (mle_factorised - MLE: {c.text()})" for d, t, c in zip(datasets, tests, context)),
         verdict_from(tests))
