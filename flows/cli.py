@@ -135,7 +135,7 @@ def cell(value) -> str:
 
 
 def print_table(p, rows: list[dict], lineages=None) -> None:
-    """The per-generation table; when recipes ran over several seeds, their mean and 95% interval per generation
+    """The per-generation table; when recipes ran over several seeds, their centre and 95% interval per generation
     instead (the per-seed rows are in reports/<study>/generations.csv)."""
     from rich.console import Console
     from rich.table import Table
@@ -145,7 +145,7 @@ def print_table(p, rows: list[dict], lineages=None) -> None:
     recipes = recipe_summary(p, rows, lineages or p.lineages)
     if seeded(recipes):
         metrics = [c for c in summary_columns(p) if c in recipe_metrics(p, rows)]
-        table = Table(title="madloop: recipes per generation, mean ± half-width of the 95% t-interval over seeds")
+        table = Table(title="madloop: recipes per generation, centre [95% interval] over seeds (by kind of quantity)")
         for heading in ["recipe", "gen", "seeds", *map(title, metrics)]:
             table.add_column(heading, justify="left" if heading == "recipe" else "right")
         for e in recipes:

@@ -399,7 +399,7 @@ def labeller_markdown(labeller: dict[str, float] | None) -> str:
 
 
 def summary_markdown(p: Params, rows: list[dict[str, Any]], recipes: list[dict[str, Any]]) -> str:
-    """summary.md: with recipes over several seeds, their mean and 95% interval per generation first, then every
+    """summary.md: with recipes over several seeds, their centre and 95% interval per generation first, then every
     lineage's rows; otherwise the lineages' rows alone."""
     if not seeded(recipes):
         return markdown_table(p, rows)
