@@ -69,8 +69,8 @@ def build_parser(studies: bool = True) -> argparse.ArgumentParser:
         "show", help="print the table of a study's finished generations, as they are on disk",
         description="Print every finished generation of the study's lineages as their manifests on disk record them, "
                     "whatever params made them; lineages made under other params than these (params file and --set) "
-                    "are shown too, with the keys that differ. Recipes run over several seeds are summarised (mean "
-                    "and 95%% interval per generation).")
+                    "are shown too, with the keys that differ. Recipes run over several seeds are summarised "
+                    "(centre and 95%% interval per generation, by kind of quantity).")
     show.add_argument("study", nargs="?", default=None, help="the study (default: study.name in params)")
     add_params_args(show)
 

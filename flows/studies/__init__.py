@@ -280,6 +280,12 @@ def num(value: str | float) -> float:
         return math.nan
 
 
+def floor_ratio(row: dict) -> float:
+    """The matched-count R_Fair of dataset 0's own images (its floor), from a row's per-class real-vs-real FIDs."""
+    majority = num(row.get("fid_floor_majority"))
+    return num(row.get("fid_floor_minority")) / majority if majority > 0 else math.nan
+
+
 def fmt(value: float, digits: int = 3) -> str:
     return "n/a" if not math.isfinite(value) else f"{value:.{digits}g}"
 
@@ -322,7 +328,8 @@ def frozen_note(name: str, why: str, t: dict) -> list[str]:
     """The line a frozen study's section opens with: its numbers come from an earlier revision of the code."""
     return [f"> **Not re-run under the current code** (its DVC stage is frozen): {why} These numbers are the run "
             f"that finished {t.get('finished', 'at an unrecorded time')}. To re-run it: `dvc unfreeze {name}`, then "
-            f"`dvc repro {name}` (it resumes where an earlier run stopped), then commit reports/{name}/ and dvc.lock.",
+            f"`dvc repro {name}` (it resumes where an earlier run stopped), delete reports/frozen/{name}.md and "
+            f"commit reports/{name}/ and dvc.lock.",
             ""]
 
 

@@ -18,7 +18,7 @@ from pydantic import Field, PositiveInt
 from flows.loop import self_consuming_loop
 from flows.studies import (MNIST5K_TRAIN, PAPER_VAE_DIGITS, PAPER_VAE_MNIST, STUDIES, Claim, LoopStudySettings,
                            PaperStudy, StudyRun, fmt, loop_generations, num, pyplot, read_csv, run_time, seed_lineages,
-                           study_params, style, tests_line, timing, verdict_from, errors)
+                           study_params, style, tests_line, timing, verdict_from, errors, floor_ratio)
 from tasks.layout import StudyPaths, generation_files
 from tasks.params import validate
 from tasks.layout import LABELLER_JSON
@@ -200,8 +200,7 @@ def section(folder: Path, study: type[Fig2]) -> list[str]:
 
     for estimator in estimators:
         first, end = at[(estimator, 0)], at[(estimator, last)]
-        floor = num(first.get("fid_floor_minority")) / num(first.get("fid_floor_majority")) \
-            if num(first.get("fid_floor_majority")) > 0 else math.nan
+        floor = floor_ratio(first)
         out.append(f"| {estimator} | {cell(first, 'fid')} | {cell(end, 'fid')} | {cell(first, 'recall')} | "
                    f"{cell(end, 'recall')} | {cell(first, 'minority_share')} | {cell(end, 'minority_share')} | "
                    f"{cell(first, 'r_fair_kid')} | {cell(end, 'r_fair_kid')} | {cell(first, 'r_fair_matched')} "

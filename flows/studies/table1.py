@@ -22,7 +22,7 @@ from pydantic import Field, NonNegativeInt, model_validator
 from flows.loop import self_consuming_loop
 from flows.studies import (MNIST5K_TRAIN, PAPER_VAE_DIGITS, PAPER_VAE_MNIST, STUDIES, Claim, LoopStudySettings,
                            PaperStudy, StudyRun, fmt, loop_generations, num, pyplot, read_csv, run_time, seed_lineages,
-                           study_params, style, tests_line, timing, verdict_from, errors)
+                           study_params, style, tests_line, timing, verdict_from, errors, floor_ratio)
 from tasks.generation import fit_model
 from tasks.params import validate
 from tasks.layout import LABELLER_JSON, reports_folder
@@ -183,8 +183,7 @@ def table_markdown(summary: list[dict], estimators: list[str]) -> str:
     lines = [head, "|" + "---|" * 11]
     order = {e: i for i, e in enumerate(estimators)}
     for s in sorted(summary, key=lambda s: (s["ratio"], order.get(s["estimator"], 99), s["estimator"])):
-        floor = num(s.get("fid_floor_minority")) / num(s.get("fid_floor_majority")) \
-            if num(s.get("fid_floor_majority")) > 0 else math.nan
+        floor = floor_ratio(s)
         lines.append(f"| {s['ratio']:g} | {s['estimator']} | {cell(s, 'fid')} | {cell(s, 'minority_share')} "
                      f"({fmt(num(s.get('minority_share_check')))}) | {num(s['minority_share_train']):.3f} | "
                      f"{fmt(num(s.get('minority_count')), 3)} | {cell(s, 'r_fair_kid_norm')} | "
