@@ -11,7 +11,11 @@ The study (gaussian family, real data drawn from its truth; recipes ``mle`` and 
 - **batched** (``auto``, the 1-D families' default): generations run as plain functions and are recorded in
   batches on the lineage's MLflow run, ``dvc add`` once at the lineage's end;
 - **bare**: the same generations through the plain runner (``tasks.study``) with no observers: no Prefect, DVC
-  or MLflow, the floor.
+  or MLflow, the floor;
+- **through the CLI**: ``madloop run --params cheap.yaml --quiet`` (batched) in a fresh ``git init && dvc init``
+  project, timed as a user waits for it: Python's start-up and imports, the MLflow store's creation and, without
+  ``PREFECT_API_URL``, the temporary Prefect server's start-up included; then again with this script's server in
+  ``PREFECT_API_URL`` (a running server). Wall time, and CPU time of the command and its children.
 
 The two flow variants alternate (``--repeats``), so their ratio is measured under the same machine load; the best
 run of each counts. Kept out of the timings, as in benchmarks/orchestration_overhead.py: the Prefect server's
@@ -32,6 +36,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+
+import yaml  # noqa: E402
+
 from benchmarks.orchestration_overhead import bare_study, new_project, prefect_server  # noqa: E402
 from tasks.params import Params, load  # noqa: E402
 
@@ -41,6 +50,25 @@ def study_params(generations: int, seeds: int, batch_records: str) -> Params:
                        f"loop.generations={generations}", f"tracking.batch_records={batch_records}",
                        f"lineages=[{{name: mle, seeds: {list(range(seeds))}}}, "
                        f"{{name: ple_closed, seeds: {list(range(seeds))}}}]"])
+
+
+def cli_study(generations: int, seeds: int, root: Path, api: str | None) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``madloop run`` on the study in a fresh project ``root``; ``api``: the Prefect server
+    to use, or None for the command's own temporary server."""
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    (root / "cheap.yaml").write_text(yaml.safe_dump(
+        {"study": {"name": "cheap"}, "model": {"family": "gaussian"}, "data": {"source": "model"},
+         "loop": {"generations": generations},
+         "lineages": [{"name": name, "seeds": list(range(seeds))} for name in ("mle", "ple_closed")]}))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | ({"PREFECT_API_URL": api} if api else {})
+    madloop = Path(sys.executable).with_name("madloop")
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    subprocess.run([str(madloop), "run", "--params", "cheap.yaml", "--quiet"], cwd=root, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def full_study(p: Params, root: Path) -> float:
@@ -76,6 +104,15 @@ def main() -> None:
                 times[name].append(full_study(p, root))
                 loads.append(os.getloadavg()[0])
                 print(f"  {name} #{i + 1}: {times[name][-1]:.1f} s (load average {loads[-1]:.2f})", flush=True)
+        cli: dict[str, list[tuple[float, float]]] = {"temporary server": [], "running server": []}
+        for i in range(args.repeats):
+            for name in cli:
+                run = cli_study(args.generations, args.seeds, tmp / f"cli-{name.split()[0]}-{i}",
+                                None if name == "temporary server" else api)
+                cli[name].append(run)
+                loads.append(os.getloadavg()[0])
+                print(f"  madloop run, {name} #{i + 1}: {run[0]:.1f} s wall, {run[1]:.1f} s CPU "
+                      f"(load average {loads[-1]:.2f})", flush=True)
 
     generations = 2 * args.seeds * args.generations
     before, after = min(times["per generation"]), min(times["batched"])
@@ -91,6 +128,11 @@ def main() -> None:
         print(f"{name}: {best:.1f} s (best of {args.repeats}: {[round(t, 1) for t in times[name]]}); "
               f"{(best - bare) / generations * 1000:.0f} ms per generation over the bare loop")
     print(f"per generation / batched: {before / after:.2f}x")
+    print(f"orchestration share of the batched study (time over the bare loop): {(after - bare) / after:.0%}")
+    for name, runs in cli.items():
+        wall, cpu = min(runs)
+        print(f"madloop run through the CLI, {name}: {wall:.1f} s wall, {cpu:.1f} s CPU (best of {args.repeats}: "
+              f"{[round(w, 1) for w, _ in runs]} s)")
 
 
 if __name__ == "__main__":

@@ -309,15 +309,30 @@ def run_command(args) -> int:
 
         print(f"wrote {write_results(root)}")
         return 0
+    if args.command in ("run", "study"):
+        from flows.server import launch_temporary_server
+
+        # launched now, it starts up while the study is imported, checked and opened (it is stopped on any error)
+        server = launch_temporary_server()
+        try:
+            return run_or_study(args, p, root, server)
+        finally:
+            if server is not None:
+                server.stop()
+    return run_or_study(args, p, root, None)
+
+
+def run_or_study(args, p, root: Path, server) -> int:
+    from flows.server import prefect_api
+
     import flows.loop  # noqa: F401  (configures Prefect's logging)
 
     if not args.debug:
         quiet_tracebacks()
     if args.command == "study":
-        from flows.server import prefect_api
         from flows.studies import run as run_paper_study
 
-        with prefect_api():
+        with prefect_api(server):
             timing = run_paper_study(args.name, p, root)
         print(f"{args.name}: finished in {timing['seconds']} s ({timing['machine']}); see reports/{args.name}/")
         return 0
@@ -328,13 +343,13 @@ def run_command(args) -> int:
                     lineages=args.lineage, fan_out_to=args.fan_out, name=args.name, paper_studies=paper_studies())
         return 0
     from flows.loop import run_study
-    from flows.server import prefect_api
 
     started = time.perf_counter()
     from tasks.progress import terminal_bars
 
     with terminal_bars(not args.quiet):
-        rows = run_study(p, root, args.lineage, args.overwrite, wait=args.wait, api=prefect_api, force=args.force,
+        rows = run_study(p, root, args.lineage, args.overwrite, wait=args.wait, api=lambda: prefect_api(server),
+                         force=args.force,
                          on_wait=lambda line: print(f"madloop: {line}", file=sys.stderr, flush=True),
                          lineage_deployment=args.fan_out, paper_studies=paper_studies())
     if not args.quiet:

@@ -89,9 +89,15 @@ class TemporaryServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "TemporaryServer":
+        """Launch the server and wait until it answers."""
+        return self.launch().wait()
+
+    def launch(self) -> "TemporaryServer":
+        """Start the server's process without waiting for it: it starts up while this process does other work
+        (:func:`launch_temporary_server`)."""
         from prefect.settings import get_current_settings
 
-        settings = get_current_settings()
+        self.settings = settings = get_current_settings()
         env = {**os.environ, **settings.to_environment_variables(exclude_unset=True),
                **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in IDLE_SERVICES}}
         env.pop("PREFECT_API_URL", None)
@@ -103,8 +109,12 @@ class TemporaryServer:
             # its own session: a Ctrl-C at the terminal interrupts the run, which then reports its flow runs to this
             # server before stopping it, rather than killing the server under it
             start_new_session=True)
+        return self
+
+    def wait(self) -> "TemporaryServer":
+        """Wait until the launched server answers (or fail, stopping it)."""
         try:
-            self.wait_until_healthy(float(settings.server.ephemeral.startup_timeout_seconds or 0))
+            self.wait_until_healthy(float(self.settings.server.ephemeral.startup_timeout_seconds or 0))
         except BaseException:  # it did not start, or Ctrl-C while waiting: not left behind
             self.stop()
             raise
@@ -147,19 +157,30 @@ class TemporaryServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.log.close()
+        if not self.log.closed:
+            self.log.close()
+
+
+def launch_temporary_server() -> TemporaryServer | None:
+    """A temporary server launched now, to start up while the caller checks its input and loads its data (on 2
+    cores its ~7 s of start-up CPU then overlaps the caller's): pass it to :func:`prefect_api`, and stop it if the
+    block is never reached (``stop`` is safe to repeat). None when ``PREFECT_API_URL`` names a server."""
+    from prefect.settings import PREFECT_API_URL
+
+    return None if PREFECT_API_URL.value() else TemporaryServer().launch()
 
 
 @contextmanager
-def prefect_api() -> Iterator[str]:
-    """``PREFECT_API_URL`` for the block: the configured server's, or a temporary one's that dies with us."""
+def prefect_api(launched: TemporaryServer | None = None) -> Iterator[str]:
+    """``PREFECT_API_URL`` for the block: the configured server's, or a temporary one's that dies with us
+    (``launched``, from :func:`launch_temporary_server`, else one started now)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     configured = PREFECT_API_URL.value()
     if configured:
         yield configured
         return
-    server = TemporaryServer().start()
+    server = (launched or TemporaryServer().launch()).wait()
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_UI_URL: ""}):
             try:

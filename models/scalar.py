@@ -15,7 +15,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import stats
 from torch import nn
 
 from models.families import FAMILIES, FittedTorchModel, TorchFamily, run
@@ -223,5 +222,20 @@ def kl_divergence(family: ScalarFamily, estimate: dict[str, float], truth: dict[
 def wasserstein1(family: ScalarFamily, estimate: dict[str, float], truth: dict[str, float], samples: int,
                  rng: np.random.Generator) -> float:
     """W1 between the estimated and true distributions, from samples of each."""
-    return float(stats.wasserstein_distance(family.draw(estimate, samples, rng), family.draw(truth, samples, rng)))
+    return wasserstein_distance(family.draw(estimate, samples, rng), family.draw(truth, samples, rng))
+
+
+def wasserstein_distance(u: np.ndarray, v: np.ndarray) -> float:
+    """``scipy.stats.wasserstein_distance(u, v)`` (unweighted), to the last bit, in about half its time: scipy
+    argsorts both samples and then sorts their concatenation; here each is sorted once and the concatenation of two
+    sorted runs is merged (a stable sort of two runs is a merge), and every later step is scipy's. A 1-D
+    generation's score draws 2 x 1e5 points for it, which made it the largest cost of a cheap generation
+    (tests/test_models.py checks the equality against scipy)."""
+    u, v = np.sort(np.asarray(u, dtype=float)), np.sort(np.asarray(v, dtype=float))
+    merged = np.concatenate((u, v))
+    merged.sort(kind="mergesort")
+    deltas = np.diff(merged)
+    u_cdf = u.searchsorted(merged[:-1], "right") / u.size
+    v_cdf = v.searchsorted(merged[:-1], "right") / v.size
+    return float(np.vecdot(np.abs(u_cdf - v_cdf), deltas))
 
