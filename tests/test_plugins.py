@@ -51,7 +51,7 @@ class CarryOver(LoopMode):
     """Model k's samples plus the first ``keep`` rows of dataset k."""
 
     def next_dataset(self, k, current, synthetic):
-        keep = self.lineage.params.toy_mode.keep
+        keep = self.context.settings["toy_mode"].keep  # the section it declared at registration
         return Dataset.concat([synthetic, current.take(np.arange(min(keep, len(current))))])
 
 
@@ -59,7 +59,7 @@ class Constant(Mitigation):
     """Every row weighs ``weight``; logs it."""
 
     def training_weights(self, k, dataset):
-        weight = self.lineage.params.mitigation.constant.weight
+        weight = self.context.settings["mitigation.constant"].weight
         return np.full(len(dataset), weight), {"toy_weight": weight, "toy_rows": float(len(dataset))}
 
 
@@ -128,7 +128,7 @@ def test_params_plugins_import_a_users_module_before_validation(tmp_path, monkey
         @MODES.register("every_other", settings={"every_other": EveryOther})
         class EveryOtherMode(LoopMode):
             def next_dataset(self, k, current, synthetic):
-                return synthetic.take(list(range(0, len(synthetic), self.lineage.params.every_other.stride)))
+                return synthetic.take(list(range(0, len(synthetic), self.context.settings["every_other"].stride)))
     '''))
     monkeypatch.syspath_prepend(str(tmp_path))
     params = {"plugins": ["my_madloop_parts"], "loop": {"mode": "every_other"}, "every_other": {"stride": 3}}
