@@ -14,7 +14,9 @@ one lineage; each hook has a do-nothing default, so a mitigation overrides only 
 
 A mitigation is given a :class:`MitigationContext`, what it may read of its lineage (a mode's
 :class:`tasks.modes.ModeContext` plus the scorer, the lineage's mode, the device and the study seed), never the
-lineage itself.
+lineage itself. Its public methods are the hooks above and nothing else: registration refuses any other public name
+(a misspelled hook would silently never be called, the do-nothing default running instead); a helper's name starts
+with ``_``.
 
 Each module of this package is one mitigation, found on first lookup. ``none`` is this base class.
 """
@@ -87,6 +89,7 @@ class Mitigation:
         return self.context.mode.next_dataset(k, current, synthetic), {}
 
 
+MITIGATIONS.only_hooks_of(Mitigation)
 MITIGATIONS.register("none")(Mitigation)
 
 

@@ -66,7 +66,7 @@ class Curation(Mitigation):
     def candidates(self, n):
         return n * self.settings.k
 
-    def rewards(self, pixels: np.ndarray) -> np.ndarray:
+    def _rewards(self, pixels: np.ndarray) -> np.ndarray:
         probabilities = class_probabilities(self.context.scorer.classifier, pixels)
         reward = self.settings.reward
         if reward == "confidence":
@@ -75,7 +75,7 @@ class Curation(Mitigation):
 
     def select(self, k, candidates, n):
         s = self.settings
-        rewards = self.rewards(candidates.pixels)
+        rewards = self._rewards(candidates.pixels)
         keep = k_choice(rewards, s.k, s.beta, derive_seed(self.context.seed, k, SELECT))[:n]
         kept = kept_rows(candidates, keep)
         return kept, {**selection_info(self.context.scorer, candidates, kept),

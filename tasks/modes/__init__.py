@@ -6,7 +6,9 @@ dataset k+1 is (:meth:`LoopMode.next_dataset`) and which rows of dataset k model
 (:meth:`LoopMode.training_rows`, by default all of them). Each module of this package is one mode.
 
 A mode is given a :class:`ModeContext`, what it may read of its lineage (its seed, real data, family and the
-settings sections it reads), never the lineage itself.
+settings sections it reads), never the lineage itself. Its public methods are the hooks below and nothing else:
+registration refuses any other public name (a misspelled hook would silently never be called); a helper's name
+starts with ``_``.
 """
 
 from __future__ import annotations
@@ -72,5 +74,7 @@ class LoopMode:
         """The rows of dataset k that model k is fitted on (default: every row)."""
         return dataset
 
+
+MODES.only_hooks_of(LoopMode)
 
 __all__ = ["MODES", "LoopMode", "ModeContext", "RealFractionSettings"]
