@@ -82,11 +82,22 @@ class Registry(Generic[T]):
         self.in_params = in_params
         self._entries: dict[str, Entry[T]] = {}
         self._discovered = package is None
+        self.hook_base: type | None = None  # set by only_hooks_of
         Registry.all.append(self)
+
+    def only_hooks_of(self, base: type) -> None:
+        """Refuse, from now on, any class whose public methods are not all hooks of ``base`` (its public methods):
+        for parts that are called only through their base class's hooks (loop modes, mitigations), any other public
+        name is a misspelled hook that would never be called. A helper's name starts with ``_``."""
+        self.hook_base = base
 
     def register(self, name: str, *, settings: Mapping[str, type[Settings]] | None = None,
                  fixed: Mapping[str, Any] | None = None) -> Callable[[T], T]:
         def add(obj: T) -> T:
+            if self.hook_base is not None:
+                problem = unknown_hooks(obj, self.hook_base)
+                if problem:
+                    raise ValueError(f"{self.kind} {name!r}: {problem}")
             misspelled = misspelled_hooks(obj)
             if misspelled:
                 raise ValueError(f"{self.kind} {name!r}: " + "; ".join(
@@ -160,6 +171,21 @@ def misspelled_hooks(obj: Any) -> list[tuple[str, str, str]]:
         if close:
             out.append((name, close[0], hooks[close[0]]))
     return out
+
+
+def unknown_hooks(cls: Any, base: type) -> str | None:
+    """Why ``cls`` may not be registered where only the hooks of ``base`` are called: each public method it has
+    that ``base`` does not, with the hook it most resembles. None when it has no such method."""
+    hooks = sorted(name for name in dir(base) if not name.startswith("_") and callable(getattr(base, name)))
+    unknown = [name for name in dir(cls) if not name.startswith("_") and name not in hooks
+               and callable(getattr(cls, name, None))]
+    if not unknown:
+        return None
+    named = "; ".join(f"{name!r} (the closest hook: {closest!r})" for name in unknown
+                      for closest in difflib.get_close_matches(name, hooks, n=1, cutoff=0) or ["none"])
+    return (f"{getattr(cls, '__name__', cls)} defines {named}, which is not a hook of {base.__name__}: the loop "
+            f"calls only its hooks ({', '.join(hooks)}), so a misspelled one would never run; name a helper with a "
+            "leading '_'")
 
 
 _loaded_entry_points = False

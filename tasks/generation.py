@@ -23,10 +23,10 @@ from models.families import FittedTorchModel, TorchFamily, build_family
 from tasks import as_task
 from tasks.datasets import Dataset, RealData, data_digest, read_parquet, write_parquet
 from tasks.layout import StudyPaths, dataset_name, generation_files
-from tasks.mitigations import MITIGATIONS, Mitigation
-from tasks.modes import MODES, LoopMode
-from tasks.params import (LineageParams, Params, ParamsError, digest, lineage_params, lineage_recipe, lineage_seed,
-                          score_recipe, section)
+from tasks.mitigations import MITIGATIONS, Mitigation, MitigationContext
+from tasks.modes import MODES, LoopMode, ModeContext
+from tasks.params import (LineageParams, Params, ParamsError, core_loop, declared_settings, digest, lineage_params,
+                          lineage_recipe, lineage_seed, score_recipe, section)
 from tasks.realdata import StudyReal
 from tasks.seeds import FIT, SAMPLE, SCORE, derive_seed
 from tasks.storage import CorruptOutputError, file_digest, read_manifest, write_atomic, write_manifest
@@ -57,7 +57,7 @@ class Lineage:
     """Everything the generations of one lineage share."""
 
     spec: LineageParams
-    params: Params  # the study's params with this lineage's overrides: what its parts read
+    params: Params  # the study's params with this lineage's overrides (its mode and mitigation see their share)
     paths: StudyPaths
     real: RealData  # this lineage's own: its dataset 0 (its seed's draw), the study's splits
     real_file: str  # the file under real/ that holds its dataset 0
@@ -94,8 +94,13 @@ def open_lineage(study: Params, name: str, paths: StudyPaths, real: StudyReal, s
     lineage = Lineage(spec, p, paths, own, real.files[name], scorer.for_lineage(own),
                       build_family(p.model.family, own.train.shape, p.model), device, lineage_recipe(study, spec),
                       digest(score))
-    lineage.mode = MODES.get(p.loop.mode)(lineage)
-    lineage.mitigation = MITIGATIONS.get(spec.mitigation)(lineage)
+    # the parts get what they read (their contexts), never the lineage: each sees its own declared settings
+    mode, mitigation = MODES.entry(p.loop.mode), MITIGATIONS.entry(spec.mitigation)
+    both = dict(seed=lineage.seed, real=lineage.real, family=lineage.family, loop=core_loop(p), data=p.data)
+    lineage.mode = mode.obj(ModeContext(**both, settings=declared_settings(p, mode.settings)))
+    lineage.mitigation = mitigation.obj(MitigationContext(
+        **both, settings=declared_settings(p, mitigation.settings), scorer=lineage.scorer, mode=lineage.mode,
+        device=device, study_seed=p.seed))
     return lineage
 
 

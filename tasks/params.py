@@ -22,7 +22,7 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 import yaml
 from pydantic import (BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, create_model,
@@ -30,7 +30,7 @@ from pydantic import (BaseModel, Field, NonNegativeInt, PositiveFloat, PositiveI
 
 from models.estimators import ESTIMATORS
 from models.families import FAMILIES
-from models.registry import Registry, Settings, load_plugins
+from models.registry import Registry, Settings, load_plugins, settings_of
 from tasks.registries import IMAGE_METRICS, MITIGATIONS, MODES, SCORERS, SOURCES
 from tasks.slurm import SlurmParams
 
@@ -698,6 +698,18 @@ def share(p: Params, settings: dict[str, type[Settings]]) -> dict[str, Any]:
         skip = cls.not_hashed
         out.update({f"{path}.{name}": values[name] for name in cls.model_fields if name not in skip})
     return out
+
+
+def declared_settings(p: Params, settings: Mapping[str, type[Settings]]) -> dict[str, Settings]:
+    """``{params path: settings}`` of each section a part declares, holding exactly the fields it declares, read from
+    ``p``: what the part is given to read (so a field it did not declare, and no resume hash holds, is not there)."""
+    return {path: settings_of(cls, section(p, path)) for path, cls in settings.items()}
+
+
+def core_loop(p: Params) -> LoopParams:
+    """The core knobs of ``p``'s ``loop`` section, without the fields loop modes add (``real_fraction``, ...): a part
+    reads those from the settings it declares."""
+    return settings_of(LoopParams, p.loop)
 
 
 def lineage_seed(params: Params, lineage: LineageParams) -> int:

@@ -30,9 +30,9 @@ import copy
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
-from tasks.params import LineageParams, Params, ParamsError, lineage_params
+from tasks.params import (LineageParams, Params, ParamsError, core_loop, declared_settings, lineage_params,
+                          lineage_seed)
 from tasks.registries import MITIGATIONS, MODES, SOURCES
 
 BASE_MEMORY = 3 << 29  # 1.5 GiB: a study's process before its lineages' data (1.0-1.6 GB measured)
@@ -61,9 +61,16 @@ def size_text(n: float) -> str:
 
 def candidates_per_sample(lp: Params, spec: LineageParams) -> float:
     """How many samples a generation draws per sample it keeps: the mitigation's ``candidates`` rule, asked with
-    the lineage's params alone (a mitigation that needs more to answer counts as drawing what it keeps)."""
+    the lineage's params alone, before any data exist (a mitigation that needs more to answer counts as drawing
+    what it keeps)."""
+    from tasks.mitigations import MitigationContext
+
     try:
-        mitigation = MITIGATIONS.get(spec.mitigation)(SimpleNamespace(params=lp, spec=spec))
+        entry = MITIGATIONS.entry(spec.mitigation)
+        params_alone = MitigationContext(seed=lineage_seed(lp, spec), real=None, family=None, loop=core_loop(lp),
+                                         data=lp.data, settings=declared_settings(lp, entry.settings), scorer=None,
+                                         mode=None, device=None, study_seed=lp.seed)
+        mitigation = entry.obj(params_alone)
         return max(1.0, mitigation.candidates(1_000_000) / 1_000_000)
     except Exception:  # noqa: BLE001 (its constructor wanted the real data: it draws no more than it keeps)
         return 1.0

@@ -51,7 +51,7 @@ class CarryOver(LoopMode):
     """Model k's samples plus the first ``keep`` rows of dataset k."""
 
     def next_dataset(self, k, current, synthetic):
-        keep = self.lineage.params.toy_mode.keep
+        keep = self.context.settings["toy_mode"].keep  # the section it declared at registration
         return Dataset.concat([synthetic, current.take(np.arange(min(keep, len(current))))])
 
 
@@ -59,7 +59,7 @@ class Constant(Mitigation):
     """Every row weighs ``weight``; logs it."""
 
     def training_weights(self, k, dataset):
-        weight = self.lineage.params.mitigation.constant.weight
+        weight = self.context.settings["mitigation.constant"].weight
         return np.full(len(dataset), weight), {"toy_weight": weight, "toy_rows": float(len(dataset))}
 
 
@@ -128,7 +128,7 @@ def test_params_plugins_import_a_users_module_before_validation(tmp_path, monkey
         @MODES.register("every_other", settings={"every_other": EveryOther})
         class EveryOtherMode(LoopMode):
             def next_dataset(self, k, current, synthetic):
-                return synthetic.take(list(range(0, len(synthetic), self.lineage.params.every_other.stride)))
+                return synthetic.take(list(range(0, len(synthetic), self.context.settings["every_other"].stride)))
     '''))
     monkeypatch.syspath_prepend(str(tmp_path))
     params = {"plugins": ["my_madloop_parts"], "loop": {"mode": "every_other"}, "every_other": {"stride": 3}}
@@ -189,26 +189,43 @@ def test_every_registry_finds_its_built_in_parts():
 
 
 def test_a_plugin_with_a_misspelled_hook_is_refused_at_registration():
-    from models.registry import Registry, misspelled_hooks
+    from models.registry import Registry, misspelled_hooks, unknown_hooks
     from tasks.mitigations import MITIGATIONS, Mitigation
     from tasks.modes import MODES, LoopMode
 
-    with pytest.raises(ValueError, match="'training_weight' is not a hook of Mitigation.*'training_weights'"):
+    with pytest.raises(ValueError, match=r"^mitigation 'typo': Typo defines 'training_weight' \(the closest hook: "
+                                         r"'training_weights'\), which is not a hook of Mitigation"):
         @MITIGATIONS.register("typo")
         class Typo(Mitigation):
             def training_weight(self, k, rows):  # the hook is training_weights: this would never be called
                 return None, {}
     assert "typo" not in MITIGATIONS
-    with pytest.raises(ValueError, match="did you mean 'next_dataset'"):
+    with pytest.raises(ValueError, match="'next_datasets' \\(the closest hook: 'next_dataset'\\)"):
         MODES.register("typo")(type("Typo", (LoopMode,), {"next_datasets": lambda self, k, c, s: s}))
+    assert "typo" not in MODES
+    # a public helper is refused as well (only hooks are ever called on a mode), with a name far from any hook
+    with pytest.raises(ValueError, match=r"'shuffle' \(the closest hook: '\w+'\).*name a helper with a leading '_'"):
+        @MODES.register("helper")
+        class PublicHelper(LoopMode):
+            def next_dataset(self, k, current, synthetic):
+                return self.shuffle(synthetic)
 
-    @MODES.register("helper-ok")
-    class WithHelper(LoopMode):  # a helper with a name of its own is no typo
-        def next_dataset(self, k, current, synthetic):
-            return self.shuffle(synthetic)
+            def shuffle(self, data):
+                return data
 
-        def shuffle(self, data):
-            return data
-    MODES.remove("helper-ok")
-    for registry in Registry.all:  # and no built-in part trips the check
+    @MITIGATIONS.register("spelled-right")  # the hooks spelled right, and a helper named as one: accepted
+    class SpelledRight(Mitigation):
+        def training_weights(self, k, dataset):
+            return self._weights(dataset), {}
+
+        def _weights(self, dataset):
+            return np.ones(len(dataset))
+    try:
+        assert MITIGATIONS.get("spelled-right") is SpelledRight
+    finally:
+        MITIGATIONS.remove("spelled-right")
+    for registry in Registry.all:  # and no built-in part trips either check
         assert all(not misspelled_hooks(entry.obj) for entry in registry.entries()), registry.kind
+    for registry, base in ((MODES, LoopMode), (MITIGATIONS, Mitigation)):
+        assert registry.hook_base is base
+        assert all(unknown_hooks(entry.obj, base) is None for entry in registry.entries()), registry.kind

@@ -14,7 +14,7 @@ from flows.loop import self_consuming_loop
 from models.reweighting import fairness_discrepancy, fit_density_ratio, group_weights
 from tasks.datasets import Dataset, RealData, read_parquet
 from tasks.mitigations.dynamic_ratio import dynamic_next_dataset, dynamic_shares
-from tasks.modes import MODES
+from tasks.modes import MODES, ModeContext
 from tasks.params import validate
 from tests.conftest import tiny
 from tests.kit import dataset_zero
@@ -32,13 +32,12 @@ def counts(data: Dataset) -> dict:
 
 
 def mode(name, real, synthetic_size=None, real_fraction=0.5):
-    """A loop mode serving a stand-in lineage: only what modes read (params, real data, seed, family kind)."""
-    loop = SimpleNamespace(synthetic_size=synthetic_size, real_fraction=real_fraction, generations=2)
+    """A loop mode given what a lineage gives it (its ModeContext), with stand-ins for the sections and family."""
+    loop = SimpleNamespace(synthetic_size=synthetic_size, generations=2)
     data = SimpleNamespace(majority=3, minority=6, fresh_pool=0.5)
     own = real if isinstance(real, RealData) else SimpleNamespace(train=real)
-    lineage = SimpleNamespace(params=SimpleNamespace(loop=loop, data=data), real=own, seed=0,
-                              family=SimpleNamespace(kind="image"))
-    return MODES.get(name)(lineage)
+    return MODES.get(name)(ModeContext(seed=0, real=own, family=SimpleNamespace(kind="image"), loop=loop, data=data,
+                                       settings={"loop": SimpleNamespace(real_fraction=real_fraction)}))
 
 
 def test_each_mode_builds_the_documented_dataset():
@@ -66,7 +65,7 @@ def test_each_mode_builds_the_documented_dataset():
         assert (data.pixels[data.origin == "real"] == 0.2).all()  # from the pool, never dataset 0
         assert np.bincount(data.label[data.origin == "real"], minlength=7)[[3, 6]].tolist() == [15, 5]
     assert fresh.data_problem(SimpleNamespace(loop=SimpleNamespace(real_fraction=1 / 3, synthetic_size=None,
-                                                                   generations=3), data=fresh.lineage.params.data),
+                                                                   generations=3), data=fresh.context.data),
                               own) is not None  # 3 x 15 threes from a pool of 30
     assert mode("replace", real).synthetic_rows() == 40 and mode("fresh", real, 25).synthetic_rows() == 25
 

@@ -12,28 +12,48 @@ one lineage; each hook has a do-nothing default, so a mitigation overrides only 
   loop mode asks for are kept, and which n (verification filters, curation, entropy-based selection);
 - :meth:`Mitigation.next_dataset`: dataset k+1 (default: the loop mode's).
 
+A mitigation is given a :class:`MitigationContext`, what it may read of its lineage (a mode's
+:class:`tasks.modes.ModeContext` plus the scorer, the lineage's mode, the device and the study seed), never the
+lineage itself. Its public methods are the hooks above and nothing else: registration refuses any other public name
+(a misspelled hook would silently never be called, the do-nothing default running instead); a helper's name starts
+with ``_``.
+
 Each module of this package is one mitigation, found on first lookup. ``none`` is this base class.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tasks.datasets import Dataset
+from tasks.modes import LoopMode, ModeContext
 from tasks.registries import MITIGATIONS
 
+if TYPE_CHECKING:
+    import torch
 
-@MITIGATIONS.register("none")
+
+@dataclass(frozen=True)
+class MitigationContext(ModeContext):
+    """What a lineage gives its mitigation: what its mode gets, and what a mitigation also acts with."""
+
+    scorer: Any  # the study's scorer seen from this lineage: the labeller (domain classifier, its features)
+    mode: LoopMode  # the lineage's loop mode (the default :meth:`Mitigation.next_dataset` defers to it)
+    device: torch.device  # the device the lineage fits on (a mitigation that trains: Neon)
+    study_seed: int  # the study's seed, which drew the study's shared splits (a reference set drawn from them)
+
+
 class Mitigation:
     """No mitigation: the loop as its mode makes it."""
 
     needs_labels = False  # works on labelled groups (image families only)
     needs_classifier = False  # reads the domain classifier (image families only)
 
-    def __init__(self, lineage):  # a tasks.generation.Lineage
-        self.lineage = lineage
+    def __init__(self, context: MitigationContext):
+        self.context = context
 
     @classmethod
     def supports(cls, family) -> str | None:
@@ -66,7 +86,11 @@ class Mitigation:
     def next_dataset(self, k: int, current: Dataset, synthetic: Dataset,
                      metrics: dict[str, float]) -> tuple[Dataset, dict[str, float]]:
         """Dataset k+1 from dataset k and model k's samples (``metrics``: model k's scores), and what to log."""
-        return self.lineage.mode.next_dataset(k, current, synthetic), {}
+        return self.context.mode.next_dataset(k, current, synthetic), {}
+
+
+MITIGATIONS.only_hooks_of(Mitigation)
+MITIGATIONS.register("none")(Mitigation)
 
 
 def kept_rows(candidates: Dataset, keep: np.ndarray) -> Dataset:

@@ -59,25 +59,25 @@ class Curation(Mitigation):
 
     needs_classifier = True
 
-    def __init__(self, lineage):
-        super().__init__(lineage)
-        self.settings = lineage.params.mitigation.curation
+    def __init__(self, context):
+        super().__init__(context)
+        self.settings = context.settings["mitigation.curation"]
 
     def candidates(self, n):
         return n * self.settings.k
 
-    def rewards(self, pixels: np.ndarray) -> np.ndarray:
-        probabilities = class_probabilities(self.lineage.scorer.classifier, pixels)
+    def _rewards(self, pixels: np.ndarray) -> np.ndarray:
+        probabilities = class_probabilities(self.context.scorer.classifier, pixels)
         reward = self.settings.reward
         if reward == "confidence":
             return probabilities.max(axis=1)
-        return probabilities[:, getattr(self.lineage.params.data, reward)]
+        return probabilities[:, getattr(self.context.data, reward)]
 
     def select(self, k, candidates, n):
         s = self.settings
-        rewards = self.rewards(candidates.pixels)
-        keep = k_choice(rewards, s.k, s.beta, derive_seed(self.lineage.seed, k, SELECT))[:n]
+        rewards = self._rewards(candidates.pixels)
+        keep = k_choice(rewards, s.k, s.beta, derive_seed(self.context.seed, k, SELECT))[:n]
         kept = kept_rows(candidates, keep)
-        return kept, {**selection_info(self.lineage.scorer, candidates, kept),
+        return kept, {**selection_info(self.context.scorer, candidates, kept),
                       "curation_reward_kept": float(rewards[keep].mean()),
                       "curation_reward_all": float(rewards.mean())}

@@ -55,18 +55,18 @@ class DynamicRatio(Mitigation):
 
     needs_labels = True
 
-    def __init__(self, lineage):
-        super().__init__(lineage)
+    def __init__(self, context):
+        super().__init__(context)
         self.first: dict[str, float] | None = None  # generation 0's metrics, the baseline of every share
 
     def resume(self, finished):
         self.first = finished[0]["metrics"] if finished else None
 
     def next_dataset(self, k, current, synthetic, metrics):
-        lin = self.lineage
+        c = self.context
         self.first = self.first or metrics
-        shares = dynamic_shares(lin.params.loop.real_fraction, self.first, metrics)
-        data = dynamic_next_dataset(lin.real.train, synthetic, shares,
-                                    {"majority": lin.params.data.majority, "minority": lin.params.data.minority},
-                                    derive_seed(lin.seed, k, FRESH))
+        shares = dynamic_shares(c.settings["loop"].real_fraction, self.first, metrics)
+        data = dynamic_next_dataset(c.real.train, synthetic, shares,
+                                    {"majority": c.data.majority, "minority": c.data.minority},
+                                    derive_seed(c.seed, k, FRESH))
         return data, {f"real_share_{g}": v for g, v in shares.items()}

@@ -32,10 +32,10 @@ class EntropySelection(Mitigation):
     needs_classifier = True
 
     def candidates(self, n):
-        return math.ceil(n * self.lineage.params.mitigation.entropy.pool)
+        return math.ceil(n * self.context.settings["mitigation.entropy"].pool)
 
     def select(self, k, candidates, n):
-        scorer = self.lineage.scorer
+        scorer = self.context.scorer
         features = scorer.classifier_features(candidates.pixels)
         keep = greedy_entropy_subset(features, n)
         kept = kept_rows(candidates, keep)

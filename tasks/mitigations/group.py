@@ -27,5 +27,5 @@ class GroupReweighing(Mitigation):
     needs_labels = True
 
     def training_weights(self, k, dataset):
-        weights = group_weights(groups_of(self.lineage.scorer, dataset))
+        weights = group_weights(groups_of(self.context.scorer, dataset))
         return weights, {"weight_max": float(weights.max() / weights.mean())}

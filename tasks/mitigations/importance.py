@@ -48,17 +48,17 @@ class Importance(Mitigation):
 
     needs_labels = True
 
-    def __init__(self, lineage):
-        super().__init__(lineage)
-        p = lineage.params
-        self.settings = p.mitigation.importance
-        self.reference = reference_set(lineage.real.train_full, [p.data.majority, p.data.minority],
-                                       self.settings.reference_per_class, p.seed)
+    def __init__(self, context):
+        super().__init__(context)
+        self.settings = context.settings["mitigation.importance"]
+        # drawn from the study's split with the study's seed: every lineage of the study weighs against the same set
+        self.reference = reference_set(context.real.train_full, [context.data.majority, context.data.minority],
+                                       self.settings.reference_per_class, context.study_seed)
 
     def training_weights(self, k, dataset):
-        scorer, s = self.lineage.scorer, self.settings
+        scorer, s = self.context.scorer, self.settings
         ratio = fit_density_ratio(features(scorer, self.reference), features(scorer, dataset),
-                                  seed=self.lineage.seed + k, max_ece=s.max_ece, clip=s.weight_clip)
+                                  seed=self.context.seed + k, max_ece=s.max_ece, clip=s.weight_clip)
         weights = ratio.weights(features(scorer, dataset))
         return weights, {"importance_ece": ratio.ece, "importance_ece_before": ratio.ece_before,
                          "importance_recalibrated": float(ratio.recalibrated),

@@ -27,7 +27,7 @@ from pydantic import Field, PositiveInt
 from models.estimators import TrainSettings
 from models.estimators.mle import fit_mle
 from models.families import FittedTorchModel
-from models.registry import Settings, settings_of
+from models.registry import Settings
 from tasks.mitigations import MITIGATIONS, Mitigation
 from tasks.seeds import NEON, derive_seed
 
@@ -55,20 +55,20 @@ class Neon(Mitigation):
         return super().supports(family)
 
     def after_fit(self, k, model, dataset):
-        lin, s = self.lineage, self.lineage.params.mitigation.neon
+        c, s = self.context, self.context.settings["mitigation.neon"]
         started = time.perf_counter()
-        train = settings_of(TrainSettings, lin.params.train).model_copy(update={"epochs": s.epochs})
-        seed = derive_seed(lin.seed, k, NEON)
-        own = model.sample(s.samples or len(dataset), seed, lin.params.loop.temperature)
-        base = {name: t.to(lin.device) for name, t in model.tensors().items()}
-        tuned = fit_mle(lin.family, own, train=train, seed=seed, device=lin.device, init=base)
-        tuned_weights = {name: t.to(lin.device) for name, t in tuned.tensors().items()}
+        train = c.settings["train"].model_copy(update={"epochs": s.epochs})
+        seed = derive_seed(c.seed, k, NEON)
+        own = model.sample(s.samples or len(dataset), seed, c.loop.temperature)
+        base = {name: t.to(c.device) for name, t in model.tensors().items()}
+        tuned = fit_mle(c.family, own, train=train, seed=seed, device=c.device, init=base)
+        tuned_weights = {name: t.to(c.device) for name, t in tuned.tensors().items()}
         parameters = sorted(name for name, _ in tuned.module.named_parameters())
-        module = lin.family.build().to(lin.device)
+        module = c.family.build().to(c.device)
         module.load_state_dict(extrapolate(base, tuned_weights, set(parameters), s.w))
         module.eval()
         step = torch.cat([(tuned_weights[n] - base[n]).flatten() for n in parameters]).norm()
         size = torch.cat([base[n].flatten() for n in parameters]).norm()
         # The time goes with fit_seconds into the manifest's info, not its metrics: a resume compares metrics.
         timing = {**model.info, "neon_seconds": time.perf_counter() - started}
-        return FittedTorchModel(lin.family, module, info=timing), {"neon_w": s.w, "neon_step": float(step / size)}
+        return FittedTorchModel(c.family, module, info=timing), {"neon_w": s.w, "neon_step": float(step / size)}

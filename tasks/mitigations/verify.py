@@ -75,25 +75,25 @@ class Verify(Mitigation):
 
     needs_classifier = True
 
-    def __init__(self, lineage):
-        super().__init__(lineage)
-        self.settings = lineage.params.mitigation.verify
+    def __init__(self, context):
+        super().__init__(context)
+        self.settings = context.settings["mitigation.verify"]
         self._classifier_accuracy: float | None = None
 
     def candidates(self, n):
         return math.ceil(n / self.settings.keep)
 
     def select(self, k, candidates, n):
-        scorer = self.lineage.scorer
+        scorer = self.context.scorer
         if self.settings.verifier == "classifier":
             scores = confidence(scorer.classifier, candidates.pixels)
             if self._classifier_accuracy is None:
-                self._classifier_accuracy = accuracy(scorer.classifier, self.lineage.real.test)
+                self._classifier_accuracy = accuracy(scorer.classifier, self.context.real.test)
             verifier_accuracy = self._classifier_accuracy
         else:
-            real = scorer.classifier_features(self.lineage.real.train.pixels)
+            real = scorer.classifier_features(self.context.real.train.pixels)
             scores, verifier_accuracy = discriminator_scores(real, scorer.classifier_features(candidates.pixels),
-                                                             derive_seed(self.lineage.seed, k, SELECT))
+                                                             derive_seed(self.context.seed, k, SELECT))
         keep = top_quantile(scores, n)
         kept = kept_rows(candidates, keep)
         return kept, {**selection_info(scorer, candidates, kept), "verifier_accuracy": verifier_accuracy,

@@ -40,6 +40,6 @@ class AccumulateSubsample(LoopMode):
         return Dataset.concat([current, synthetic])
 
     def training_rows(self, k, dataset):
-        lin = self.lineage
-        size = lin.params.loop.subsample_size or len(lin.real.train)
-        return subsample(dataset, size, derive_seed(lin.seed, k, SUBSAMPLE))
+        c = self.context
+        size = c.settings["loop"].subsample_size or len(c.real.train)
+        return subsample(dataset, size, derive_seed(c.seed, k, SUBSAMPLE))

@@ -9,8 +9,8 @@ class Augment(LoopMode):
     """Every real row, and as many of model k's samples as make the real share ``loop.real_fraction``."""
 
     def synthetic_rows(self):
-        fraction = self.lineage.params.loop.real_fraction
-        return max(1, round(len(self.lineage.real.train) * (1 - fraction) / fraction))
+        fraction = self.context.settings["loop"].real_fraction
+        return max(1, round(len(self.context.real.train) * (1 - fraction) / fraction))
 
     def next_dataset(self, k, current, synthetic):
-        return Dataset.concat([self.lineage.real.train, synthetic])
+        return Dataset.concat([self.context.real.train, synthetic])

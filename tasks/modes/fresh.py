@@ -19,22 +19,22 @@ from tasks.modes import MODES, LoopMode, RealFractionSettings
 from tasks.seeds import FRESH, derive_seed
 
 
-def fresh_counts(p, real) -> tuple[int, dict[int, int]]:
-    """(fresh rows per generation, of them per class) for a lineage with params ``p`` and real data ``real``."""
-    fraction = p.loop.real_fraction
-    synthetic = p.loop.synthetic_size or len(real.train)
+def fresh_counts(fraction: float, synthetic_size: int | None, data, real) -> tuple[int, dict[int, int]]:
+    """(fresh rows per generation, of them per class) for a lineage with ``loop.real_fraction`` ``fraction``,
+    ``loop.synthetic_size`` ``synthetic_size``, params section ``data`` and real data ``real``."""
+    synthetic = synthetic_size or len(real.train)
     total = round(synthetic * fraction / (1 - fraction))
     if real.num_classes == 0:
         return total, {}
-    majority = round(total * float((real.train.label == p.data.majority).mean()))
-    return total, {p.data.majority: majority, p.data.minority: total - majority}
+    majority = round(total * float((real.train.label == data.majority).mean()))
+    return total, {data.majority: majority, data.minority: total - majority}
 
 
 def generations_supported(p, real) -> int:
     """How many generations the lineage's fresh-data pool can supply (no limit for the 1-D families' truth)."""
     if real.num_classes == 0:
         return 10 ** 9
-    _, per_class = fresh_counts(p, real)
+    _, per_class = fresh_counts(p.loop.real_fraction, p.loop.synthetic_size, p.data, real)
     pool = real.train_full.label[real.pool_index]
     return min(int((pool == label).sum()) // need if need else 10 ** 9 for label, need in per_class.items())
 
@@ -55,7 +55,7 @@ class Fresh(LoopMode):
     def data_problem(cls, p, real):
         if real.num_classes == 0:
             return None  # the truth never runs out
-        total, per_class = fresh_counts(p, real)
+        total, per_class = fresh_counts(p.loop.real_fraction, p.loop.synthetic_size, p.data, real)
         if p.data.fresh_pool <= 0:
             return ("data.fresh_pool: the fresh loop needs real images kept out of dataset 0 for its new draws; "
                     f"set data.fresh_pool (a share of each class; {total} fresh rows per generation here)")
@@ -69,13 +69,12 @@ class Fresh(LoopMode):
         return None
 
     def next_dataset(self, k, current, synthetic):
-        lin = self.lineage
-        if lin.family.kind == "scalar":
-            total, _ = fresh_counts(lin.params, lin.real)
-            rows = Dataset.real(lin.family.true_sample(total, derive_seed(lin.seed, k, FRESH)), np.full(total, -1),
-                                lin.real.train.source)
+        c = self.context
+        total, per_class = fresh_counts(c.settings["loop"].real_fraction, c.loop.synthetic_size, c.data, c.real)
+        if c.family.kind == "scalar":
+            rows = Dataset.real(c.family.true_sample(total, derive_seed(c.seed, k, FRESH)), np.full(total, -1),
+                                c.real.train.source)
             return Dataset.concat([rows, synthetic])
-        _, per_class = fresh_counts(lin.params, lin.real)
-        seed = derive_seed(lin.seed, 0, FRESH)  # one permutation for the whole lineage: slices never overlap
-        index = np.concatenate([pool_slice(lin.real, label, need, k, seed) for label, need in per_class.items()])
-        return Dataset.concat([lin.real.train_full.take(np.sort(index)), synthetic])
+        seed = derive_seed(c.seed, 0, FRESH)  # one permutation for the whole lineage: slices never overlap
+        index = np.concatenate([pool_slice(c.real, label, need, k, seed) for label, need in per_class.items()])
+        return Dataset.concat([c.real.train_full.take(np.sort(index)), synthetic])
