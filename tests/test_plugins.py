@@ -175,6 +175,8 @@ def test_an_installed_distribution_adds_parts_through_the_entry_point_group(tmp_
 
 
 def test_every_registry_finds_its_built_in_parts():
+    import flows.studies  # noqa: F401  (the paper studies register when `madloop study` loads them, not before)
+
     expected = {"model family": {"vae", "gmm", "uniform", "gaussian", "laplace", "geometric", "exponential",
                                  "pareto"},
                 "estimator": {"mle", "ple", "hyper_nopenalty", "ple_closed"},
