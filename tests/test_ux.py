@@ -333,3 +333,19 @@ def test_metrics_json_holds_each_lineages_summary_scores_fid_first():
     assert list(final) == ["mle", "ple"]
     assert list(final["mle"]) == ["fid", "precision", "recall", "minority_share", "r_fair", "generation"]
     assert final["mle"]["fid"] == 11.0 and final["mle"]["generation"] == 1 and final["mle"]["r_fair"] is None
+
+
+def test_the_command_ends_with_its_exit_code_and_all_it_printed(tmp_path):
+    """`madloop` skips the interpreter's teardown after main (flows.cli.console, 2 s after a study): its exit code
+    and every line it printed must still arrive, through a pipe too (block-buffered: lost without the flush)."""
+    command = [sys.executable, "-m", "flows.cli", "params", "--params", str(REPO / "params.yaml")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe's stdout is then block-buffered
+    good = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0, good.stderr
+    import yaml
+
+    printed = yaml.safe_load(good.stdout)
+    assert printed["loop"] == yaml.safe_load((REPO / "params.yaml").read_text())["loop"] and good.stdout.endswith("\n")
+    bad = subprocess.run([*command, "--set", "loop.generations=-1"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "loop.generations" in bad.stderr and bad.stdout == ""
