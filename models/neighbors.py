@@ -21,13 +21,16 @@ import math
 import numpy as np
 from scipy.spatial.distance import cdist
 from scipy.special import digamma, gammaln
-from sklearn.neighbors import NearestNeighbors
 
 TINY = 1e-10  # floor of a distance before its log: duplicates would otherwise give -inf
 
 
 def knn_distances(x: np.ndarray, k: int) -> np.ndarray:
     """Distance of each row of ``x`` to its k-th nearest other row."""
+    # imported when used, as in every plug-in module: validating params imports them all, and a 1-D study
+    # needs no scikit-learn (0.6 s of start-up)
+    from sklearn.neighbors import NearestNeighbors
+
     distances, _ = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)
     return distances[:, k]
 
@@ -48,6 +51,8 @@ def memorisation_rate(samples: np.ndarray, train: np.ndarray, ratio: float = 1 /
     of that row (see the module docstring); NaN without samples or with fewer than 2 training rows."""
     if len(samples) == 0 or len(train) < 2:
         return math.nan
+    from sklearn.neighbors import NearestNeighbors
+
     to_train, nearest = NearestNeighbors(n_neighbors=1).fit(train).kneighbors(samples)
     spacing = knn_distances(train, 1)  # each training row to its nearest other training row
     return float((to_train[:, 0] <= ratio * spacing[nearest[:, 0]]).mean())

@@ -19,9 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.calibration import CalibratedClassifierCV
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
 
 
 @dataclass
@@ -44,6 +41,12 @@ def fit_density_ratio(reference: np.ndarray, train: np.ndarray, *, seed: int = 0
     """Fit c(x) on features of the reference (label 1) and training (label 0) rows; recalibrate when the
     held-out ECE exceeds ``max_ece``. Weights are clipped to [1/clip, clip] (a few extreme ratios would
     otherwise carry whole batches)."""
+    # imported when used, as in every plug-in module: validating params imports them all, and a 1-D study
+    # needs no scikit-learn (0.6 s of start-up)
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+
     x = np.concatenate([reference, train])
     y = np.concatenate([np.ones(len(reference)), np.zeros(len(train))])
     x_fit, x_held, y_fit, y_held = train_test_split(x, y, test_size=holdout, random_state=seed, stratify=y)

@@ -14,7 +14,6 @@ import contextlib
 import io
 
 import numpy as np
-from prdc import compute_prdc
 from pydantic import PositiveInt
 
 from models.registry import Settings
@@ -35,6 +34,10 @@ class DensityCoverage(ImageMetric):
 
     @classmethod
     def compute(cls, scorer, samples, labels, seed):
+        # imported when used: validating params imports every plug-in module, and a 1-D study needs no prdc (it
+        # imports scikit-learn: 0.3 s)
+        from prdc import compute_prdc
+
         real = scorer.classifier_features(scorer.reference)
         subset = np.random.default_rng(seed).permutation(len(samples))[:len(real)]
         k = min(scorer.score_settings.density_coverage.nearest_k, len(real) - 1, len(subset) - 1)

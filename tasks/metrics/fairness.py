@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from models.classifier import predict
-from models.fidelity import fairness_ratio, fid_from_features, kid_from_features
 from models.reweighting import fairness_discrepancy
 from tasks.metrics import IMAGE_METRICS, ImageMetric
 from tasks.scorers import Column
@@ -43,6 +42,10 @@ def kid_ratio(minority: torch.Tensor, majority: torch.Tensor, references: tuple[
               subset_size: int, seed: int, subsets: int = 100) -> float:
     """KID of the minority's images over KID of the majority's, each against its class reference; NaN when
     either class has fewer than 2 images or the majority's KID is not positive."""
+    # models.fidelity (torch-fidelity, torchvision: 1.2 s) is imported when used: validating params imports every
+    # plug-in module, and a 1-D study needs none of it
+    from models.fidelity import kid_from_features
+
     kid_min = kid_from_features(minority, references[0], subset_size, seed, subsets)[0]
     kid_maj = kid_from_features(majority, references[1], subset_size, seed, subsets)[0]
     return kid_min / kid_maj if kid_maj > 0 and math.isfinite(kid_min) else math.nan
@@ -75,6 +78,8 @@ def half_sample_se(minority: torch.Tensor, majority: torch.Tensor, references, s
 
 def matched_fid(features: torch.Tensor, reference: torch.Tensor, count: int, rng: np.random.Generator) -> float:
     """FID of ``count`` random rows of ``features`` against ``reference``."""
+    from models.fidelity import fid_from_features
+
     pick = torch.as_tensor(rng.permutation(len(features))[:count])
     return fid_from_features(features[pick], reference)
 
@@ -103,6 +108,8 @@ class Fairness(ImageMetric):
 
     @classmethod
     def compute(cls, scorer, samples, labels, seed):
+        from models.fidelity import fairness_ratio, fid_from_features, kid_from_features
+
         majority, minority = scorer.majority, scorer.minority
         features = scorer.features_of(samples)
         by_class = {c: features[torch.as_tensor(labels == c)] for c in (majority, minority)}
@@ -139,6 +146,8 @@ class Fairness(ImageMetric):
     @staticmethod
     def matched(scorer, by_class: dict[int, torch.Tensor], seed: int) -> dict[str, float]:
         """Both classes' FID at one count, with the real floor at that count (module docstring)."""
+        from models.fidelity import fairness_ratio
+
         majority, minority = scorer.majority, scorer.minority
         own = scorer.train_class_features or {}
         count = min(len(by_class[majority]), len(by_class[minority]),

@@ -5,7 +5,6 @@ precision and recall compare supports and use every reference image."""
 
 from __future__ import annotations
 
-from models.fidelity import fidelity_from_features
 from tasks.metrics import IMAGE_METRICS, ImageMetric
 from tasks.scorers import Column
 
@@ -24,6 +23,9 @@ class Fidelity(ImageMetric):
 
     @classmethod
     def compute(cls, scorer, samples, labels, seed):
+        # imported when used: validating params imports every plug-in module, and a 1-D study needs no torch-fidelity
+        from models.fidelity import fidelity_from_features
+
         return fidelity_from_features(scorer.features_of(samples), scorer.reference_features,
                                       kid_subset_size=scorer.kid_subset_size, prc_neighborhood=scorer.prc_neighborhood,
                                       seed=seed, bootstrap=scorer.bootstrap, reference_weights=scorer.reference_weights)

@@ -25,9 +25,6 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import Field
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score
-from sklearn.model_selection import StratifiedKFold
 
 from models.registry import Settings
 from tasks.mitigations import MITIGATIONS, Mitigation, kept_rows, selection_info
@@ -54,6 +51,12 @@ def discriminator_scores(real: np.ndarray, synthetic: np.ndarray, seed: int,
                          folds: int = 2) -> tuple[np.ndarray, float]:
     """Cross-fitted P(real) of each synthetic row from logistic regressions on real vs synthetic features (balanced
     classes), and the balanced accuracy of the held-out calls over both sets."""
+    # imported when used, as in every plug-in module: validating params imports them all, and a 1-D study
+    # needs no scikit-learn (0.6 s of start-up)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold
+
     x = np.concatenate([real, synthetic])
     y = np.r_[np.ones(len(real)), np.zeros(len(synthetic))]
     p_real = np.zeros(len(x))

@@ -8,7 +8,7 @@ import math
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -16,13 +16,15 @@ from filelock import FileLock
 from pydantic import Field, PositiveInt, model_validator
 
 from models.classifier import DomainClassifier, load_classifier, predict, save_classifier, train_classifier
-from models.fidelity import CLASSIFIER_EXTRACTOR, INCEPTION_EXTRACTOR, Features
 from models.registry import Settings
 from tasks.datasets import Dataset, RealData, RealSplit, evaluation_reference
 from tasks.layout import trash_folder
 from tasks.metrics import IMAGE_METRICS, image_metrics_in_order
 from tasks.scorers import SCORERS, Column, Scorer
 from tasks.storage import CorruptOutputError, file_digest, move_to_trash, read_manifest, write_atomic, write_manifest
+
+if TYPE_CHECKING:  # torch-fidelity (and torchvision, 1.2 s of start-up) is imported when an image study scores
+    from models.fidelity import Features
 
 # The cached classifier's accuracy on the test split, recomputed on load, may differ from the recorded one by this
 # much: the file's sha256 already proves the weights are the same, so only another device's arithmetic (a few
@@ -256,6 +258,8 @@ class ImageScorer(Scorer):
     @classmethod
     def from_classifier(cls, p, real: RealSplit, classifier_file: Path, device: torch.device,
                         check_file: Path | None = None) -> "ImageScorer":
+        from models.fidelity import CLASSIFIER_EXTRACTOR, INCEPTION_EXTRACTOR, Features
+
         s, d = p.score, p.data
         weights = s.inception_weights if s.feature_extractor == "inception" else str(classifier_file)
         features = Features(INCEPTION_EXTRACTOR if s.feature_extractor == "inception" else CLASSIFIER_EXTRACTOR,
