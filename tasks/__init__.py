@@ -39,12 +39,26 @@ class LazyTask:
         return self._task
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.task(*args, **kwargs)
+        return call_quoted(self.task, args, kwargs)
 
-    def __getattr__(self, name: str) -> Any:  # with_options, submit, name, ...: the Prefect task's
+    def with_options(self, **options: Any) -> Callable[..., Any]:
+        """The task under other options (a run name), called as :meth:`__call__` calls it."""
+        task = self.task.with_options(**options)
+        return lambda *args, **kwargs: call_quoted(task, args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # submit, map, name, ...: the Prefect task's
         if name.startswith("_"):  # not a task's (and never recurse through self._task while unpickling)
             raise AttributeError(name)
         return getattr(self.task, name)
+
+
+def call_quoted(task, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """Run ``task`` now, its arguments wrapped in Prefect's ``quote``: Prefect then does not walk them looking for
+    futures to wait on (a called task gets plain values here, never futures). The walk cost 30-60 ms a task
+    on a lineage's batch of 30 manifests (docs/performance.md); the function still gets the values themselves."""
+    from prefect.utilities.annotations import quote
+
+    return task(*(quote(a) for a in args), **{k: quote(v) for k, v in kwargs.items()})
 
 
 def as_task(fn: Callable, *, retries: int = 0, retry_delay_seconds: float = 1.0) -> LazyTask:
