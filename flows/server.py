@@ -174,7 +174,7 @@ def launch_temporary_server() -> TemporaryServer | None:
 def prefect_api(launched: TemporaryServer | None = None) -> Iterator[str]:
     """``PREFECT_API_URL`` for the block: the configured server's, or a temporary one's that dies with us
     (``launched``, from :func:`launch_temporary_server`, else one started now)."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, temporary_settings
 
     configured = PREFECT_API_URL.value()
     if configured:
@@ -182,7 +182,11 @@ def prefect_api(launched: TemporaryServer | None = None) -> Iterator[str]:
         return
     server = (launched or TemporaryServer().launch()).wait()
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_UI_URL: ""}):
+        # no flow-run heartbeats: they let a persistent server mark a crashed run (docs/prefect/zombie-runs.yaml),
+        # but this one dies with the run, and joining the heartbeat thread (it sleeps in 1 s steps) held up the
+        # study's end by up to 1 s
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_UI_URL: "",
+                                         PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             try:
                 yield server.api_url
             finally:
