@@ -127,7 +127,6 @@ def main() -> None:
                       f"(load average {loads[-1]:.2f})", flush=True)
 
     generations = 2 * args.seeds * args.generations
-    before, after = (min(times["per generation"]), min(times["batched"])) if not args.cli_only else (0, 0)
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}; load average "
           f"{min(loads):.2f}-{max(loads):.2f} during the runs")
     print(f"prefect server: {api} " + (f"(temporary, started in {startup:.1f} s, outside the timed runs)"
@@ -135,11 +134,12 @@ def main() -> None:
     print(f"study: gaussian, recipes mle and ple_closed x {args.seeds} seeds x {args.generations} generations "
           f"= {generations} generations")
     print(f"bare loop (no Prefect, DVC, MLflow): {bare:.1f} s ({bare / generations * 1000:.0f} ms per generation)")
-    for name in variants if not args.cli_only else ():
-        best = min(times[name])
-        print(f"{name}: {best:.1f} s (best of {args.repeats}: {[round(t, 1) for t in times[name]]}); "
-              f"{(best - bare) / generations * 1000:.0f} ms per generation over the bare loop")
     if not args.cli_only:
+        for name in variants:
+            best = min(times[name])
+            print(f"{name}: {best:.1f} s (best of {args.repeats}: {[round(t, 1) for t in times[name]]}); "
+                  f"{(best - bare) / generations * 1000:.0f} ms per generation over the bare loop")
+        before, after = min(times["per generation"]), min(times["batched"])
         print(f"per generation / batched: {before / after:.2f}x")
         print(f"orchestration share of the batched study (time over the bare loop): {(after - bare) / after:.0%}")
     for name, runs in cli.items():
