@@ -94,16 +94,18 @@ def lineage_loop(params: dict[str, Any], lineage: str, root: str = ".", study: s
 @flow(name="self_consuming_loop", flow_run_name=study_run_name, log_prints=False)
 def self_consuming_loop(params: dict[str, Any] | None = None, root: str = ".", lineages: list[str] | None = None,
                         overwrite: bool = False, lineage_deployment: str | None = None,
-                        force: bool = False) -> list[dict[str, Any]]:
+                        force: bool = False, checked: bool = False) -> list[dict[str, Any]]:
     """A study: every lineage in params (or the named ones) over the same real data and test split.
 
     Lineages run here, one after another, as subflows. With ``lineage_deployment`` ("lineage/gpu") each one runs
     as its own flow run of that deployment instead, all at once, on the workers of its work pool (flows.fanout).
     ``force``: run even when the study's estimated memory or disk exceeds this machine's (tasks.sizing).
+    ``checked``: the caller ran the checks (``run_study``, under the study's lock it still holds), so they are not
+    run again; a flow run from anywhere else (a deployment, a schedule) checks for itself.
     """
     p = validate(params)
     with study_lock(StudyPaths(Path(root).resolve(), p.study.name).lock, p.study.name):
-        return run_locked_study(p, root, lineages, overwrite, lineage_deployment, force)
+        return run_locked_study(p, root, lineages, overwrite, lineage_deployment, force, checked)
 
 
 class BeforeWork(Observer):
@@ -122,13 +124,14 @@ class BeforeWork(Observer):
 
 
 def run_locked_study(p: Params, root: str, lineages: list[str] | None, overwrite: bool,
-                     lineage_deployment: str | None, force: bool = False) -> list[dict[str, Any]]:
+                     lineage_deployment: str | None, force: bool = False, checked: bool = False
+                     ) -> list[dict[str, Any]]:
     logger = get_run_logger()
     tag_this_run("madloop", f"study:{p.study.name}")
     before = BeforeWork(lineage_deployment, logger)
     # fanned out, each lineage runs (and is sized and verified) on a worker's machine, not this one
-    study = Study.open(p, Path(root), lineages, overwrite=overwrite, force=force, here=not lineage_deployment,
-                       observers=[before])
+    study = Study.open(p, Path(root), lineages, overwrite=overwrite, force=force, check=not checked,
+                       here=not lineage_deployment, observers=[before])
     paths = study.paths
     logger.info(study.describe())
     logger.info(f"MLflow experiment {p.experiment!r}: "
@@ -183,4 +186,5 @@ def run_study(p: Params, root: Path, lineages: list[str] | None = None, overwrit
             if lineage_deployment:
                 prepare_fan_out(lineage_deployment, p, [spec.name for spec in plan.lineages])
             return self_consuming_loop(params=p.model_dump(mode="json"), root=str(root), lineages=lineages,
-                                       overwrite=False, lineage_deployment=lineage_deployment, force=force)
+                                       overwrite=False, lineage_deployment=lineage_deployment, force=force,
+                                       checked=True)

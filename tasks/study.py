@@ -38,7 +38,8 @@ from tasks.scorers import build_scorer
 from tasks.sizing import check_fits
 
 FLUSH_SECONDS = 10.0  # a batched lineage's records go out at least this often (liveness; not what is recorded)
-OPENED = {"real data": 0, "scorer": 0}  # how often this process prepared each: once per study (tests count them)
+# how often this process checked, prepared the real data and built the scorer: once per study (tests count them)
+OPENED = {"checks": 0, "real data": 0, "scorer": 0}
 
 
 def records_batched(p: Params) -> bool:
@@ -128,13 +129,15 @@ class Study:
         """Everything before work, once. ``lineages``: the names to run (default: all). ``check``: the checks
         against the world and the outputs on disk (:func:`tasks.resume.preflight`; ``overwrite`` moves stale
         outputs to the trash) and against this machine's size (``force``: run anyway); False for callers that
-        own a fresh root (tests, benchmarks, a lineage whose study checked it). ``here``: the lineages run in this
+        own a fresh root (tests, benchmarks), or that checked already (``flows.loop.run_study``, a lineage whose
+        study checked it). ``here``: the lineages run in this
         process (False: fanned out to other machines, which size and verify them themselves)."""
         root = Path(root).resolve()
         if check:
             chosen = preflight(p, root, lineages, overwrite).lineages
             if here:
                 check_fits(p, root, chosen, force)
+            OPENED["checks"] += 1
         else:
             chosen = [p.lineage(name) for name in lineages] if lineages else list(p.lineages)
         paths = StudyPaths(root, p.study.name)

@@ -94,4 +94,16 @@ def test_the_study_flow_opens_the_real_data_and_the_scorer_once_for_all_its_line
     rows = self_consuming_loop(params=tiny(**ONE_D, study__name="once", lineages=[
         {"name": "mle", "seeds": [0, 1]}, {"name": "ple_closed", "seeds": [0]}]), root=str(project))
     assert len(rows) == 3 * 2  # three lineages, two generations each
-    assert {key: OPENED[key] - before[key] for key in OPENED} == {"real data": 1, "scorer": 1}
+    assert {key: OPENED[key] - before[key] for key in OPENED} == {"checks": 1, "real data": 1, "scorer": 1}
+
+
+@pytest.mark.slow
+def test_a_study_run_from_the_command_line_is_checked_once_before_its_flow_run(project, prefect_server):
+    """``run_study`` checks (bad input: no flow run), then its flow run does not check again."""
+    from flows.loop import run_study
+
+    before = dict(OPENED)
+    rows = run_study(validate(tiny(**ONE_D, study__name="checked", lineages=[{"name": "mle", "seeds": [0]}])),
+                     project)
+    assert len(rows) == 2
+    assert {key: OPENED[key] - before[key] for key in OPENED} == {"checks": 0, "real data": 1, "scorer": 1}
