@@ -7,7 +7,8 @@ generation (``Study.run_lineage`` over ``tasks.generation.run_generation``)::
     dataset[k] --fit--> model[k] --sample--> synthetic[k+1] --next dataset--> dataset[k+1]
                            '--score(vs held-out real)--> metrics[k]
 
-MLflow records, ``dvc add`` and the progress artifacts are the run's observers (``tasks.observers``). Both flows
+MLflow records, ``dvc add`` and the progress artifacts are the run's observers (``tasks.observers``); what Prefect
+shows (run names, tags, named task steps) is ``flows.runs``. Both flows
 take params as a plain dict (what a deployment or the CLI passes) and a project root; a lineage run by the study in
 its own process gets the study already open (``OPEN``), one run by a deployment opens it for itself.
 """
@@ -22,11 +23,11 @@ from prefect import flow, get_run_logger
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from flows.fanout import check_target, fan_out, prepare_fan_out
-from tasks.generation import TASKS, Lineage, Steps
+from flows.runs import lineage_run_name, lineage_tags, named_steps, study_run_name, tag_this_run
 from tasks.layout import SUMMARY_MD, StudyPaths
 from tasks.lock import study_lock
 from tasks.observers import DvcAdder, MlflowRecorder, Watch, dvc_add_task
-from tasks.params import LineageParams, Params, lineage_params, validate
+from tasks.params import LineageParams, Params, validate
 from tasks.progress import study_summary_artifact
 from tasks.recovery import clean_up_dead_runs
 from tasks.reports import lineage_rows, recipe_hashes, recipe_metrics, recipe_summary, seeded, write_reports_task
@@ -37,43 +38,6 @@ from tasks.tracking import log_recipe_runs, open_experiment, tracking_uri
 from tasks.versioning import find_dvc_root
 
 OPEN: dict[str, Study] = {}  # the studies open in this process, by key: what their in-process lineages run on
-
-
-def lineage_run_name() -> str:
-    """A lineage's flow run: ``<study>/<lineage>``."""
-    from prefect.runtime import flow_run
-
-    parameters = flow_run.parameters
-    return f"{(parameters['params'].get('study') or {}).get('name', 'default')}/{parameters['lineage']}"
-
-
-def study_run_name() -> str:
-    from prefect.runtime import flow_run
-
-    study = ((flow_run.parameters.get("params") or {}).get("study") or {}).get("name", "default")
-    return f"study {study}"
-
-
-def tag_this_run(*names: str) -> None:
-    """Add tags to the running flow run (tags of a run made elsewhere, a deployment's, are set at its creation)."""
-    from prefect.client.orchestration import get_client
-    from prefect.runtime import flow_run
-
-    wanted = list(dict.fromkeys([*flow_run.tags, *names]))
-    if flow_run.id and wanted != list(flow_run.tags):
-        with get_client(sync_client=True) as client:
-            client.update_flow_run(flow_run.id, tags=wanted)
-
-
-def named_steps(lineage: Lineage, k: int) -> Steps:
-    """The Prefect-task steps, each run named ``fit-model [mle gen 3]``."""
-    return Steps(*(step.with_options(task_run_name=f"{step.name} [{lineage.name} gen {k}]")
-                   for step in (TASKS.fit, TASKS.sample, TASKS.score, TASKS.save)))
-
-
-def lineage_tags(p: Params, spec: LineageParams) -> list[str]:
-    return [f"lineage:{spec.name}", f"recipe:{spec.group or spec.name}", f"estimator:{spec.estimator}",
-            f"family:{lineage_params(p, spec).model.family}"]
 
 
 @flow(name="lineage", flow_run_name=lineage_run_name, log_prints=False)
