@@ -370,9 +370,10 @@ def run_or_study(args, p, root: Path, server) -> int:
 def console() -> None:
     """The ``madloop`` command: :func:`main`, then a prompt exit. After a study the interpreter's own teardown
     (freeing every module and object one by one) took 2.2 s of a 1-D study's 29 s on this 2-core VM (the
-    cheap-generations study, timed around main and to the process's end), after the last byte was written. So the exit handlers run (logging,
-    Prefect's and MLflow's), output is flushed, and the process ends. Every file madloop writes is closed (and
-    renamed into place) before main returns, so nothing is lost; in-process callers (the tests) use main."""
+    cheap-generations study, timed around main and to the process's end), after the last byte was written. So the
+    exit handlers run (logging, Prefect's and MLflow's), output is flushed, and the process ends. Every file madloop
+    writes is closed (and renamed into place) before main returns, so nothing is lost; in-process callers (the
+    tests) use main."""
     import atexit
     import os
     import threading

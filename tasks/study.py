@@ -130,8 +130,8 @@ class Study:
         against the world and the outputs on disk (:func:`tasks.resume.preflight`; ``overwrite`` moves stale
         outputs to the trash) and against this machine's size (``force``: run anyway); False for callers that
         own a fresh root (tests, benchmarks), or that checked already (``flows.loop.run_study``, a lineage whose
-        study checked it). ``here``: the lineages run in this
-        process (False: fanned out to other machines, which size and verify them themselves)."""
+        study checked it). ``here``: the lineages run in this process (False: fanned out to other machines, which
+        size and verify them themselves)."""
         root = Path(root).resolve()
         if check:
             chosen = preflight(p, root, lineages, overwrite).lineages

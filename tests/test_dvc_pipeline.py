@@ -100,10 +100,11 @@ def test_dvc_repro_runs_resumes_versions_and_skips(project, subprocess_env, tmp_
 @pytest.mark.slow
 @pytest.mark.repo
 def test_the_paper_stages_are_locked_to_this_code(subprocess_env):
-    """dvc.lock records the paper stages (and the mitigations comparison) as built from the code in this checkout, so `dvc repro` on a fresh clone
-    runs only the default study and not the 80 minutes of paper studies whose reports are committed. After a code
-    change that leaves their outputs as they are: `dvc commit -f table1 fig2 ...` (the stages concerned), then
-    `dvc repro -s results` (without -s, repro would re-run every stage upstream of it)."""
+    """dvc.lock records the paper stages (and the mitigations comparison) as built from the code in this checkout,
+    so `dvc repro` on a fresh clone runs only the default study and not the 80 minutes of paper studies whose
+    reports are committed. After a code change that leaves their outputs as they are: `dvc commit -f table1 fig2
+    ...` (the stages concerned), then `dvc repro -s results` (without -s, repro would re-run every stage upstream of
+    it)."""
     from flows.studies import STUDIES
 
     stale = json.loads(dvc(REPO, subprocess_env, "status", "--json", *STUDIES.names(), "mitigations", "results").stdout)
