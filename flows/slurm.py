@@ -42,11 +42,13 @@ from prefect.settings import PREFECT_API_URL, PREFECT_WORKER_QUERY_SECONDS, temp
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 from pydantic import Field
 
-from tasks.slurm import SlurmError, SlurmParams, SlurmUnfit, cancel, job_state, resource_args, submit, thread_env
+from tasks.slurm import (SlurmError, SlurmParams, SlurmUnfit, cancel, job_state, resource_args, submit, thread_env,
+                         wait_ended)
 
 WORKER_TYPE = "madloop-slurm"
 OUTPUT = ".madloop/slurm/%j.out"  # each job's stdout and stderr, under its working directory (the project)
 JOB_POLL_SECONDS = 3.0  # how often the worker asks the controller about each of its jobs
+ENDING_SECONDS = 60.0  # how long a study waits for its jobs to exit once their flow runs have ended
 QUERY_SECONDS = 2.0  # how often a study's own worker looks for its lineages' flow runs (Prefect's default: 10)
 LINEAGE_ENTRYPOINT = "flows.loop.lineage_loop"  # a module path: the job imports the installed madloop
 DEFAULTS = SlurmParams()  # the one home of the defaults: tasks.slurm.SlurmParams
@@ -234,7 +236,8 @@ def worker_while(pool: str) -> Iterator[SlurmWorker]:
     try:
         yield worker
     finally:
-        left = [job for job, run in dict(worker.jobs).items() if not run_is_final(run)]
+        jobs = list(worker.jobs.items())
+        left = [job for job, run in jobs if not run_is_final(run)]
         if left:
             logger.warning(f"cancelling Slurm job(s) {', '.join(left)}: the study stopped before them; its next run "
                            "resumes their lineages")
@@ -243,6 +246,12 @@ def worker_while(pool: str) -> Iterator[SlurmWorker]:
                     cancel(job)
                 except SlurmError as err:
                     logger.warning(str(err))
+        # A job outlives its flow run by the moments its process takes to exit: wait for that, so that when the
+        # study returns none of its jobs is still in Slurm's queue (a script may scancel, sbatch or read logs next).
+        finishing = wait_ended([job for job, _ in jobs], ENDING_SECONDS)
+        if finishing:
+            logger.warning(f"Slurm job(s) {', '.join(finishing)} had not ended {ENDING_SECONDS:g} s after their "
+                           "flow runs; left to finish")
         if "task" in holder and not loop.is_closed():
             loop.call_soon_threadsafe(holder["task"].cancel)
         thread.join(30)

@@ -13,6 +13,7 @@ import re
 import shlex
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Mapping
@@ -136,6 +137,22 @@ def job_state(job: str) -> JobState | None:
 
 def cancel(job: str) -> None:
     slurm("scancel", job)
+
+
+def wait_ended(jobs: list[str], seconds: float, step: float = 0.5) -> list[str]:
+    """Wait up to ``seconds`` for ``jobs`` to end (a job whose flow run has finished is still COMPLETING while
+    its process exits); return those that have not."""
+    deadline = time.monotonic() + seconds
+    left = list(jobs)
+    while left:
+        try:
+            left = [job for job in left if (state := job_state(job)) is not None and not state.ended]
+        except SlurmError:  # the controller is busy or restarting: ask again
+            pass
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(step)
+    return left
 
 
 def thread_env(settings: SlurmParams, env: Mapping[str, str]) -> dict[str, str]:

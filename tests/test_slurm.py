@@ -30,7 +30,8 @@ from flows.slurm import (WORKER_TYPE, SlurmVariables, SlurmWorker, ensure_lineag
                          worker_while)
 from tasks.layout import StudyPaths
 from tasks.params import lineage_recipe, load, validate
-from tasks.slurm import Partition, SlurmParams, gpu_count, minutes, partition_problem, resource_args
+from tasks.slurm import (Partition, SlurmParams, gpu_count, job_state, minutes, partition_problem, resource_args,
+                         wait_ended)
 from tasks.storage import json_safe, read_manifest
 from tests.conftest import REPO, git_dvc_repo, tiny
 
@@ -185,6 +186,20 @@ def test_a_job_cancelled_while_queued_crashes_its_flow_run_at_once(slurm_up, pre
     finally:
         subprocess.run(["scancel", blocker])
     assert state.message.startswith(f"Slurm job {job} ended CANCELLED"), state.message
+
+
+@slow
+def test_waiting_for_jobs_to_end_returns_those_still_queued_or_running(slurm_up):
+    """What a study does before it returns: wait for its jobs to leave the queue (the study's final squeue above
+    relies on it), and name the ones that have not when the time is up."""
+    job = subprocess.run(["sbatch", "--parsable", "--output=/dev/null", "--time=2", "--wrap=sleep 3"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        assert wait_ended([job], 0) == [job]
+        assert wait_ended([job], 120) == []
+        assert job_state(job).state == "COMPLETED"  # not COMPLETING: out of the queue
+    finally:
+        subprocess.run(["scancel", job])
 
 
 # --- bad input: exit 2 before any work, one line naming the setting ---------------------------------------------
