@@ -236,8 +236,8 @@ def worker_while(pool: str) -> Iterator[SlurmWorker]:
     try:
         yield worker
     finally:
-        jobs = list(worker.jobs.items())
-        left = [job for job, run in jobs if not run_is_final(run)]
+        jobs = dict(worker.jobs)  # job id -> flow run id (the worker's thread changes its own)
+        left = [job for job, run in jobs.items() if not run_is_final(run)]
         if left:
             logger.warning(f"cancelling Slurm job(s) {', '.join(left)}: the study stopped before them; its next run "
                            "resumes their lineages")
@@ -248,7 +248,7 @@ def worker_while(pool: str) -> Iterator[SlurmWorker]:
                     logger.warning(str(err))
         # A job outlives its flow run by the moments its process takes to exit: wait for that, so that when the
         # study returns none of its jobs is still in Slurm's queue (a script may scancel, sbatch or read logs next).
-        finishing = wait_ended([job for job, _ in jobs], ENDING_SECONDS)
+        finishing = wait_ended(list(jobs), ENDING_SECONDS)
         if finishing:
             logger.warning(f"Slurm job(s) {', '.join(finishing)} had not ended {ENDING_SECONDS:g} s after their "
                            "flow runs; left to finish")
